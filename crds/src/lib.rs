@@ -1,0 +1,260 @@
+//! carve's custom resources, group `carve.dev`, version `v1alpha1`.
+//!
+//! ```text
+//!   PodCIDR (pool) ──carved by the controller──▶ NodeNetworkConfig (one per Node)
+//!     spec: mode, cidrs, blockSize               spec:   written by the node
+//!     status: usage per family, conditions       status: written by the controller
+//! ```
+//!
+//! The YAML under `crds/` is generated from these types by `crdgen`; a test
+//! fails when the committed files differ from what the types produce.
+
+#![forbid(unsafe_code)]
+
+pub mod net;
+mod schema;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::crd::CustomResourceExt;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub use net::IpFamily;
+pub use schema::Cidr;
+
+pub const GROUP: &str = "carve.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// How pods on the node's block reach the rest of the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum PoolMode {
+    /// Private pod CIDR, one block per node, VXLAN between nodes and SNAT to the
+    /// node IP for egress.
+    Overlay,
+    /// Blocks carved from a routable subnet shared with the nodes; routed
+    /// natively, no SNAT inside the VNet. Azure's five reserved addresses per
+    /// subnet are never handed to pods.
+    VNet,
+}
+
+impl PoolMode {
+    /// Block prefix used when `spec.blockSize` leaves a family unset.
+    pub fn default_block_size(self, family: IpFamily) -> u8 {
+        match (self, family) {
+            (PoolMode::Overlay, IpFamily::IPv4) => 24,
+            (PoolMode::Overlay, IpFamily::IPv6) => 80,
+            (PoolMode::VNet, IpFamily::IPv4) => 28,
+            (PoolMode::VNet, IpFamily::IPv6) => 124,
+        }
+    }
+}
+
+/// A pool of pod addresses that carve cuts into per-node blocks.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "carve.dev",
+    version = "v1alpha1",
+    kind = "PodCIDR",
+    root = "PodCidr",
+    plural = "podcidrs",
+    singular = "podcidr",
+    shortname = "pcidr",
+    category = "carve",
+    status = "PodCidrStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"CIDRs","type":"string","jsonPath":".spec.cidrs[*]"}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","description":"Blocks handed to nodes, all families","jsonPath":".status.allocated"}"#,
+    printcolumn = r#"{"name":"Free","type":"integer","description":"Blocks still free, all families","jsonPath":".status.free"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = schema::rule_block_v4_not_shorter_than_pool())]
+#[x_kube(validation = schema::rule_block_v6_not_shorter_than_pool())]
+#[serde(rename_all = "camelCase")]
+pub struct PodCidrSpec {
+    /// Networking model of the pool: Overlay (private pod CIDR, VXLAN, SNAT for
+    /// egress) or VNet (routable addresses from the nodes' network, no
+    /// encapsulation). Immutable: create a new pool to change it.
+    #[x_kube(validation = schema::rule_immutable("spec.mode", "create a new PodCIDR for another mode"))]
+    pub mode: PoolMode,
+
+    /// CIDRs the pool carves blocks from, IPv4 and/or IPv6 (one of each makes
+    /// the pool dual-stack). Append a CIDR to grow the pool; CIDRs must not
+    /// overlap each other or 169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16,
+    /// 192.0.2.0/24.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = schema::rule_cidrs_parse())]
+    #[x_kube(validation = schema::rule_cidrs_network_address())]
+    #[x_kube(validation = schema::rule_cidrs_not_forbidden())]
+    #[x_kube(validation = schema::rule_cidrs_disjoint())]
+    pub cidrs: Vec<Cidr>,
+
+    /// Prefix length of the blocks handed to nodes, per family. Defaults:
+    /// Overlay /24 (IPv4) and /80 (IPv6); VNet /28 and /124. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = schema::rule_immutable("spec.blockSize", "blocks already carved would no longer line up; create a new PodCIDR"))]
+    pub block_size: BlockSize,
+
+    /// Nodes this pool serves. Empty or absent selects every node; when several
+    /// pools select a node, the most specific selector wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+
+    /// Stop carving new blocks from this pool; blocks already handed out stay.
+    /// Use it to drain a pool during a migration.
+    #[serde(default)]
+    pub disabled: bool,
+
+    /// CIDRs inside the pool that are never carved into blocks (addresses used
+    /// by something else on the network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = schema::rule_cidrs_parse_named("spec.exclusions"))]
+    pub exclusions: Vec<Cidr>,
+}
+
+/// Block prefix lengths per IP family.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+pub struct BlockSize {
+    /// IPv4 block prefix length, e.g. 24 for a /24 per node. At most 30 and at
+    /// least the prefix of every IPv4 CIDR in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    #[x_kube(validation = schema::rule_max_prefix("spec.blockSize.ipv4", 30))]
+    pub ipv4: Option<i32>,
+    /// IPv6 block prefix length, e.g. 80. At most 126 and at least the prefix
+    /// of every IPv6 CIDR in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    #[x_kube(validation = schema::rule_max_prefix("spec.blockSize.ipv6", 126))]
+    pub ipv6: Option<i32>,
+}
+
+/// What the controller last saw of the pool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCidrStatus {
+    /// Block usage per IP family.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub families: Vec<FamilyUsage>,
+    /// Blocks handed to nodes, summed over families.
+    #[serde(default)]
+    pub allocated: i64,
+    /// Blocks still free, summed over families (saturates at 2^63-1).
+    #[serde(default)]
+    pub free: i64,
+    /// Ready: the pool serves nodes. Exhausted: no free block is left.
+    /// Invalid: the spec is unusable (the message says why); nothing is carved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Block counts of one IP family of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyUsage {
+    /// IPv4 or IPv6.
+    pub family: IpFamily,
+    /// Prefix length of this family's blocks.
+    pub block_size: i32,
+    /// Blocks the family's CIDRs hold, less exclusions (saturates at 2^63-1).
+    pub capacity: i64,
+    /// Blocks handed to nodes.
+    pub allocated: i64,
+    /// Blocks still free.
+    pub free: i64,
+}
+
+/// The network configuration of one node: the contract between the carve
+/// controller (status) and the node's agent (spec). Named after its Node.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "carve.dev",
+    version = "v1alpha1",
+    kind = "NodeNetworkConfig",
+    plural = "nodenetworkconfigs",
+    singular = "nodenetworkconfig",
+    shortname = "nnc",
+    category = "carve",
+    status = "NodeNetworkConfigStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".status.pool"}"#,
+    printcolumn = r#"{"name":"Blocks","type":"string","jsonPath":".status.blocks[*].cidr"}"#,
+    printcolumn = r#"{"name":"Node IP","type":"string","jsonPath":".status.nodeIP"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetworkConfigSpec {
+    /// Pod IPs the node asks for in dynamic (pod subnet) mode; the controller
+    /// grants whole blocks to cover it. 0 outside dynamic mode.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub requested_ip_count: i64,
+}
+
+/// What the controller carved for the node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetworkConfigStatus {
+    /// Name of the PodCIDR the blocks come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Mode of that pool: Overlay or VNet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PoolMode>,
+    /// Blocks carved for this node, at most one per family outside dynamic mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<NodeBlock>,
+    /// Gateway of the first block (the pods' next hop on this node); each
+    /// block carries its own in blocks[].gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The node's InternalIP: peers send this node's pod traffic there.
+    #[serde(default, rename = "nodeIP", skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<String>,
+    /// Ready: blocks are carved and usable. Reasons for False include
+    /// PoolExhausted, NoMatchingPool, AmbiguousPool and InvalidStatus.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One block of pod addresses owned by a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeBlock {
+    /// The block, e.g. 10.244.3.0/24.
+    pub cidr: String,
+    /// IPv4 or IPv6.
+    pub family: IpFamily,
+    /// First usable address of the block; pods on the node route through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+/// Both CRDs, in the order `kubectl apply -f crds/` should see them.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    vec![PodCidr::crd(), NodeNetworkConfig::crd()]
+}
+
+/// File names under `crds/` and their YAML, as `crdgen` writes them.
+pub fn crd_files() -> anyhow::Result<Vec<(String, String)>> {
+    crds()
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+            let body = format!(
+                "# Generated by `cargo run -p carve-crds --bin crdgen` from crds/src/lib.rs; do not edit.\n{}",
+                serde_yaml::to_string(&crd)?
+            );
+            Ok((name, body))
+        })
+        .collect()
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
+# kubectl) and cnitool from Go modules at pinned versions, into a cache outside
+# the repo. A second run finds the binaries and returns at once.
+#
+# Prints the bin dir on stdout; progress goes to stderr.
+set -euo pipefail
+
+K8S_VERSION="${CARVE_K8S_VERSION:-v1.35.4}"
+ETCD_VERSION="${CARVE_ETCD_VERSION:-v3.6.16}"
+CNI_VERSION="${CARVE_CNI_VERSION:-v1.3.0}"
+CACHE="${CARVE_CACHE:-$HOME/.cache/carve}"
+BIN="$CACHE/controlplane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-cni-$CNI_VERSION/bin"
+
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
+
+log() { echo "control-plane-bins: $*" >&2; }
+
+need() { [[ -x "$BIN/$1" ]] || return 0; return 1; }
+
+mkdir -p "$BIN"
+work="$CACHE/controlplane/src"
+mkdir -p "$work"
+
+build_kubernetes() {
+  local dir="$work/kubernetes-$K8S_VERSION"
+  mkdir -p "$dir"
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local staging_version="v0.${K8S_VERSION#v1.}"
+  {
+    echo "module carve.dev/controlplane"
+    echo
+    echo "go $(sed -n 's/^go //p' "$gomod")"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    # k8s.io/kubernetes points every staging module at ./staging; use the
+    # published copies of the same release instead.
+    sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#replace \1 => \1 '"$staging_version"'#p' "$gomod"
+  } > "$dir/go.mod"
+  cat > "$dir/tools.go" <<'GO'
+//go:build tools
+
+package tools
+GO
+  local ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean"
+  done
+  for cmd in kube-apiserver kube-controller-manager kubectl; do
+    if need "$cmd"; then
+      log "building $cmd $K8S_VERSION (cold builds take minutes)"
+      (cd "$dir" && go build -mod=mod -trimpath -ldflags "$ldflags" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
+      mv "$BIN/$cmd.tmp" "$BIN/$cmd"
+    fi
+  done
+}
+
+build_etcd() {
+  need etcd || return 0
+  local dir="$work/etcd-$ETCD_VERSION"
+  mkdir -p "$dir"
+  cat > "$dir/go.mod" <<GOMOD
+module carve.dev/etcd
+
+go 1.24
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  cat > "$dir/main.go" <<'GO'
+// etcd's server entry point, built from the published server module.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  log "building etcd $ETCD_VERSION"
+  (cd "$dir" && go mod tidy >&2 && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" .)
+  mv "$BIN/etcd.tmp" "$BIN/etcd"
+}
+
+build_cnitool() {
+  need cnitool || return 0
+  log "building cnitool $CNI_VERSION"
+  GOBIN="$BIN" go install "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+}
+
+build_etcd
+build_kubernetes
+build_cnitool
+echo "$BIN"

@@ -1,0 +1,349 @@
+//! A real local Kubernetes control plane: etcd + kube-apiserver on loopback.
+//!
+//! ```text
+//!   ControlPlane::start()
+//!     ├─ control-plane-bins.sh  → etcd, kube-apiserver, kubectl, kube-controller-manager (cached)
+//!     ├─ Pki::generate()        → CA, serving cert, admin client cert, SA key
+//!     ├─ etcd            127.0.0.1:<free>   data in a fresh temp dir
+//!     ├─ kube-apiserver  127.0.0.1:<free>   RBAC, client-cert auth
+//!     └─ poll /readyz    → kubeconfig for kubectl and kube-rs
+//!   drop(ControlPlane)   → SIGTERM/SIGKILL children, remove the temp dir
+//! ```
+//!
+//! Flags follow controller-runtime's envtest; nothing listens beyond 127.0.0.1.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+use crate::pki::Pki;
+use crate::process::ProcessKeeper;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Service range of the local cluster; pod pools in tests stay clear of it.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+/// Where the harness puts its per-run directories.
+pub fn scratch_root() -> PathBuf {
+    std::env::var_os("CARVE_E2E_TMP").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("carve-e2e"))
+}
+
+/// The repository root (the workspace holding this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ lives in the repo root").to_path_buf()
+}
+
+/// The folder with etcd, kube-apiserver, kube-controller-manager, kubectl and
+/// cnitool, built once by `e2e/scripts/control-plane-bins.sh` and cached.
+/// `CARVE_CONTROL_PLANE_BIN` points at a prepared folder instead.
+pub fn control_plane_bins() -> Result<PathBuf> {
+    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BINS.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
+            return Ok(PathBuf::from(dir));
+        }
+        let script = repo_root().join("e2e/scripts/control-plane-bins.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed ({}); see its output above", script.display(), out.status));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().last().map(|l| PathBuf::from(l.trim())).ok_or_else(|| format!("{} printed no bin dir", script.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn pid_alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Removes run directories left by harness processes that died without
+/// cleaning up (kill -9, Ctrl-C). Their children already died with them.
+pub fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(scratch_root()) else { return };
+    for entry in entries.flatten() {
+        let owner = std::fs::read_to_string(entry.path().join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        match owner {
+            Some(pid) if pid_alive(pid) => {}
+            // No pid file yet means another process is creating it right now,
+            // unless the directory is old.
+            None if entry.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60)).unwrap_or(true) => {}
+            _ => {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Extra knobs for a control plane.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Appended to kube-apiserver's flags (later flags win).
+    pub apiserver_args: Vec<String>,
+}
+
+/// A running etcd + kube-apiserver; see the module docs.
+pub struct ControlPlane {
+    keeper: ProcessKeeper,
+    dir: PathBuf,
+    bins: PathBuf,
+    kubeconfig: PathBuf,
+    server: String,
+    etcd: String,
+    ready_after: Duration,
+}
+
+impl ControlPlane {
+    pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Result<ControlPlane> {
+        let bins = control_plane_bins()?;
+        sweep_stale_dirs();
+        let root = scratch_root();
+        std::fs::create_dir_all(&root)?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+        let dir = root.join(format!("cp-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+
+        let started = Instant::now();
+        let mut cp = ControlPlane {
+            keeper: ProcessKeeper::new(),
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            bins,
+            server: String::new(),
+            etcd: String::new(),
+            ready_after: Duration::ZERO,
+        };
+        cp.launch(&opts).await?;
+        cp.ready_after = started.elapsed();
+        Ok(cp)
+    }
+
+    async fn launch(&mut self, opts: &Options) -> Result<()> {
+        let pki = Pki::generate()?;
+        let pki_dir = self.dir.join("pki");
+        std::fs::create_dir_all(&pki_dir)?;
+        for (name, body) in [
+            ("ca.crt", &pki.ca_pem),
+            ("apiserver.crt", &pki.serving_cert_pem),
+            ("apiserver.key", &pki.serving_key_pem),
+            ("sa.key", &pki.sa_key_pem),
+            ("sa.pub", &pki.sa_pub_pem),
+        ] {
+            std::fs::write(pki_dir.join(name), body)?;
+        }
+
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        self.etcd = format!("http://127.0.0.1:{etcd_port}");
+        self.server = format!("https://127.0.0.1:{api_port}");
+
+        let mut etcd = Command::new(self.bins.join("etcd"));
+        etcd.args([
+            "--name=carve-e2e".to_string(),
+            format!("--data-dir={}", self.dir.join("etcd").display()),
+            format!("--listen-client-urls={}", self.etcd),
+            format!("--advertise-client-urls={}", self.etcd),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=carve-e2e=http://127.0.0.1:{peer_port}"),
+            // A throwaway cluster: durability buys nothing and costs seconds.
+            "--unsafe-no-fsync".to_string(),
+            "--log-level=warn".to_string(),
+        ]);
+        self.keeper.spawn("etcd", etcd, self.dir.join("etcd.log"))?;
+
+        let pki_path = |f: &str| pki_dir.join(f).display().to_string();
+        let mut api = Command::new(self.bins.join("kube-apiserver"));
+        api.args([
+            format!("--etcd-servers={}", self.etcd),
+            "--bind-address=127.0.0.1".to_string(),
+            "--advertise-address=127.0.0.1".to_string(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", self.dir.join("apiserver-certs").display()),
+            format!("--tls-cert-file={}", pki_path("apiserver.crt")),
+            format!("--tls-private-key-file={}", pki_path("apiserver.key")),
+            format!("--client-ca-file={}", pki_path("ca.crt")),
+            format!("--service-account-key-file={}", pki_path("sa.pub")),
+            format!("--service-account-signing-key-file={}", pki_path("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--authorization-mode=RBAC".to_string(),
+            "--allow-privileged=true".to_string(),
+            "--profiling=false".to_string(),
+            "--v=1".to_string(),
+        ]);
+        api.args(&opts.apiserver_args);
+        self.keeper.spawn("kube-apiserver", api, self.dir.join("kube-apiserver.log"))?;
+
+        std::fs::write(&self.kubeconfig, self.kubeconfig_yaml(&pki))?;
+        self.wait_ready().await
+    }
+
+    fn kubeconfig_yaml(&self, pki: &Pki) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: carve-local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: carve-admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: carve-local\n  context:\n    cluster: carve-local\n    user: carve-admin\ncurrent-context: carve-local\n",
+            server = self.server,
+            ca = B64.encode(&pki.ca_pem),
+            cert = B64.encode(&pki.admin_cert_pem),
+            key = B64.encode(&pki.admin_key_pem),
+        )
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_err;
+        loop {
+            for name in ["etcd", "kube-apiserver"] {
+                if let Some(status) = self.keeper.exited(name) {
+                    bail!("{name} exited early ({status}); last log lines:\n{}", self.log_tail(name, 30));
+                }
+            }
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            match client.request_text(req).await {
+                Ok(body) if body.trim() == "ok" => return Ok(()),
+                Ok(body) => last_err = body,
+                Err(e) => last_err = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {READY_TIMEOUT:?}: {last_err}\nlast log lines:\n{}",
+                    self.log_tail("kube-apiserver", 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// An admin client (system:masters).
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn etcd_endpoint(&self) -> &str {
+        &self.etcd
+    }
+
+    /// Time from `start` until `/readyz` answered `ok`.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// The run directory (data, certs, logs); removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
+    }
+
+    /// A kubectl command pointed at this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig).current_dir(repo_root());
+        cmd
+    }
+
+    /// Runs kubectl and returns its stdout, failing with its stderr.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl().args(args).output().context("run kubectl")?;
+        check(&out, &format!("kubectl {}", args.join(" ")))
+    }
+
+    /// Runs kubectl with `stdin` piped in (e.g. `apply -f -`).
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<Output> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("piped stdin").write_all(stdin.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// `kubectl apply -f crds/` and wait until both CRDs are served.
+    pub fn install_crds(&self) -> Result<()> {
+        self.kubectl_ok(&["apply", "-f", "crds/"])?;
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/podcidrs.carve.dev",
+            "crd/nodenetworkconfigs.carve.dev",
+        ])?;
+        Ok(())
+    }
+
+    /// Runs `cmd` as a supervised child with its log in the run directory.
+    pub fn spawn(&self, name: &str, cmd: Command) -> Result<u32> {
+        self.keeper.spawn(name, cmd, self.dir.join(format!("{name}.log")))
+    }
+
+    /// Stops a child started with `spawn` (or etcd / kube-apiserver).
+    pub fn stop_process(&self, name: &str) -> Option<std::process::ExitStatus> {
+        self.keeper.stop(name)
+    }
+
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.keeper.stop_all();
+        if std::env::var_os("CARVE_E2E_KEEP").is_some() {
+            eprintln!("carve-e2e: keeping {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn check(out: &Output, what: &str) -> Result<String> {
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
