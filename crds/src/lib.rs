@@ -20,7 +20,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 pub use net::IpFamily;
-pub use schema::Cidr;
+pub use schema::{Cidr, PoolCidr};
 
 pub const GROUP: &str = "carve.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -62,7 +62,7 @@ impl PoolMode {
     category = "carve",
     status = "PodCidrStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
-    printcolumn = r#"{"name":"CIDRs","type":"string","jsonPath":".spec.cidrs[*]"}"#,
+    printcolumn = r#"{"name":"CIDRs","type":"string","jsonPath":".spec.cidrs"}"#,
     printcolumn = r#"{"name":"Allocated","type":"integer","description":"Blocks handed to nodes, all families","jsonPath":".status.allocated"}"#,
     printcolumn = r#"{"name":"Free","type":"integer","description":"Blocks still free, all families","jsonPath":".status.free"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -82,11 +82,8 @@ pub struct PodCidrSpec {
     /// overlap each other or 169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16,
     /// 192.0.2.0/24.
     #[schemars(length(min = 1, max = 16))]
-    #[x_kube(validation = schema::rule_cidrs_parse())]
-    #[x_kube(validation = schema::rule_cidrs_network_address())]
-    #[x_kube(validation = schema::rule_cidrs_not_forbidden())]
     #[x_kube(validation = schema::rule_cidrs_disjoint())]
-    pub cidrs: Vec<Cidr>,
+    pub cidrs: Vec<PoolCidr>,
 
     /// Prefix length of the blocks handed to nodes, per family. Defaults:
     /// Overlay /24 (IPv4) and /80 (IPv6); VNet /28 and /124. Immutable.
@@ -108,7 +105,6 @@ pub struct PodCidrSpec {
     /// by something else on the network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = schema::rule_cidrs_parse_named("spec.exclusions"))]
     pub exclusions: Vec<Cidr>,
 }
 
@@ -182,7 +178,7 @@ pub struct FamilyUsage {
     status = "NodeNetworkConfigStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
     printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".status.pool"}"#,
-    printcolumn = r#"{"name":"Blocks","type":"string","jsonPath":".status.blocks[*].cidr"}"#,
+    printcolumn = r#"{"name":"Blocks","type":"string","jsonPath":".status.blockCIDRs"}"#,
     printcolumn = r#"{"name":"Node IP","type":"string","jsonPath":".status.nodeIP"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -209,6 +205,10 @@ pub struct NodeNetworkConfigStatus {
     /// Blocks carved for this node, at most one per family outside dynamic mode.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<NodeBlock>,
+    /// The CIDRs of `blocks` joined by commas, for `kubectl get nnc` (printer
+    /// columns show only the first match of a list); `blocks` is authoritative.
+    #[serde(default, rename = "blockCIDRs", skip_serializing_if = "Option::is_none")]
+    pub block_cidrs: Option<String>,
     /// Gateway of the first block (the pods' next hop on this node); each
     /// block carries its own in blocks[].gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -13,12 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// Ranges AKS refuses for pod, service and cluster networks: link-local,
 /// two ranges Azure uses internally, and TEST-NET-1.
-pub const FORBIDDEN_RANGES: [&str; 4] = [
-    "169.254.0.0/16",
-    "172.30.0.0/16",
-    "172.31.0.0/16",
-    "192.0.2.0/24",
-];
+pub const FORBIDDEN_RANGES: [&str; 4] = ["169.254.0.0/16", "172.30.0.0/16", "172.31.0.0/16", "192.0.2.0/24"];
 
 /// Longest block prefix per family: a block must hold at least four addresses.
 pub const MAX_BLOCK_PREFIX_V4: u8 = 30;
@@ -81,10 +76,10 @@ pub enum NetError {
 /// Parses a CIDR and insists on the network address, so `10.244.1.0/16` is
 /// caught instead of silently meaning `10.244.0.0/16`.
 pub fn parse_cidr(input: &str) -> Result<IpNet, NetError> {
-    let net: IpNet = input.trim().parse().map_err(|e: ipnet::AddrParseError| NetError::NotACidr {
-        input: input.to_string(),
-        reason: e.to_string(),
-    })?;
+    let net: IpNet = input
+        .trim()
+        .parse()
+        .map_err(|e: ipnet::AddrParseError| NetError::NotACidr { input: input.to_string(), reason: e.to_string() })?;
     if net.network() != net.addr() {
         return Err(NetError::NotNetworkAddress { input: input.to_string(), network: net.trunc() });
     }
@@ -124,18 +119,16 @@ pub fn azure_reserved(subnet: &IpNet) -> Vec<IpAddr> {
         IpNet::V4(n) => {
             let first = u32::from(n.network());
             let last = u32::from(n.broadcast());
-            let mut v: Vec<IpAddr> = (first..=last.min(first + AZURE_RESERVED_AT_START - 1))
-                .map(|a| IpAddr::V4(a.into()))
-                .collect();
+            let mut v: Vec<IpAddr> =
+                (first..=last.min(first + AZURE_RESERVED_AT_START - 1)).map(|a| IpAddr::V4(a.into())).collect();
             v.push(IpAddr::V4(last.into()));
             v
         }
         IpNet::V6(n) => {
             let first = u128::from(n.network());
             let last = u128::from(n.broadcast());
-            let mut v: Vec<IpAddr> = (first..=last.min(first + AZURE_RESERVED_AT_START as u128 - 1))
-                .map(|a| IpAddr::V6(a.into()))
-                .collect();
+            let mut v: Vec<IpAddr> =
+                (first..=last.min(first + AZURE_RESERVED_AT_START as u128 - 1)).map(|a| IpAddr::V6(a.into())).collect();
             v.push(IpAddr::V6(last.into()));
             v
         }
@@ -202,10 +195,7 @@ mod tests {
     #[test]
     fn parse_rejects_host_bits_and_suggests_the_network() {
         let err = parse_cidr("10.244.1.0/16").unwrap_err();
-        assert_eq!(
-            err,
-            NetError::NotNetworkAddress { input: "10.244.1.0/16".into(), network: net("10.244.0.0/16") }
-        );
+        assert_eq!(err, NetError::NotNetworkAddress { input: "10.244.1.0/16".into(), network: net("10.244.0.0/16") });
         assert!(err.to_string().contains("10.244.0.0/16"));
     }
 

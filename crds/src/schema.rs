@@ -17,21 +17,65 @@ use crate::net::FORBIDDEN_RANGES;
 /// Bounding it keeps the API server's CEL cost estimate small.
 const MAX_CIDR_LEN: usize = 49;
 
-/// A CIDR as written in a spec, e.g. `10.244.0.0/16`.
+/// A CIDR as written in a spec, e.g. `10.244.8.0/24`: must parse and be a network address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Cidr(pub String);
 
-impl Cidr {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+/// A pool CIDR: a [`Cidr`] that also stays clear of the platform's forbidden ranges.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PoolCidr(pub String);
 
-impl From<&str> for Cidr {
-    fn from(s: &str) -> Self {
-        Cidr(s.to_string())
+macro_rules! cidr_string {
+    ($t:ident) => {
+        impl $t {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                $t(s.to_string())
+            }
+        }
+    };
+}
+cidr_string!(Cidr);
+cidr_string!(PoolCidr);
+
+/// Rules on one CIDR string. They sit on the item rather than the list so each
+/// message can quote the offending value cheaply: the API server refuses rules
+/// whose estimated cost is too high, and list-wide message expressions are.
+fn cidr_rules(forbidden: bool) -> Vec<serde_json::Value> {
+    let example = "e.g. 10.244.0.0/16 or fd12:3456:789a::/64";
+    let mut rules = vec![
+        serde_json::json!({
+            "rule": "isCIDR(self)",
+            "messageExpression": format!("'\"' + self + '\" is not a CIDR; write address/prefix, {example}'"),
+        }),
+        serde_json::json!({
+            "rule": "!isCIDR(self) || string(cidr(self).masked()) == self",
+            // string(...) in a message makes the cost estimate unbounded, so no suggested value here.
+            "messageExpression":
+                "self + ' is not the network address of its prefix: clear the host bits (10.244.1.0/16 means 10.244.0.0/16)'",
+        }),
+    ];
+    if forbidden {
+        for range in FORBIDDEN_RANGES {
+            let hit = format!("(cidr('{range}').containsCIDR(self) || cidr(self).containsCIDR('{range}'))");
+            let fix = format!(
+                "{range}, a range reserved by the platform ({} are forbidden); pick a range outside it",
+                FORBIDDEN_RANGES.join(", ")
+            );
+            rules.push(serde_json::json!({
+                "rule": format!("!isCIDR(self) || cidr(self).ip().family() != 4 || !{hit}"),
+                "messageExpression": format!("self + ' overlaps {fix}'"),
+            }));
+        }
     }
+    rules
 }
 
 impl JsonSchema for Cidr {
@@ -43,66 +87,34 @@ impl JsonSchema for Cidr {
         json_schema!({
             "type": "string",
             "maxLength": MAX_CIDR_LEN,
+            "x-kubernetes-validations": cidr_rules(false),
         })
     }
 }
 
-fn forbidden_list() -> String {
-    let quoted: Vec<String> = FORBIDDEN_RANGES.iter().map(|r| format!("'{r}'")).collect();
-    format!("[{}]", quoted.join(", "))
-}
+impl JsonSchema for PoolCidr {
+    fn schema_name() -> Cow<'static, str> {
+        "PoolCidr".into()
+    }
 
-/// `c` overlaps the forbidden range `f` (both strings); IPv4 only, as every forbidden range is.
-fn overlaps_forbidden(c: &str, f: &str) -> String {
-    format!("(cidr({f}).containsCIDR({c}) || cidr({c}).containsCIDR({f}))")
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "maxLength": MAX_CIDR_LEN,
+            "x-kubernetes-validations": cidr_rules(true),
+        })
+    }
 }
 
 pub fn rule_immutable(field: &str, fix: &str) -> Rule {
     Rule::new("self == oldSelf").message(Message::Message(format!("{field} is immutable; {fix}")))
 }
 
-pub fn rule_cidrs_parse() -> Rule {
-    Rule::new("self.all(c, isCIDR(c))").message(Message::Expression(
-        "self.filter(c, !isCIDR(c)).map(c, '\"' + c + '\" is not a CIDR; write address/prefix, \
-         e.g. 10.244.0.0/16 or fd12:3456:789a::/64')[0]"
-            .into(),
-    ))
-}
-
-pub fn rule_cidrs_parse_named(field: &str) -> Rule {
-    Rule::new("self.all(c, isCIDR(c))").message(Message::Expression(format!(
-        "self.filter(c, !isCIDR(c)).map(c, '{field}: \"' + c + '\" is not a CIDR; write address/prefix, \
-         e.g. 10.244.8.0/24')[0]"
-    )))
-}
-
-pub fn rule_cidrs_network_address() -> Rule {
-    Rule::new("self.all(c, !isCIDR(c) || string(cidr(c).masked()) == c)").message(Message::Expression(
-        "self.filter(c, isCIDR(c) && string(cidr(c).masked()) != c)\
-         .map(c, c + ' is not the network address of its prefix; write ' + string(cidr(c).masked()))[0]"
-            .into(),
-    ))
-}
-
-pub fn rule_cidrs_not_forbidden() -> Rule {
-    let list = forbidden_list();
-    let hit = overlaps_forbidden("c", "f");
-    Rule::new(format!(
-        "self.all(c, !isCIDR(c) || cidr(c).ip().family() != 4 || {list}.all(f, !{hit}))"
-    ))
-    .message(Message::Expression(format!(
-        "self.filter(c, isCIDR(c) && cidr(c).ip().family() == 4 && {list}.exists(f, {hit}))\
-         .map(c, c + ' overlaps ' + {list}.filter(f, {hit})[0] + ', a range reserved by the platform \
-         (169.254.0.0/16, 172.30.0.0/16, 172.31.0.0/16 and 192.0.2.0/24 are forbidden); pick a range outside them')[0]"
-    )))
-}
-
 pub fn rule_cidrs_disjoint() -> Rule {
     let overlapping = "self.filter(b, isCIDR(b) && (cidr(a).containsCIDR(b) || cidr(b).containsCIDR(a)))";
-    Rule::new(format!("self.all(a, !isCIDR(a) || {overlapping}.size() == 1)")).message(Message::Expression(format!(
-        "self.filter(a, isCIDR(a) && {overlapping}.size() > 1).join(' and ') \
-         + ' overlap or repeat; the CIDRs of a pool must be disjoint'"
-    )))
+    Rule::new(format!("self.all(a, !isCIDR(a) || {overlapping}.size() == 1)")).message(Message::Message(
+        "CIDRs of a pool must not overlap or repeat; remove or merge the overlapping entries".into(),
+    ))
 }
 
 /// The effective IPv4/IPv6 block prefix in CEL, with the mode's default when unset.
@@ -119,10 +131,10 @@ fn rule_block_not_shorter_than_pool(family: &str, cel_family: u8, overlay: u8, v
     Rule::new(format!(
         "self.cidrs.all(c, !({of_family}) || cidr(c).prefixLength() <= {block})"
     ))
-    .message(Message::Expression(format!(
-        "'block size /' + string({block}) + ' is shorter than the pool CIDR ' \
-         + self.cidrs.filter(c, {of_family} && cidr(c).prefixLength() > {block})[0] \
-         + '; set spec.blockSize.{family} to at least that CIDR\\'s prefix length'"
+    .message(Message::Message(format!(
+        "the IPv{cel_family} block size (default /{overlay} in Overlay, /{vnet} in VNet) is shorter than the prefix \
+         of an IPv{cel_family} CIDR in spec.cidrs; set spec.blockSize.{family} to at least the longest \
+         IPv{cel_family} prefix of the pool"
     )))
     .field_path(format!(".blockSize.{family}"))
 }
@@ -136,7 +148,6 @@ pub fn rule_block_v6_not_shorter_than_pool() -> Rule {
 }
 
 pub fn rule_max_prefix(field: &str, max: u8) -> Rule {
-    Rule::new(format!("self <= {max}")).message(Message::Message(format!(
-        "{field} must be {max} or less: a block needs at least 4 addresses"
-    )))
+    Rule::new(format!("self <= {max}"))
+        .message(Message::Message(format!("{field} must be {max} or less: a block needs at least 4 addresses")))
 }

@@ -12,10 +12,7 @@ fn committed_crd_yaml_matches_the_types() {
             stale.push(name);
         }
     }
-    assert!(
-        stale.is_empty(),
-        "crds/{stale:?} differ from the Rust types; run `make crds` and commit the result"
-    );
+    assert!(stale.is_empty(), "crds/{stale:?} differ from the Rust types; run `make crds` and commit the result");
 }
 
 #[test]
@@ -42,7 +39,8 @@ fn schema_carries_the_admission_rules_and_columns() {
     assert!(text.contains("isCIDR(c)"), "cidr parse rule missing");
     assert!(text.contains("192.0.2.0/24"), "forbidden ranges missing");
     assert!(text.contains("self == oldSelf"), "immutability rules missing");
-    let names: Vec<&str> = pool["spec"]["names"]["shortNames"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        pool["spec"]["names"]["shortNames"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(names, ["pcidr"]);
     assert_eq!(pool["spec"]["scope"], "Cluster");
     let nnc = serde_json::to_value(&crds[1]).unwrap();

@@ -19,6 +19,9 @@ log() { echo "control-plane-bins: $*" >&2; }
 need() { [[ -x "$BIN/$1" ]] || return 0; return 1; }
 
 mkdir -p "$BIN"
+# Parallel test processes may all ask on a cold cache: build once.
+exec 9>"$CACHE/controlplane/.lock"
+flock 9
 work="$CACHE/controlplane/src"
 mkdir -p "$work"
 

@@ -60,7 +60,10 @@ pub fn control_plane_bins() -> Result<PathBuf> {
             return Err(format!("{} failed ({}); see its output above", script.display(), out.status));
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        text.lines().last().map(|l| PathBuf::from(l.trim())).ok_or_else(|| format!("{} printed no bin dir", script.display()))
+        text.lines()
+            .last()
+            .map(|l| PathBuf::from(l.trim()))
+            .ok_or_else(|| format!("{} printed no bin dir", script.display()))
     })
     .clone()
     .map_err(|e| anyhow!(e))
@@ -79,12 +82,17 @@ fn pid_alive(pid: i32) -> bool {
 pub fn sweep_stale_dirs() {
     let Ok(entries) = std::fs::read_dir(scratch_root()) else { return };
     for entry in entries.flatten() {
-        let owner = std::fs::read_to_string(entry.path().join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        let owner =
+            std::fs::read_to_string(entry.path().join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
         match owner {
             Some(pid) if pid_alive(pid) => {}
             // No pid file yet means another process is creating it right now,
             // unless the directory is old.
-            None if entry.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60)).unwrap_or(true) => {}
+            None if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
+                .unwrap_or(true) => {}
             _ => {
                 let _ = std::fs::remove_dir_all(entry.path());
             }

@@ -2,8 +2,9 @@
 //!
 //! Every child is spawned by one keeper thread with `PR_SET_PDEATHSIG`, so the
 //! kernel kills it when that thread dies: a panic, `kill -9` or Ctrl-C of the
-//! test binary leaves no etcd or kube-apiserver behind. On an orderly stop the
-//! keeper sends SIGTERM, waits, then SIGKILLs what is left.
+//! test binary leaves no etcd or kube-apiserver behind. Stopping one child
+//! sends SIGTERM, waits, then SIGKILLs; stopping all (teardown of throwaway
+//! state) SIGKILLs at once, since a graceful API server shutdown takes seconds.
 //!
 //! The death signal fires when the *spawning thread* exits, not the process,
 //! which is why spawning happens on a thread that lives exactly as long as the
@@ -127,18 +128,15 @@ fn keep(rx: mpsc::Receiver<Request>) {
 }
 
 fn stop_children(children: &mut BTreeMap<String, Child>) {
-    // Reverse order of names is not meaningful; signal all first, then wait, so
-    // the grace periods overlap.
-    for child in children.values() {
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-    }
     for (_, mut child) in std::mem::take(children) {
-        terminate(&mut child);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 fn spawn_tied(mut cmd: Command, log: &PathBuf) -> Result<Child> {
-    let out = File::options().create(true).append(true).open(log).with_context(|| format!("open log {}", log.display()))?;
+    let out =
+        File::options().create(true).append(true).open(log).with_context(|| format!("open log {}", log.display()))?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.

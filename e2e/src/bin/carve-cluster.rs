@@ -4,8 +4,8 @@
 //! `down` stops it. `run` stays in the foreground until SIGINT or SIGTERM,
 //! then stops etcd and kube-apiserver and removes their data.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
