@@ -59,8 +59,11 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
+# The last line sums every test binary's result, so the run ends on one total.
 test: lint bins
-	$(CARGO) test --workspace
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6; i += $$8 } END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
 
 bench: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-controlplane
