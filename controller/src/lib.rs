@@ -1,2 +1,4 @@
-//! The cluster controller. The allocator and reconcilers land with the controller issue.
+//! carve's cluster controller.
 #![forbid(unsafe_code)]
+
+pub mod allocator;
