@@ -2,3 +2,5 @@
 #![forbid(unsafe_code)]
 
 pub mod allocator;
+pub mod index;
+pub mod selector;
