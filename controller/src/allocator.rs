@@ -350,9 +350,7 @@ impl PoolBlocks {
     }
 
     pub fn release(&mut self, block: &IpNet) -> bool {
-        self.families
-            .get_mut(&IpFamily::of(block))
-            .is_some_and(|cidrs| cidrs.iter_mut().any(|c| c.release(block)))
+        self.families.get_mut(&IpFamily::of(block)).is_some_and(|cidrs| cidrs.iter_mut().any(|c| c.release(block)))
     }
 
     /// Whether `block` is a block of one of the pool's CIDRs.

@@ -138,7 +138,8 @@ pub struct Index {
 }
 
 fn layout_of(view: &PoolView) -> Result<PoolLayout, String> {
-    let block = |family, set: Option<i32>| set.map(|b| b.clamp(0, 128) as u8).unwrap_or(view.mode.default_block_size(family));
+    let block =
+        |family, set: Option<i32>| set.map(|b| b.clamp(0, 128) as u8).unwrap_or(view.mode.default_block_size(family));
     let (v4, v6) = (block(IpFamily::IPv4, view.block_v4), block(IpFamily::IPv6, view.block_v6));
     let errors = net::validate_pool(&view.cidrs, v4, v6);
     if !errors.is_empty() {
@@ -177,7 +178,8 @@ impl Index {
                 exhausted: BTreeSet::new(),
                 view: view.clone(),
             };
-            let layout = view.selector.clone().map_err(|e| format!("spec.nodeSelector: {e}")).and_then(|_| layout_of(&view));
+            let layout =
+                view.selector.clone().map_err(|e| format!("spec.nodeSelector: {e}")).and_then(|_| layout_of(&view));
             match layout {
                 Err(reason) => pool.invalid = Some(reason),
                 Ok(layout) => {
@@ -256,7 +258,13 @@ impl Index {
     /// Records blocks the API says node `node` (incarnation `uid`) holds.
     /// Blocks that are malformed, outside every pool or held by another node
     /// are reported and not recorded.
-    pub fn observe(&mut self, node: &str, uid: &str, pool_hint: Option<&str>, recorded: &[String]) -> Vec<BlockProblem> {
+    pub fn observe(
+        &mut self,
+        node: &str,
+        uid: &str,
+        pool_hint: Option<&str>,
+        recorded: &[String],
+    ) -> Vec<BlockProblem> {
         let mut problems = Vec::new();
         for raw in recorded {
             let Ok(block) = net::parse_cidr(raw) else {
@@ -307,7 +315,11 @@ impl Index {
         for raw in &node.pod_cidrs {
             let Ok(cidr) = raw.parse::<IpNet>() else { continue };
             let cidr = cidr.trunc();
-            if self.holdings.get(&node.name).is_some_and(|h| h.blocks.iter().any(|b| IpFamily::of(b) == IpFamily::of(&cidr))) {
+            if self
+                .holdings
+                .get(&node.name)
+                .is_some_and(|h| h.blocks.iter().any(|b| IpFamily::of(b) == IpFamily::of(&cidr)))
+            {
                 continue;
             }
             let covering = self.pools.iter().find(|(_, p)| p.blocks.as_ref().is_some_and(|b| b.covers(&cidr)));
@@ -327,6 +339,9 @@ impl Index {
         problems
     }
 
+    /// The most specific enabled pool selecting `node`. An invalid pool still
+    /// competes, so a node aimed at it is told why instead of silently landing
+    /// in a broader pool; disabled pools step aside (migration).
     fn select_pool(&self, node: &NodeView) -> Result<String, AssignProblem> {
         let matching: Vec<(&String, &Pool, usize)> = self
             .pools
@@ -336,21 +351,22 @@ impl Index {
                 _ => None,
             })
             .collect();
-        let usable: Vec<_> = matching.iter().filter(|(_, p, _)| p.invalid.is_none() && !p.view.disabled).collect();
-        let Some(best) = usable.iter().map(|(_, _, s)| *s).max() else {
+        let enabled: Vec<_> = matching.iter().filter(|(_, p, _)| !p.view.disabled).collect();
+        let Some(best) = enabled.iter().map(|(_, _, s)| *s).max() else {
             return Err(match matching.first() {
-                Some((n, p, _)) if p.invalid.is_some() => {
-                    AssignProblem::PoolInvalid { pool: n.to_string(), reason: p.invalid.clone().unwrap_or_default() }
-                }
                 Some((n, _, _)) => AssignProblem::PoolDisabled(n.to_string()),
                 None => AssignProblem::NoMatchingPool,
             });
         };
-        let top: Vec<String> = usable.iter().filter(|(_, _, s)| *s == best).map(|(n, _, _)| n.to_string()).collect();
+        let top: Vec<&&(&String, &Pool, usize)> = enabled.iter().filter(|(_, _, s)| *s == best).collect();
         if top.len() > 1 {
-            return Err(AssignProblem::AmbiguousPool(top));
+            return Err(AssignProblem::AmbiguousPool(top.iter().map(|(n, _, _)| n.to_string()).collect()));
         }
-        Ok(top.into_iter().next().expect("one best pool"))
+        let (name, pool, _) = top[0];
+        match &pool.invalid {
+            Some(reason) => Err(AssignProblem::PoolInvalid { pool: name.to_string(), reason: reason.clone() }),
+            None => Ok(name.to_string()),
+        }
     }
 
     /// Gives `node` a block of every family its pool serves, adopting its
@@ -361,7 +377,8 @@ impl Index {
             Some(h) => Ok(h.pool.clone()),
             None => self.select_pool(node),
         };
-        let mut assignment = Assignment { pool: None, mode: None, blocks: Vec::new(), carved: Vec::new(), problem: None };
+        let mut assignment =
+            Assignment { pool: None, mode: None, blocks: Vec::new(), carved: Vec::new(), problem: None };
         let name = match pool_name {
             Ok(n) => n,
             Err(problem) => {
@@ -377,7 +394,9 @@ impl Index {
                 (Some(reason), _, _) => {
                     assignment.problem = Some(AssignProblem::PoolInvalid { pool: name.clone(), reason: reason.clone() })
                 }
-                (None, true, _) if held.is_empty() => assignment.problem = Some(AssignProblem::PoolDisabled(name.clone())),
+                (None, true, _) if held.is_empty() => {
+                    assignment.problem = Some(AssignProblem::PoolDisabled(name.clone()))
+                }
                 (None, true, _) => {}
                 (None, false, Some(blocks)) => {
                     let mut exhausted = Vec::new();
@@ -449,12 +468,8 @@ impl Index {
             })
             .unwrap_or_default();
         // A pool is exhausted for a family only while it has no free block of it.
-        let exhausted = p
-            .exhausted
-            .iter()
-            .copied()
-            .filter(|f| p.blocks.as_ref().is_some_and(|b| b.usage(*f).free == 0))
-            .collect();
+        let exhausted =
+            p.exhausted.iter().copied().filter(|f| p.blocks.as_ref().is_some_and(|b| b.usage(*f).free == 0)).collect();
         Some(PoolReport { usage, invalid: p.invalid.clone(), exhausted, retired: p.retired.clone() })
     }
 }
@@ -512,7 +527,8 @@ mod tests {
         let mut index = Index::new();
         index.set_pools(vec![pool("overlay", "1", &["10.244.0.0/16"])]);
         index.observe("a", "ua", None, &["10.244.0.0/24".into()]);
-        let problems = index.observe("b", "ub", None, &["garbage".into(), "10.9.0.0/24".into(), "10.244.0.0/24".into()]);
+        let problems =
+            index.observe("b", "ub", None, &["garbage".into(), "10.9.0.0/24".into(), "10.244.0.0/24".into()]);
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(matches!(problems[2], BlockProblem::HeldByOther { .. }));
         assert!(index.holding("b").is_none());

@@ -1,6 +1,14 @@
 //! carve's cluster controller.
+//!
+//! Pure parts (`allocator`, `index`, `selector`) know nothing of Kubernetes;
+//! `views` translates objects, `reconcile` does the API I/O, `leader` holds
+//! the Lease and `metrics` serves /metrics.
 #![forbid(unsafe_code)]
 
 pub mod allocator;
 pub mod index;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
 pub mod selector;
+pub mod views;

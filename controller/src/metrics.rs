@@ -1,0 +1,98 @@
+//! Prometheus metrics, served on /metrics next to /healthz and /readyz.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use carve_crds::net::IpFamily;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<Labels, Counter>,
+    pub allocation_seconds: Histogram,
+    pub blocks: Family<Labels, Gauge>,
+    pub leader: Gauge,
+    /// Caches are synced (and, on the leader, allocations rebuilt).
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("carve");
+        let reconciles = Counter::default();
+        let reconcile_errors = Family::<Labels, Counter>::default();
+        let allocation_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
+        let blocks = Family::<Labels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Node reconciles run", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by reason", reconcile_errors.clone());
+        registry.register(
+            "block_allocation_seconds",
+            "Time to carve a node's blocks in memory",
+            allocation_seconds.clone(),
+        );
+        registry.register("blocks", "Blocks per pool, family and state (allocated, free)", blocks.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            allocation_seconds,
+            blocks,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_blocks(&self, pool: &str, family: IpFamily, allocated: i64, free: i64) {
+        for (state, v) in [("allocated", allocated), ("free", free)] {
+            let labels = vec![
+                ("pool".to_string(), pool.to_string()),
+                ("family".to_string(), family.to_string()),
+                ("state".to_string(), state.to_string()),
+            ];
+            self.blocks.get_or_create(&labels).set(v);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(m): State<Arc<Metrics>>| async move { m.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                }
+            }),
+        )
+        .with_state(metrics)
+}

@@ -1,0 +1,105 @@
+//! Helpers the end-to-end tests share: the workspace's own binaries, polling,
+//! and small object builders.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+use kube::api::ObjectMeta;
+
+use crate::ControlPlane;
+
+/// A binary of this workspace (e.g. `carve-controller`) in the same target
+/// folder as the running test. Built (or found up to date) once per test
+/// process, so a test never runs a stale binary of another package.
+pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
+    let mut built = BUILT.lock().expect("build lock");
+    if !built.contains(name) {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", package, "--bin", name]).current_dir(crate::repo_root());
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        if !cmd.status()?.success() {
+            bail!("cargo build -p {package} --bin {name} failed");
+        }
+        built.insert(name.to_string());
+    }
+    Ok(profile_dir.join(name))
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`
+/// with `what` and the last state seen.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A Node object as a kubelet would register it, with an InternalIP.
+pub fn node(name: &str, internal_ip: &str) -> Node {
+    Node {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: None,
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: internal_ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A carve-controller process against `cp`, supervised by the harness under `name`.
+pub struct ControllerProcess {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// Starts carve-controller with `extra` flags; leader election uses the
+/// `default` namespace unless `extra` says otherwise.
+pub fn start_controller(cp: &ControlPlane, name: &str, extra: &[&str]) -> Result<ControllerProcess> {
+    let mut cmd = Command::new(workspace_bin("carve-controller", "carve-controller")?);
+    cmd.arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--metrics-addr", "127.0.0.1:0", "--leader-election-namespace", "default", "--identity", name])
+        .args(["--sweep-interval", "500ms"])
+        .args(extra)
+        .env("CARVE_LOG_LEVEL", "info,kube_runtime=warn");
+    let pid = cp.spawn(name, cmd)?;
+    Ok(ControllerProcess { name: name.into(), pid })
+}
+
+/// The metrics address a controller logged, once it is serving.
+pub async fn metrics_addr(cp: &ControlPlane, name: &str) -> String {
+    wait_for("the controller's metrics address", Duration::from_secs(30), || async {
+        let log = cp.log_tail(name, 200);
+        log.lines()
+            .find(|l| l.contains("serving /metrics"))
+            .and_then(|l| {
+                // text: `addr=127.0.0.1:1234`; json: `"addr":"127.0.0.1:1234"`
+                let rest = l.split("addr=").nth(1).or_else(|| l.split("\"addr\":\"").nth(1))?;
+                rest.split(|c: char| c.is_whitespace() || c == '"').next().map(str::to_string)
+            })
+            .ok_or(log)
+    })
+    .await
+}

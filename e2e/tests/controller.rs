@@ -1,0 +1,524 @@
+//! carve-controller against a real API server: one test per behaviour a user
+//! relies on (one NNC per node, restarts, replicas, node deletion, exhaustion
+//! and growth, bad objects, kubenet adoption, operations).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use carve_crds::{NodeNetworkConfig, PodCidr};
+use carve_e2e::ControlPlane;
+use carve_e2e::testkit::{metrics_addr, node, start_controller, wait_for};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn cluster() -> (ControlPlane, Client) {
+    let cp = ControlPlane::start().await.expect("control plane");
+    cp.install_crds().expect("CRDs");
+    let client = cp.client().await.unwrap();
+    (cp, client)
+}
+
+fn apply_pool(cp: &ControlPlane, name: &str, spec: &str) {
+    let yaml = format!("apiVersion: carve.dev/v1alpha1\nkind: PodCIDR\nmetadata:\n  name: {name}\nspec:\n{spec}");
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn create_node(client: &Client, name: &str, ip: &str) -> Node {
+    Api::<Node>::all(client.clone()).create(&PostParams::default(), &node(name, ip)).await.unwrap()
+}
+
+fn ready(nnc: &NodeNetworkConfig) -> Option<(String, String)> {
+    let c = nnc.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+fn blocks(nnc: &NodeNetworkConfig) -> Vec<String> {
+    nnc.status.as_ref().map(|s| s.blocks.iter().map(|b| b.cidr.clone()).collect()).unwrap_or_default()
+}
+
+/// Waits until the NNC of `name` satisfies `ok`, and returns it.
+async fn nnc_where(
+    client: &Client,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&NodeNetworkConfig) -> bool,
+) -> NodeNetworkConfig {
+    let api = Api::<NodeNetworkConfig>::all(client.clone());
+    wait_for(&format!("nnc/{name}: {what}"), WAIT, || async {
+        match api.get_opt(name).await {
+            Ok(Some(n)) if ok(&n) => Ok(n),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+async fn nnc_ready(client: &Client, name: &str) -> NodeNetworkConfig {
+    nnc_where(client, name, "Ready=True", |n| ready(n).is_some_and(|(s, _)| s == "True")).await
+}
+
+async fn events_for(client: &Client, kind: &str, name: &str) -> Vec<(String, String)> {
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
+        })
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+/// Every block of every NNC: asserts none is held twice.
+async fn all_blocks_distinct(client: &Client) -> BTreeMap<String, Vec<String>> {
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut by_node = BTreeMap::new();
+    for nnc in nncs.items {
+        for b in blocks(&nnc) {
+            if let Some(other) = seen.insert(b.clone(), nnc.name_any()) {
+                panic!("block {b} is held by both {other} and {}", nnc.name_any());
+            }
+        }
+        by_node.insert(nnc.name_any(), blocks(&nnc));
+    }
+    by_node
+}
+
+#[tokio::test]
+async fn each_node_gets_one_nnc_with_blocks_gateway_ip_and_pod_cidr() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    apply_pool(
+        &cp,
+        "dual",
+        "  mode: Overlay\n  cidrs: [10.250.0.0/16, fd12:3456:789a::/64]\n  blockSize: {ipv4: 24, ipv6: 80}\n  nodeSelector:\n    matchLabels: {carve.dev/pool: dual}\n",
+    );
+    let _c = start_controller(&cp, "ctrl", &[]).unwrap();
+    let a = create_node(&client, "node-a", "192.168.10.1").await;
+    let mut dual = node("node-d", "192.168.10.4");
+    dual.metadata.labels = Some([("carve.dev/pool".to_string(), "dual".to_string())].into());
+    Api::<Node>::all(client.clone()).create(&PostParams::default(), &dual).await.unwrap();
+
+    let nnc = nnc_ready(&client, "node-a").await;
+    let owner = &nnc.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("Node", a.uid().unwrap().as_str(), Some(true))
+    );
+    let status = nnc.status.clone().unwrap();
+    assert_eq!(status.pool.as_deref(), Some("overlay"));
+    assert_eq!(blocks(&nnc), ["10.244.0.0/24"]);
+    assert_eq!(status.gateway.as_deref(), Some("10.244.0.1"));
+    assert_eq!(status.node_ip.as_deref(), Some("192.168.10.1"));
+    assert_eq!(status.observed_generation, nnc.metadata.generation);
+
+    let d = nnc_ready(&client, "node-d").await;
+    assert_eq!(d.status.as_ref().unwrap().pool.as_deref(), Some("dual"), "the more specific selector wins");
+    assert_eq!(blocks(&d), ["10.250.0.0/24", "fd12:3456:789a::/80"]);
+    assert_eq!(d.status.as_ref().unwrap().blocks[1].gateway.as_deref(), Some("fd12:3456:789a::1"));
+
+    // kubenet compatibility: the Node's podCIDR(s) carry the same blocks.
+    let nodes = Api::<Node>::all(client.clone());
+    let spec = wait_for("node-d podCIDRs", WAIT, || async {
+        let n = nodes.get("node-d").await.map_err(|e| e.to_string())?;
+        n.spec.clone().filter(|s| s.pod_cidrs.is_some()).ok_or(format!("{:?}", n.spec))
+    })
+    .await;
+    assert_eq!(spec.pod_cidr.as_deref(), Some("10.250.0.0/24"));
+    assert_eq!(spec.pod_cidrs.unwrap(), ["10.250.0.0/24", "fd12:3456:789a::/80"]);
+
+    // A node IP change shows in the NNC; the blocks stay.
+    nodes
+        .patch_status(
+            "node-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"addresses": [{"type": "InternalIP", "address": "192.168.10.99"}]}})),
+        )
+        .await
+        .unwrap();
+    let moved = nnc_where(&client, "node-a", "nodeIP 192.168.10.99", |n| {
+        n.status.as_ref().and_then(|s| s.node_ip.as_deref()) == Some("192.168.10.99")
+    })
+    .await;
+    assert_eq!(blocks(&moved), ["10.244.0.0/24"]);
+
+    // `kubectl get nnc` answers "which node has which block".
+    let table = cp.kubectl_ok(&["get", "nnc"]).unwrap();
+    assert!(table.contains("10.250.0.0/24,fd12:3456:789a::/80"), "{table}");
+}
+
+#[tokio::test]
+async fn controller_killed_midway_through_200_nodes_never_duplicates_or_moves_a_block() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    let ctrl = start_controller(&cp, "ctrl", &[]).unwrap();
+    let nodes = Api::<Node>::all(client.clone());
+    futures::stream::iter(0..200)
+        .map(|i| {
+            let nodes = nodes.clone();
+            async move {
+                nodes
+                    .create(
+                        &PostParams::default(),
+                        &node(&format!("n{i:03}"), &format!("192.168.{}.{}", i / 200, i % 200 + 1)),
+                    )
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    // Kill it (SIGKILL, no cleanup) once some but not all nodes are done.
+    let before = wait_for("some NNCs with blocks", WAIT, || async {
+        let done: BTreeMap<String, Vec<String>> = nncs
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .iter()
+            .filter(|n| !blocks(n).is_empty())
+            .map(|n| (n.name_any(), blocks(n)))
+            .collect();
+        if done.len() >= 20 { Ok(done) } else { Err(format!("{} done", done.len())) }
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(ctrl.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    cp.stop_process("ctrl");
+    eprintln!("killed the controller with {} of 200 nodes done", before.len());
+    start_controller(&cp, "ctrl-2", &[]).unwrap();
+    let after = wait_for("all 200 nodes with exactly one block", Duration::from_secs(120), || async {
+        let by_node = all_blocks_distinct(&client).await;
+        let done = by_node.values().filter(|b| b.len() == 1).count();
+        if done == 200 { Ok(by_node) } else { Err(format!("{done} of 200")) }
+    })
+    .await;
+    for (node, b) in &before {
+        assert_eq!(&after[node], b, "{node}'s block changed across the restart");
+    }
+    // Node podCIDRs agree with the NNCs.
+    for n in nodes.list(&ListParams::default()).await.unwrap().items {
+        if let Some(pod_cidr) = n.spec.as_ref().and_then(|s| s.pod_cidr.clone()) {
+            assert_eq!(vec![pod_cidr], after[&n.name_any()]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_never_duplicate_and_the_standby_takes_over() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    let lease_args = ["--lease-duration", "4s", "--renew-deadline", "3s", "--retry-period", "500ms"];
+    start_controller(&cp, "replica-a", &lease_args).unwrap();
+    start_controller(&cp, "replica-b", &lease_args).unwrap();
+    let nodes = Api::<Node>::all(client.clone());
+    for i in 0..40 {
+        nodes.create(&PostParams::default(), &node(&format!("r{i:02}"), "192.168.20.1")).await.unwrap();
+    }
+    wait_for("40 nodes with a block", WAIT, || async {
+        let by_node = all_blocks_distinct(&client).await;
+        let done = by_node.values().filter(|b| b.len() == 1).count();
+        if done == 40 { Ok(()) } else { Err(format!("{done} of 40")) }
+    })
+    .await;
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let standby = if holder == "replica-a" { "replica-b" } else { "replica-a" };
+    assert!(cp.log_tail(standby, 100).contains("waiting for leadership"));
+    assert!(!cp.log_tail(standby, 100).contains("became leader"), "only one replica leads");
+
+    let killed_at = Instant::now();
+    cp.stop_process(&holder);
+    nodes.create(&PostParams::default(), &node("after-failover", "192.168.20.2")).await.unwrap();
+    nnc_ready(&client, "after-failover").await;
+    let took = killed_at.elapsed();
+    let new_holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    assert_eq!(new_holder, standby);
+    // SIGTERM does not release the Lease, so the standby waits out the 4 s lease.
+    assert!(took < Duration::from_secs(15), "standby took over after {took:?}");
+    all_blocks_distinct(&client).await;
+}
+
+#[tokio::test]
+async fn blocks_return_only_when_the_node_is_really_gone() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "small", "  mode: Overlay\n  cidrs: [10.244.0.0/23]\n");
+    start_controller(&cp, "ctrl", &[]).unwrap();
+    let nodes = Api::<Node>::all(client.clone());
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+
+    // A node held by a finalizer keeps its block while it drains.
+    let mut held = node("held", "192.168.30.1");
+    held.metadata.finalizers = Some(vec!["example.com/drain".into()]);
+    nodes.create(&PostParams::default(), &held).await.unwrap();
+    let held_block = blocks(&nnc_ready(&client, "held").await);
+    nodes.delete("held", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // several sweeps
+    assert_eq!(blocks(&nncs.get("held").await.unwrap()), held_block, "a terminating node keeps its block");
+    create_node(&client, "other", "192.168.30.2").await;
+    let other = blocks(&nnc_ready(&client, "other").await);
+    assert_ne!(other, held_block);
+
+    // Finalizer removed: the node is gone, its NNC too, and the block is free again.
+    nodes
+        .patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
+    wait_for("nnc/held deleted", WAIT, || async {
+        match nncs.get_opt("held").await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    create_node(&client, "third", "192.168.30.3").await;
+    assert_eq!(blocks(&nnc_ready(&client, "third").await), held_block, "the released block is handed out again");
+
+    // Same name, new Node (new uid): a clean NNC, no block shared.
+    let first_uid = nodes.get("other").await.unwrap().uid().unwrap();
+    let first_nnc_uid = nncs.get("other").await.unwrap().uid().unwrap();
+    nodes.delete("other", &DeleteParams::default()).await.unwrap();
+    let again = create_node(&client, "other", "192.168.30.9").await;
+    assert_ne!(again.uid().unwrap(), first_uid);
+    let fresh = nnc_where(&client, "other", "owned by the new node and Ready", |n| {
+        n.owner_references().first().map(|o| o.uid.clone()) == again.uid() && ready(n).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    assert_ne!(fresh.uid().unwrap(), first_nnc_uid, "the stale NNC was replaced, not reused");
+    assert_eq!(fresh.status.unwrap().node_ip.as_deref(), Some("192.168.30.9"));
+    all_blocks_distinct(&client).await;
+}
+
+#[tokio::test]
+async fn exhaustion_is_reported_and_growth_serves_waiting_nodes() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "tiny", "  mode: Overlay\n  cidrs: [10.244.0.0/23]\n");
+    start_controller(&cp, "ctrl", &[]).unwrap();
+    for (i, n) in ["x1", "x2", "x3"].iter().enumerate() {
+        create_node(&client, n, &format!("192.168.40.{}", i + 1)).await;
+    }
+    // Two nodes get the two blocks (in whatever order they are reconciled); one waits.
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    let waiting = wait_for("two Ready nodes and one PoolExhausted", WAIT, || async {
+        let items = nncs.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
+        let ready_count = items.iter().filter(|n| ready(n).is_some_and(|(s, _)| s == "True")).count();
+        let waiting: Vec<_> =
+            items.iter().filter(|n| ready(n).is_some_and(|(s, r)| s == "False" && r == "PoolExhausted")).collect();
+        match (ready_count, waiting.as_slice()) {
+            (2, [w]) => Ok(w.name_any()),
+            _ => Err(format!("{:?}", items.iter().map(|n| (n.name_any(), ready(n))).collect::<Vec<_>>())),
+        }
+    })
+    .await;
+    assert!(blocks(&nncs.get(&waiting).await.unwrap()).is_empty());
+    let served: Vec<String> = ["x1", "x2", "x3"].iter().filter(|n| **n != waiting).map(|n| n.to_string()).collect();
+    let pools = Api::<PodCidr>::all(client.clone());
+    let pool = wait_for("pool Exhausted=True", WAIT, || async {
+        let p = pools.get("tiny").await.map_err(|e| e.to_string())?;
+        let exhausted = p
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Exhausted" && c.status == "True"));
+        if exhausted { Ok(p) } else { Err(format!("{:?}", p.status)) }
+    })
+    .await;
+    let s = pool.status.unwrap();
+    assert_eq!((s.allocated, s.free), (2, 0));
+    assert_eq!((s.families[0].capacity, s.families[0].allocated, s.families[0].free), (2, 2, 0));
+    wait_for("PoolExhausted events on the Node and the PodCIDR", WAIT, || async {
+        let on_node = events_for(&client, "Node", &waiting).await;
+        let on_pool = events_for(&client, "PodCIDR", "tiny").await;
+        if on_node.iter().any(|(r, _)| r == "PoolExhausted")
+            && on_pool.iter().any(|(r, _)| r == "PoolExhausted" || r == "NoFreeBlock")
+        {
+            Ok(())
+        } else {
+            Err(format!("node: {on_node:?} pool: {on_pool:?}"))
+        }
+    })
+    .await;
+
+    // Growth: append a CIDR; the waiting node is served without a restart.
+    apply_pool(&cp, "tiny", "  mode: Overlay\n  cidrs: [10.244.0.0/23, 10.245.0.0/24]\n");
+    assert_eq!(blocks(&nnc_ready(&client, &waiting).await), ["10.245.0.0/24"]);
+
+    // Removing a CIDR that still holds blocks is refused: a condition, the block stays.
+    apply_pool(&cp, "tiny", "  mode: Overlay\n  cidrs: [10.244.0.0/23]\n");
+    wait_for("RemovalRefused condition", WAIT, || async {
+        let p = pools.get("tiny").await.map_err(|e| e.to_string())?;
+        let c = p.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "RemovalRefused").cloned());
+        match c {
+            Some(c) if c.status == "True" && c.message.contains("10.245.0.0/24") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(blocks(&nncs.get(&waiting).await.unwrap()), ["10.245.0.0/24"]);
+
+    // disabled: existing blocks stay, a new node gets none.
+    apply_pool(
+        &cp,
+        "tiny",
+        "  mode: Overlay\n  cidrs: [10.244.0.0/23, 10.245.0.0/24, 10.246.0.0/24]\n  disabled: true\n",
+    );
+    create_node(&client, "x4", "192.168.40.4").await;
+    let x4 = nnc_where(&client, "x4", "Ready=False", |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
+    assert_eq!(ready(&x4).unwrap().1, "PoolDisabled");
+    assert_eq!(blocks(&nncs.get(&served[0]).await.unwrap()).len(), 1);
+}
+
+#[tokio::test]
+async fn bad_objects_become_conditions_and_events_not_crashes() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "first", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    std::thread::sleep(Duration::from_millis(1100)); // creationTimestamp has 1 s resolution
+    apply_pool(
+        &cp,
+        "second",
+        "  mode: Overlay\n  cidrs: [10.244.128.0/17]\n  nodeSelector:\n    matchLabels: {pool: second}\n",
+    );
+    start_controller(&cp, "ctrl", &[]).unwrap();
+    let pools = Api::<PodCidr>::all(client.clone());
+    let invalid = wait_for("second pool Invalid", WAIT, || async {
+        let p = pools.get("second").await.map_err(|e| e.to_string())?;
+        let c = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Invalid" && c.status == "True").cloned());
+        c.ok_or(format!("{:?}", p.status))
+    })
+    .await;
+    assert!(invalid.message.contains("first"), "{}", invalid.message);
+    let mut n = node("picky", "192.168.50.1");
+    n.metadata.labels = Some([("pool".to_string(), "second".to_string())].into());
+    Api::<Node>::all(client.clone()).create(&PostParams::default(), &n).await.unwrap();
+    let picky = nnc_where(&client, "picky", "Ready=False", |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
+    assert_eq!(ready(&picky).unwrap().1, "PoolInvalid", "nothing is carved from an invalid pool");
+
+    // A hand-edited, malformed NNC status: a condition + Event, the real block comes back.
+    create_node(&client, "edited", "192.168.50.2").await;
+    let good = blocks(&nnc_ready(&client, "edited").await);
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    nncs.patch_status(
+        "edited",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"blocks": [{"cidr": "10.244.999.0/24", "family": "IPv4"}, {"cidr": "10.9.0.0/24", "family": "IPv4"}]}})),
+    )
+    .await
+    .unwrap();
+    let repaired = nnc_where(&client, "edited", "blocks repaired and BlocksValid=False", |n| {
+        blocks(n) == good
+            && n.status.as_ref().unwrap().conditions.iter().any(|c| c.type_ == "BlocksValid" && c.status == "False")
+    })
+    .await;
+    let c = repaired.status.unwrap().conditions.into_iter().find(|c| c.type_ == "BlocksValid").unwrap();
+    assert!(c.message.contains("10.244.999.0/24") && c.message.contains("10.9.0.0/24"), "{}", c.message);
+    wait_for("InvalidStatus event", WAIT, || async {
+        let ev = events_for(&client, "NodeNetworkConfig", "edited").await;
+        if ev.iter().any(|(r, _)| r == "InvalidStatus") { Ok(()) } else { Err(format!("{ev:?}")) }
+    })
+    .await;
+    // Still alive and still serving.
+    create_node(&client, "after", "192.168.50.3").await;
+    nnc_ready(&client, "after").await;
+    assert!(cp.log_tail("ctrl", 200).lines().all(|l| !l.contains("panicked")));
+}
+
+#[tokio::test]
+async fn existing_pod_cidrs_are_adopted_and_conflicts_reported() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    let nodes = Api::<Node>::all(client.clone());
+    // Nodes that kube-controller-manager (or an earlier install) already gave podCIDRs.
+    for (name, cidr) in [("kcm-a", "10.244.0.0/24"), ("kcm-b", "10.244.7.0/24")] {
+        let mut n = node(name, "192.168.60.1");
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some(cidr.into()),
+            pod_cidrs: Some(vec![cidr.into()]),
+            ..Default::default()
+        });
+        nodes.create(&PostParams::default(), &n).await.unwrap();
+    }
+    start_controller(&cp, "ctrl", &[]).unwrap();
+    assert_eq!(blocks(&nnc_ready(&client, "kcm-a").await), ["10.244.0.0/24"]);
+    assert_eq!(blocks(&nnc_ready(&client, "kcm-b").await), ["10.244.7.0/24"]);
+    // A new node does not get an adopted block.
+    create_node(&client, "fresh", "192.168.60.2").await;
+    assert_eq!(blocks(&nnc_ready(&client, "fresh").await), ["10.244.1.0/24"]);
+    // A podCIDR that clashes with another node's block is reported, not adopted.
+    let mut clash = node("clash", "192.168.60.3");
+    clash.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        pod_cidr: Some("10.244.7.0/24".into()),
+        pod_cidrs: Some(vec!["10.244.7.0/24".into()]),
+        ..Default::default()
+    });
+    nodes.create(&PostParams::default(), &clash).await.unwrap();
+    let c = nnc_where(&client, "clash", "PodCIDRAdopted=False", |n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "PodCIDRAdopted" && c.status == "False"))
+    })
+    .await;
+    assert_ne!(blocks(&c), ["10.244.7.0/24"]);
+    let msg = c.status.unwrap().conditions.into_iter().find(|c| c.type_ == "PodCIDRAdopted").unwrap().message;
+    assert!(msg.contains("kcm-b"), "{msg}");
+    all_blocks_distinct(&client).await;
+}
+
+#[tokio::test]
+async fn operations_metrics_health_and_a_clear_error_without_crds() {
+    let cp = ControlPlane::start().await.unwrap();
+    // No CRDs: a clear start-up error naming the fix.
+    let out =
+        std::process::Command::new(carve_e2e::testkit::workspace_bin("carve-controller", "carve-controller").unwrap())
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig())
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CRDs are not installed") && err.contains("kubectl apply -f crds/"), "{err}");
+
+    cp.install_crds().unwrap();
+    let client = cp.client().await.unwrap();
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    start_controller(&cp, "ctrl", &["--log-format", "json"]).unwrap();
+    create_node(&client, "m1", "192.168.70.1").await;
+    nnc_ready(&client, "m1").await;
+    let addr = metrics_addr(&cp, "ctrl").await;
+    let get = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", &format!("http://{addr}{path}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get("/healthz").ends_with("200"));
+    assert!(get("/readyz").ends_with("200"));
+    let metrics = wait_for("pool gauges", WAIT, || async {
+        let m = get("/metrics");
+        if m.contains(r#"carve_blocks{pool="overlay",family="IPv4",state="allocated"} 1"#) { Ok(m) } else { Err(m) }
+    })
+    .await;
+    for series in ["carve_block_allocation_seconds_count 1", "carve_leader 1", "carve_reconciles_total"] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    // --log-format json: every log line is a JSON object.
+    let log = cp.log_tail("ctrl", 50);
+    assert!(
+        log.lines().filter(|l| !l.is_empty()).all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{log}"
+    );
+}
