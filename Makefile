@@ -39,18 +39,38 @@ cluster-up: $(CLUSTER)
 	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) up
 
 cluster-down: $(CLUSTER)
+	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; rm -f target/e2e/controller.pid; fi
 	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) down
 
+# The main job on the embedded control plane: carve-controller carves the
+# overlay pool into a /24 per Node, records it in each NodeNetworkConfig and
+# sets the Nodes' podCIDRs.
+DEMO_NODES := node-1 node-2 node-3
 demo: cluster-up
+	$(CARGO) build -q --release -p carve-controller
 	$(KUBECTL) apply -f crds/
 	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/podcidrs.carve.dev crd/nodenetworkconfigs.carve.dev
 	$(KUBECTL) apply -f examples/overlay.yaml
+	$(KUBECTL) create namespace carve-system --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; fi
+	@nohup target/release/carve-controller --kubeconfig $(KUBECONFIG_OUT) --metrics-addr 127.0.0.1:9464 \
+		> target/e2e/controller.log 2>&1 & echo $$! > target/e2e/controller.pid
+	@n=1; for node in $(DEMO_NODES); do \
+		printf 'apiVersion: v1\nkind: Node\nmetadata:\n  name: %s\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.56.%s\n' $$node $$((n+10)) \
+		| $(KUBECTL) apply -f - ; n=$$((n+1)); done
+	@for i in $$(seq 1 50); do \
+		[ "$$($(KUBECTL) get nodes -o jsonpath='{range .items[*]}{.spec.podCIDR}{" "}{end}' | wc -w)" -ge 3 ] \
+		&& [ "$$($(KUBECTL) get pcidr overlay -o jsonpath='{.status.allocated}')" = 3 ] && break; sleep 0.2; done
 	@echo
 	$(KUBECTL) get podcidrs
 	@echo
 	$(KUBECTL) get nodenetworkconfigs
 	@echo
-	@echo "The control plane keeps running: export KUBECONFIG=$(abspath $(KUBECONFIG_OUT)); stop it with make cluster-down"
+	$(KUBECTL) get nodes -o custom-columns=NODE:.metadata.name,POD-CIDR:.spec.podCIDR
+	@echo
+	@echo "The control plane and carve-controller keep running (metrics on http://127.0.0.1:9464/metrics)."
+	@echo "  export KUBECONFIG=$(abspath $(KUBECONFIG_OUT))"
+	@echo "  make cluster-down   stops both"
 
 lint:
 	$(CARGO) fmt --all -- --check
