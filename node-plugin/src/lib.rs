@@ -1,2 +1,10 @@
-//! The node side of carve. The agent and the CNI/IPAM plugins land with the node-plugin issue.
+//! The node side of carve: carve-agent, carve-cni and carve-ipam.
+//!
+//! ```text
+//!   NodeNetworkConfig ──carve-agent──▶ node state file ──▶ carve-ipam (pod IPs)
+//!                          │                               carve-cni (veth, routes)
+//!                          └─▶ VXLAN / routes / nftables SNAT, CNI conflist
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod state;
