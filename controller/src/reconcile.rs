@@ -75,6 +75,11 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Problems found while rebuilding, reported on each node's first reconcile.
     stash: Mutex<HashMap<String, Vec<BlockProblem>>>,
+    /// Our last write per object, keyed by name: the resourceVersion the cache
+    /// showed before it, and what was written. While the cache still shows that
+    /// version it has not caught up with our write, so writing again is pointless.
+    written_status: Mutex<HashMap<String, (Option<String>, NodeNetworkConfigStatus)>>,
+    written_pod_cidrs: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl Ctx {
@@ -96,6 +101,8 @@ impl Ctx {
             recorder,
             metrics,
             stash: Mutex::new(HashMap::new()),
+            written_status: Mutex::new(HashMap::new()),
+            written_pod_cidrs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -293,10 +300,17 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         conditions: settle(conditions, &previous.conditions),
         observed_generation: generation,
     };
-    if desired != previous {
+    let cache_behind = ctx
+        .written_status
+        .lock()
+        .expect("written lock")
+        .get(&name)
+        .is_some_and(|(rv, status)| *rv == nnc.resource_version() && *status == desired);
+    if desired != previous && !cache_behind {
         nnc_api
             .patch_status(&name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(json!({ "status": desired })))
             .await?;
+        ctx.written_status.lock().expect("written lock").insert(name.clone(), (nnc.resource_version(), desired));
     }
 
     for p in &problems {
@@ -326,9 +340,14 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         && !assignment.blocks.is_empty()
         && assignment.problem.is_none()
     {
-        let cidrs: Vec<String> = assignment.blocks.iter().map(|b| b.to_string()).collect();
-        let patch = json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } });
-        Api::<Node>::all(ctx.client.clone()).patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        let seen = node.resource_version();
+        let cache_behind = ctx.written_pod_cidrs.lock().expect("written lock").get(&name) == Some(&seen);
+        if !cache_behind {
+            let cidrs: Vec<String> = assignment.blocks.iter().map(|b| b.to_string()).collect();
+            let patch = json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } });
+            Api::<Node>::all(ctx.client.clone()).patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            ctx.written_pod_cidrs.lock().expect("written lock").insert(name.clone(), seen);
+        }
     }
 
     Ok(match assignment.problem {
