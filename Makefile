@@ -87,6 +87,8 @@ test: lint bins
 
 bench: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-controlplane
+	$(CARGO) build -q --release -p carve-controller
+	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
 
 clean:
 	$(CARGO) clean

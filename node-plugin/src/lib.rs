@@ -7,4 +7,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod cni;
+pub mod dataplane;
+pub mod ipam;
+pub mod podnet;
 pub mod state;

@@ -35,7 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Api, Client, ResourceExt};
@@ -107,7 +107,9 @@ impl Contender {
         match self {
             Contender::Carve => "carve-controller (release), Overlay pool 10.0.0.0/8, blockSize ipv4 24".into(),
             Contender::Kcm => "kube-controller-manager node-ipam-controller, default client QPS 20 / burst 30".into(),
-            Contender::KcmQps => "kube-controller-manager node-ipam-controller, --kube-api-qps=1000 --kube-api-burst=2000".into(),
+            Contender::KcmQps => {
+                "kube-controller-manager node-ipam-controller, --kube-api-qps=1000 --kube-api-burst=2000".into()
+            }
             Contender::Raw => format!(
                 "raw write limit: plain kube-rs client, carve's 3 writes per Node (create NNC, patch NNC status, \
                  patch Node podCIDR), precomputed blocks, {concurrency} Nodes in flight (buffer_unordered); \
@@ -347,17 +349,19 @@ async fn watch_done(
     with_nnc: bool,
     progress: Arc<AtomicUsize>,
     ready: oneshot::Sender<()>,
-    done: oneshot::Sender<Instant>,
+    done: oneshot::Sender<[Instant; 3]>,
 ) {
-    let nodes: BoxStream<Seen> =
-        watch(Api::<Node>::all(client.clone()), watcher::Config::default().labels(&format!("{LABEL_KEY}={LABEL_VALUE}")))
-            .default_backoff()
-            .map(|ev| match ev {
-                Ok(Event::Apply(n) | Event::InitApply(n)) if has_pod_cidr(&n) => Seen::NodeDone(n.name_any()),
-                Ok(Event::InitDone) => Seen::InitDone,
-                _ => Seen::Other,
-            })
-            .boxed();
+    let nodes: BoxStream<Seen> = watch(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{LABEL_KEY}={LABEL_VALUE}")),
+    )
+    .default_backoff()
+    .map(|ev| match ev {
+        Ok(Event::Apply(n) | Event::InitApply(n)) if has_pod_cidr(&n) => Seen::NodeDone(n.name_any()),
+        Ok(Event::InitDone) => Seen::InitDone,
+        _ => Seen::Other,
+    })
+    .boxed();
     let nncs: BoxStream<Seen> = if with_nnc {
         watch(Api::<NodeNetworkConfig>::all(client), watcher::Config::default())
             .default_backoff()
@@ -375,6 +379,7 @@ async fn watch_done(
     let mut ready = Some(ready);
     let mut state: HashMap<String, u8> = HashMap::with_capacity(n);
     let mut count = 0;
+    let (mut half, mut ninety) = (None, None);
     let mut events = futures::stream::select(nodes, nncs);
     while let Some(seen) = events.next().await {
         let (name, bit) = match seen {
@@ -397,8 +402,15 @@ async fn watch_done(
             if *flags == full {
                 count += 1;
                 progress.store(count, Ordering::Relaxed);
+                if count == n.div_ceil(2) {
+                    half = Some(Instant::now());
+                }
+                if count == (n * 9).div_ceil(10) {
+                    ninety = Some(Instant::now());
+                }
                 if count == n {
-                    let _ = done.send(Instant::now());
+                    let now = Instant::now();
+                    let _ = done.send([half.unwrap_or(now), ninety.unwrap_or(now), now]);
                     return;
                 }
             }
@@ -484,10 +496,10 @@ async fn raw_writer(client: Client, concurrency: usize, ready: oneshot::Sender<(
         let mut nodes = watch(Api::<Node>::all(feed_client), cfg).default_backoff().boxed();
         while let Some(ev) = nodes.next().await {
             match ev {
-                Ok(Event::Apply(node) | Event::InitApply(node)) => {
-                    if !has_pod_cidr(&node) && seen.insert(node.name_any()) {
-                        let _ = tx.unbounded_send((node.name_any(), node.uid().unwrap_or_default()));
-                    }
+                Ok(Event::Apply(node) | Event::InitApply(node))
+                    if !has_pod_cidr(&node) && seen.insert(node.name_any()) =>
+                {
+                    let _ = tx.unbounded_send((node.name_any(), node.uid().unwrap_or_default()));
                 }
                 Ok(Event::InitDone) => {
                     if let Some(r) = ready.take() {
@@ -498,14 +510,12 @@ async fn raw_writer(client: Client, concurrency: usize, ready: oneshot::Sender<(
             }
         }
     };
-    let writer = rx
-        .map(|(name, uid)| raw_writes(client.clone(), name, uid))
-        .buffer_unordered(concurrency)
-        .for_each(|r| {
-            if let Err(e) = r {
-                if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("raw writer: {e:#}");
-                }
+    let writer =
+        rx.map(|(name, uid)| raw_writes(client.clone(), name, uid)).buffer_unordered(concurrency).for_each(|r| {
+            if let Err(e) = r
+                && errors.fetch_add(1, Ordering::Relaxed) < 5
+            {
+                eprintln!("raw writer: {e:#}");
             }
             futures::future::ready(())
         });
@@ -554,10 +564,8 @@ async fn wait_pool_ready(cp: &ControlPlane, client: &Client) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let pool = api.get(POOL).await?;
-        let ready = pool
-            .status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ready =
+            pool.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         if ready {
             return Ok(());
         }
@@ -571,14 +579,120 @@ async fn wait_pool_ready(cp: &ControlPlane, client: &Client) -> Result<()> {
     }
 }
 
+/// The first write of a freshly installed CRD takes about 2 s on this API server (a one-off
+/// cold path); one throwaway NNC written and deleted before the timer keeps it out of the figures.
+async fn warm_nnc_writes(client: &Client) -> Result<Duration> {
+    let started = Instant::now();
+    let api: Api<NodeNetworkConfig> = Api::all(client.clone());
+    let name = "bench-warm-up";
+    api.create(&PostParams::default(), &NodeNetworkConfig::new(name, NodeNetworkConfigSpec::default()))
+        .await
+        .context("create the warm-up NNC")?;
+    let status = json!({ "status": { "pool": POOL, "blocks": [{ "cidr": "192.168.0.0/24", "family": "IPv4" }] } });
+    api.patch_status(name, &PatchParams::apply(RAW_MANAGER), &Patch::Merge(status))
+        .await
+        .context("patch the warm-up NNC's status")?;
+    api.delete(name, &Default::default()).await.context("delete the warm-up NNC")?;
+    Ok(started.elapsed())
+}
+
+/// After a run: every Node's podCIDR is distinct and, where NNCs are written, equals its NNC's block.
+async fn check_allocations(client: &Client, n: usize, with_nnc: bool) -> Result<String> {
+    let lp = ListParams::default().labels(&format!("{LABEL_KEY}={LABEL_VALUE}"));
+    let nodes = Api::<Node>::all(client.clone()).list(&lp).await?;
+    let mut by_node: HashMap<String, String> = HashMap::new();
+    let mut owners: HashMap<String, String> = HashMap::new();
+    let mut problems: Vec<String> = Vec::new();
+    for node in &nodes.items {
+        let cidrs = node.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+        let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone()).unwrap_or_default();
+        if cidrs.len() != 1 || cidrs[0] != cidr {
+            problems.push(format!("{}: podCIDR {cidr:?} podCIDRs {cidrs:?}", node.name_any()));
+        }
+        if let Some(other) = owners.insert(cidr.clone(), node.name_any()) {
+            problems.push(format!("{cidr} given to both {other} and {}", node.name_any()));
+        }
+        by_node.insert(node.name_any(), cidr);
+    }
+    let mut nncs_seen = 0;
+    if with_nnc {
+        for nnc in Api::<NodeNetworkConfig>::all(client.clone()).list(&ListParams::default()).await?.items {
+            nncs_seen += 1;
+            let blocks: Vec<&str> =
+                nnc.status.as_ref().map(|s| s.blocks.iter().map(|b| b.cidr.as_str()).collect()).unwrap_or_default();
+            match by_node.get(&nnc.name_any()) {
+                Some(cidr) if blocks == [cidr.as_str()] => {}
+                Some(cidr) => {
+                    problems.push(format!("NNC {} blocks {blocks:?} but Node podCIDR {cidr}", nnc.name_any()))
+                }
+                None => problems.push(format!("NNC {} has no bench Node", nnc.name_any())),
+            }
+        }
+    }
+    if nodes.items.len() != n || (with_nnc && nncs_seen != n) {
+        problems.push(format!("{} Nodes and {nncs_seen} NNCs listed, {n} expected", nodes.items.len()));
+    }
+    Ok(match problems.len() {
+        0 => format!(
+            "allocation check: {} distinct blocks{}",
+            owners.len(),
+            if with_nnc { ", each NNC matches its Node" } else { "" }
+        ),
+        k => format!(
+            "allocation check FAILED ({k} problems): {}",
+            problems.into_iter().take(5).collect::<Vec<_>>().join("; ")
+        ),
+    })
+}
+
 fn carve_binary() -> PathBuf {
     carve_e2e::repo_root().join("target/release/carve-controller")
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// A `/proc/<pid>/status` memory field (VmHWM = peak RSS, VmRSS = now) in MiB.
+fn proc_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// CPU seconds (user + system) a process has used; /proc counts in USER_HZ = 100 ticks a second.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds of this process and of each child (etcd, kube-apiserver, the contender), by name.
+fn cpu_snapshot() -> BTreeMap<String, f64> {
+    let me = std::process::id().to_string();
+    let mut out = BTreeMap::new();
+    out.insert("bench".to_string(), cpu_secs("self").unwrap_or_default());
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(')')) else { continue };
+        let ppid = rest.split_whitespace().nth(1).unwrap_or_default();
+        if ppid == me {
+            let name = head[open + 1..].to_string();
+            *out.entry(name).or_default() += cpu_secs(&pid).unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// Samples the process's open file descriptors (mostly API connections) every 50 ms; keeps the maximum.
+async fn sample_fds(pid: u32, peak: Arc<AtomicUsize>) {
+    loop {
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            peak.fetch_max(dir.count(), Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Parses `name{k="v",...} value` lines of a Prometheus text page.
@@ -606,7 +720,7 @@ fn prom_samples<'a>(text: &'a str, metric: &str) -> Vec<(BTreeMap<&'a str, &'a s
     out
 }
 
-/// Writes the API server served on Nodes, NNCs and Events, by resource, verb and code.
+/// Writes the API server served so far on Nodes, NNCs and Events, by resource, verb and code.
 async fn write_tally(client: &Client) -> Result<BTreeMap<String, u64>> {
     let text = client.request_text(http::Request::get("/metrics").body(Vec::new())?).await?;
     let mut tally = BTreeMap::new();
@@ -659,17 +773,30 @@ fn carve_metrics(cp: &ControlPlane) -> Result<String> {
     ))
 }
 
-async fn start_contender(cp: &ControlPlane, client: &Client, c: Contender, tasks: &mut Tasks, concurrency: usize) -> Result<Option<u32>> {
+async fn start_contender(
+    cp: &ControlPlane,
+    client: &Client,
+    c: Contender,
+    tasks: &mut Tasks,
+    concurrency: usize,
+    raw_errors: Arc<AtomicUsize>,
+    notes: &mut Vec<String>,
+) -> Result<Option<u32>> {
     match c {
         Contender::Carve => {
             cp.install_crds()?;
+            let warm = warm_nnc_writes(client).await?;
+            notes.push(format!("first NNC writes (warm-up, before the timer): {:.2} s", warm.as_secs_f64()));
             let pool: PodCidr = serde_json::from_value(json!({
                 "apiVersion": "carve.dev/v1alpha1",
                 "kind": "PodCIDR",
                 "metadata": { "name": POOL },
                 "spec": { "mode": "Overlay", "cidrs": [CLUSTER_CIDR], "blockSize": { "ipv4": BLOCK_PREFIX } },
             }))?;
-            Api::<PodCidr>::all(client.clone()).create(&PostParams::default(), &pool).await.context("create PodCIDR")?;
+            Api::<PodCidr>::all(client.clone())
+                .create(&PostParams::default(), &pool)
+                .await
+                .context("create PodCIDR")?;
             let bin = carve_binary();
             if !bin.exists() {
                 bail!("{} is missing: run `cargo build --release -p carve-controller`", bin.display());
@@ -709,8 +836,10 @@ async fn start_contender(cp: &ControlPlane, client: &Client, c: Contender, tasks
         }
         Contender::Raw => {
             cp.install_crds()?;
+            let warm = warm_nnc_writes(client).await?;
+            notes.push(format!("first NNC writes (warm-up, before the timer): {:.2} s", warm.as_secs_f64()));
             let (tx, rx) = oneshot::channel();
-            tasks.spawn(raw_writer(client.clone(), concurrency, tx, Arc::new(AtomicUsize::new(0))));
+            tasks.spawn(raw_writer(client.clone(), concurrency, tx, raw_errors));
             tokio::time::timeout(READY_TIMEOUT, rx).await.context("raw writer's watch did not start")??;
             Ok(None)
         }
@@ -722,25 +851,66 @@ async fn run(c: Contender, n: usize, args: &Args, opts: &Options, progress: Arc<
     let client = cp.client().await?;
     let mut tasks = Tasks::default();
     let started = Instant::now();
-    let pid = start_contender(&cp, &client, c, &mut tasks, args.concurrency).await?;
+    let raw_errors = Arc::new(AtomicUsize::new(0));
+    let mut start_notes = Vec::new();
+    let pid =
+        start_contender(&cp, &client, c, &mut tasks, args.concurrency, raw_errors.clone(), &mut start_notes).await?;
     let startup_secs = started.elapsed().as_secs_f64();
+    let idle_rss = pid.and_then(|p| proc_mib(p, "VmRSS:"));
+    let peak_fds = Arc::new(AtomicUsize::new(0));
+    if let Some(pid) = pid {
+        tasks.spawn(sample_fds(pid, peak_fds.clone()));
+    }
 
     let (ready_tx, ready_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     tasks.spawn(watch_done(client.clone(), n, c.writes_nnc(), progress, ready_tx, done_tx));
     tokio::time::timeout(READY_TIMEOUT, ready_rx).await.context("the completion watch did not start")??;
 
+    let before = write_tally(&client).await.unwrap_or_default();
+    let cpu_before = cpu_snapshot();
     let t0 = Instant::now();
     create_nodes(&client, n, args.concurrency).await?;
     let create_secs = t0.elapsed().as_secs_f64();
-    let end = done_rx.await.context("the completion watch ended early")?;
+    let [half, ninety, end] = done_rx.await.context("the completion watch ended early")?;
     let secs = end.duration_since(t0).as_secs_f64();
+    let mut notes = vec![format!(
+        "50% of the Nodes done at {:.2} s, 90% at {:.2} s",
+        half.duration_since(t0).as_secs_f64(),
+        ninety.duration_since(t0).as_secs_f64()
+    )];
+    let cpu: Vec<String> = cpu_snapshot()
+        .into_iter()
+        .map(|(name, secs)| format!("{name} {:.1}", secs - cpu_before.get(&name).copied().unwrap_or_default()))
+        .collect();
+    notes.push(format!("CPU seconds in the timed window ({:.1} s x 2 cores): {}", secs, cpu.join(", ")));
+    notes.append(&mut start_notes);
 
-    let rss_mib = pid.and_then(peak_rss_mib);
-    let writes = write_tally(&client).await.unwrap_or_default();
-    let mut notes = Vec::new();
+    let rss_mib = pid.and_then(|p| proc_mib(p, "VmHWM:"));
+    let mut writes = write_tally(&client).await.unwrap_or_default();
+    for (k, v) in before {
+        if let Some(w) = writes.get_mut(&k) {
+            *w = w.saturating_sub(v);
+        }
+    }
+    writes.retain(|_, v| *v > 0);
+    if pid.is_some() {
+        notes.push(format!(
+            "RSS when ready, before the Nodes: {} MiB; peak open fds during the run: {}",
+            fmt_opt(idle_rss, 1),
+            peak_fds.load(Ordering::Relaxed)
+        ));
+    }
+    notes.push(
+        check_allocations(&client, n, c.writes_nnc())
+            .await
+            .unwrap_or_else(|e| format!("allocation check could not run: {e:#}")),
+    );
     if c == Contender::Carve {
         notes.push(carve_metrics(&cp).unwrap_or_else(|e| format!("carve metrics unavailable: {e:#}")));
+    }
+    if c == Contender::Raw {
+        notes.push(format!("raw writer: {} Nodes failed after retries", raw_errors.load(Ordering::Relaxed)));
     }
     if let Some(pid) = pid
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -821,7 +991,16 @@ fn print_table(sizes: &[usize], results: &BTreeMap<(usize, Contender), Cell>) {
     println!("summary: seconds from the first Node create until every Node has its block");
     println!(
         "{:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "nodes", "carve s", "KCM s", "KCM-qps s", "raw s", "carve/KCM", "c/KCM-qps", "carve/raw", "raw/carve", "RSS MiB"
+        "nodes",
+        "carve s",
+        "KCM s",
+        "KCM-qps s",
+        "raw s",
+        "carve/KCM",
+        "c/KCM-qps",
+        "carve/raw",
+        "raw/carve",
+        "RSS MiB"
     );
     for &n in sizes {
         let carve = secs(n, Contender::Carve);
@@ -866,7 +1045,10 @@ fn print_table(sizes: &[usize], results: &BTreeMap<(usize, Contender), Cell>) {
                 verdict(rss.map(|r| r < 64.0))
             );
         } else {
-            println!("  N={n:<5} carve peak RSS = {:>6} MiB (the < 64 MiB target is set at 5000 nodes)", fmt_opt(rss, 1));
+            println!(
+                "  N={n:<5} carve peak RSS = {:>6} MiB (the < 64 MiB target is set at 5000 nodes)",
+                fmt_opt(rss, 1)
+            );
         }
     }
 }
@@ -896,7 +1078,9 @@ async fn main() -> Result<()> {
     }
 
     let opts = Options { apiserver_args: args.apiserver_args.clone() };
-    println!("node CIDR allocation on the local control plane (Kubernetes v1.35.4, etcd v3.6.16), a fresh control plane per run");
+    println!(
+        "node CIDR allocation on the local control plane (Kubernetes v1.35.4, etcd v3.6.16), a fresh control plane per run"
+    );
     println!(
         "  kube-apiserver extra flags, same for every run: {}",
         if opts.apiserver_args.is_empty() { "none".into() } else { opts.apiserver_args.join(" ") }
@@ -904,7 +1088,10 @@ async fn main() -> Result<()> {
     println!(
         "  clients use the admin certificate (system:masters: API Priority and Fairness exempt, so no server-side throttling)"
     );
-    println!("  Node creates: {} concurrent; done = Node .spec.podCIDR set (and, for carve and raw, its NodeNetworkConfig", args.concurrency);
+    println!(
+        "  Node creates: {} concurrent; done = Node .spec.podCIDR set (and, for carve and raw, its NodeNetworkConfig",
+        args.concurrency
+    );
     println!("  has status.blocks); completion observed with a watch on Nodes and NNCs (no polling interval)");
     println!("  time = first Node create until the last Node is seen done; per-run limit {} s", args.timeout);
     for c in &contenders {

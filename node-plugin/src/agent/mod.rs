@@ -1,0 +1,414 @@
+//! carve-agent: turns this node's NodeNetworkConfig into everything a pod
+//! needs on the node, in order, and says so on the Node.
+//!
+//! ```text
+//!   NNC (own) ──┐
+//!   NNC (all) ──┼─▶ Agent::reconcile ─▶ state file ─▶ CNI binaries ─▶ dataplane ─▶ conflist
+//!   PodCIDRs  ──┘          │                                            (worker thread)
+//!                          └─▶ Readiness ─▶ Node condition NetworkUnavailable (False only when all are in place)
+//! ```
+//!
+//! The pure parts ([`peers`], [`node_state`], [`condition`]) take the watched
+//! objects and decide; [`Agent`] writes files and drives the dataplane
+//! worker; [`set_network_unavailable`] is the only API server write.
+
+pub mod cni;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use carve_crds::{NodeNetworkConfig, PodCidr, PoolMode};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, NodeCondition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::plan::{self, OverlayConfig, Peer, VXLAN_OVERHEAD};
+use crate::dataplane::worker::Worker;
+use crate::state::{self, NodeState};
+
+/// Node condition the agent owns.
+pub const CONDITION: &str = "NetworkUnavailable";
+/// Reason of `NetworkUnavailable=False`.
+pub const READY_REASON: &str = "CarveReady";
+/// MTU assumed when no link holds the node IP.
+pub const FALLBACK_UNDERLAY_MTU: u32 = 1500;
+
+/// Where the agent puts things and how it builds the dataplane.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node: String,
+    pub state_file: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    /// Where carve-cni and carve-ipam come from (the agent image).
+    pub cni_source_dir: PathBuf,
+    pub conflist_name: String,
+    pub non_masquerade_cidrs: Vec<String>,
+    pub vxlan_device: String,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    /// Pod (and VXLAN) MTU; `None`: underlay MTU, less [`VXLAN_OVERHEAD`] in Overlay.
+    pub mtu: Option<u32>,
+}
+
+/// The agent's verdict for the Node condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotReady { reason: &'static str, message: String },
+}
+
+impl Readiness {
+    fn not(reason: &'static str, message: impl Into<String>) -> Self {
+        Readiness::NotReady { reason, message: message.into() }
+    }
+}
+
+/// The other nodes with a node IP and blocks in their NNC status. An NNC
+/// whose node IP or blocks do not parse is logged and skipped (one bad
+/// object never stops the agent).
+pub fn peers(nncs: &[Arc<NodeNetworkConfig>], me: &str) -> Vec<Peer> {
+    let mut out = Vec::new();
+    for nnc in nncs {
+        let name = nnc.name_any();
+        if name == me {
+            continue;
+        }
+        let Some(status) = &nnc.status else { continue };
+        let Some(ip) = &status.node_ip else { continue };
+        let Ok(node_ip) = ip.parse::<IpAddr>() else {
+            warn!(nnc = %name, node_ip = %ip, "skipping peer: status.nodeIP is not an IP address");
+            continue;
+        };
+        let blocks: Result<Vec<IpNet>, _> = status.blocks.iter().map(|b| b.cidr.parse::<IpNet>()).collect();
+        match blocks {
+            Ok(blocks) if !blocks.is_empty() => out.push(Peer { node: name, node_ip, blocks }),
+            Ok(_) => {}
+            Err(_) => warn!(nnc = %name, "skipping peer: a block in status.blocks is not a CIDR"),
+        }
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
+
+/// This node's state file content from its NNC, or why it cannot be built yet.
+/// Cluster pod CIDRs are the CIDRs of every pool of the node's mode (and the
+/// node's own blocks when no pool is visible).
+pub fn node_state(
+    settings: &Settings,
+    own: Option<&NodeNetworkConfig>,
+    pools: &[Arc<PodCidr>],
+    underlay_mtu: u32,
+) -> Result<NodeState, Readiness> {
+    let Some(own) = own else {
+        return Err(Readiness::not("NoNodeNetworkConfig", format!("no NodeNetworkConfig {} yet", settings.node)));
+    };
+    let status = own.status.clone().unwrap_or_default();
+    let waiting = |what: &str| {
+        Readiness::not("WaitingForBlocks", format!("NodeNetworkConfig {} has no {what} in status yet", settings.node))
+    };
+    if status.blocks.is_empty() {
+        return Err(waiting("blocks"));
+    }
+    let Some(mode) = status.mode else { return Err(waiting("mode")) };
+    let Some(node_ip) = status.node_ip.clone() else { return Err(waiting("nodeIP")) };
+    for b in &status.blocks {
+        if b.cidr.parse::<IpNet>().is_err() {
+            return Err(Readiness::not(
+                "InvalidNodeNetworkConfig",
+                format!("NodeNetworkConfig {}: block {:?} is not a CIDR", settings.node, b.cidr),
+            ));
+        }
+    }
+    let mut cluster: BTreeSet<String> = pools
+        .iter()
+        .filter(|p| p.spec.mode == mode)
+        .flat_map(|p| p.spec.cidrs.iter().map(|c| c.as_str().to_string()))
+        .collect();
+    if cluster.is_empty() {
+        cluster.extend(status.blocks.iter().map(|b| b.cidr.clone()));
+    }
+    let mtu = settings.mtu.unwrap_or(match mode {
+        PoolMode::Overlay => underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+        PoolMode::VNet => underlay_mtu,
+    });
+    Ok(NodeState {
+        node: settings.node.clone(),
+        mode,
+        blocks: status.blocks.clone(),
+        cluster_pod_cidrs: cluster.into_iter().collect(),
+        non_masquerade_cidrs: settings.non_masquerade_cidrs.clone(),
+        mtu,
+        node_ip,
+    })
+}
+
+/// The `NetworkUnavailable` condition for `readiness`; keeps `previous`'s
+/// transition time when the status did not change.
+pub fn condition(readiness: &Readiness, previous: Option<&NodeCondition>, now: Time) -> NodeCondition {
+    let (status, reason, message) = match readiness {
+        Readiness::Ready => {
+            ("False", READY_REASON, "carve: node state file, CNI conflist and dataplane are in place".to_string())
+        }
+        Readiness::NotReady { reason, message } => ("True", *reason, format!("carve: {message}")),
+    };
+    let transition = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone().unwrap_or(now.clone()),
+        _ => now.clone(),
+    };
+    NodeCondition {
+        type_: CONDITION.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message),
+        last_transition_time: Some(transition),
+        last_heartbeat_time: Some(now),
+    }
+}
+
+/// Writes `NetworkUnavailable` on the Node when its status, reason or message changed.
+pub async fn set_network_unavailable(nodes: &Api<Node>, node: &str, readiness: &Readiness) -> kube::Result<bool> {
+    let current = nodes.get_status(node).await?;
+    let previous = current
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION).cloned());
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let cond = condition(readiness, previous.as_ref(), now);
+    if previous
+        .as_ref()
+        .is_some_and(|p| p.status == cond.status && p.reason == cond.reason && p.message == cond.message)
+    {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({ "status": { "conditions": [cond] } });
+    nodes.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+    Ok(true)
+}
+
+/// The node side state machine: files and dataplane, in order.
+pub struct Agent {
+    settings: Settings,
+    worker: Worker,
+}
+
+impl Agent {
+    pub fn new(settings: Settings, worker: Worker) -> Self {
+        Self { settings, worker }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn overlay(&self, mtu: u32) -> OverlayConfig {
+        OverlayConfig {
+            device: self.settings.vxlan_device.clone(),
+            vni: self.settings.vni,
+            port: self.settings.vxlan_port,
+            mtu,
+        }
+    }
+
+    async fn underlay_mtu(&self, own: Option<&NodeNetworkConfig>) -> u32 {
+        let ip = own.and_then(|n| n.status.as_ref()).and_then(|s| s.node_ip.as_ref()).and_then(|i| i.parse().ok());
+        let Some(ip) = ip else { return FALLBACK_UNDERLAY_MTU };
+        match self.worker.underlay_mtu(ip).await {
+            Ok(Some(mtu)) => mtu,
+            Ok(None) => {
+                debug!(node_ip = %ip, "no link holds the node IP; assuming MTU {FALLBACK_UNDERLAY_MTU}");
+                FALLBACK_UNDERLAY_MTU
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the underlay MTU failed; assuming {FALLBACK_UNDERLAY_MTU}");
+                FALLBACK_UNDERLAY_MTU
+            }
+        }
+    }
+
+    /// One pass: state file, CNI binaries, dataplane, conflist. Every step is
+    /// idempotent; the first failure stops the pass and becomes the reason.
+    /// With no blocks the conflist is removed, so the runtime reports the
+    /// node's network as not ready instead of starting pods that cannot get
+    /// an address.
+    pub async fn reconcile(
+        &self,
+        own: Option<&NodeNetworkConfig>,
+        nncs: &[Arc<NodeNetworkConfig>],
+        pools: &[Arc<PodCidr>],
+    ) -> Readiness {
+        let s = &self.settings;
+        let underlay = self.underlay_mtu(own).await;
+        let node_state = match node_state(s, own, pools, underlay) {
+            Ok(n) => n,
+            Err(not_ready) => {
+                match cni::remove_conflist(&s.cni_conf_dir, &s.conflist_name) {
+                    Ok(true) => info!(conflist = %s.conflist_name, "removed the CNI conflist: no blocks"),
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "removing the CNI conflist failed"),
+                }
+                return not_ready;
+            }
+        };
+
+        if state::read(&s.state_file).ok().as_ref() != Some(&node_state) {
+            if let Err(e) = state::write(&s.state_file, &node_state) {
+                return Readiness::not("StateFileFailed", e.to_string());
+            }
+            info!(path = %s.state_file.display(), blocks = ?node_state.blocks.iter().map(|b| &b.cidr).collect::<Vec<_>>(), "wrote the node state file");
+        }
+
+        match cni::install_binaries(&s.cni_source_dir, &s.cni_bin_dir) {
+            Ok(installed) if !installed.is_empty() => {
+                info!(?installed, dir = %s.cni_bin_dir.display(), "installed CNI plugins")
+            }
+            Ok(_) => {}
+            Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
+        }
+
+        let peers = peers(nncs, &s.node);
+        let desired = match plan::plan(&node_state, &peers, &self.overlay(node_state.mtu)) {
+            Ok(d) => d,
+            Err(e) => return Readiness::not("InvalidNodeNetworkConfig", e.to_string()),
+        };
+        match self.worker.apply(desired, &s.vxlan_device).await {
+            Ok(applied) if !applied.is_noop() => info!(
+                routes_added = applied.routes.add.len(),
+                routes_removed = applied.routes.remove.len(),
+                neighbours_added = applied.neighbours.add.len(),
+                neighbours_removed = applied.neighbours.remove.len(),
+                fdb_added = applied.fdb.add.len(),
+                fdb_removed = applied.fdb.remove.len(),
+                vxlan_removed = applied.vxlan_removed,
+                peers = peers.len(),
+                "dataplane updated"
+            ),
+            Ok(_) => debug!(peers = peers.len(), "dataplane unchanged"),
+            Err(e) => return Readiness::not("DataplaneFailed", e.to_string()),
+        }
+
+        match cni::write_conflist(&s.cni_conf_dir, &s.conflist_name, &s.state_file) {
+            Ok(true) => info!(dir = %s.cni_conf_dir.display(), file = %s.conflist_name, "wrote the CNI conflist"),
+            Ok(false) => {}
+            Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
+        }
+        Readiness::Ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carve_crds::{IpFamily, NodeBlock, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidrSpec, PoolCidr};
+
+    fn settings() -> Settings {
+        Settings {
+            node: "node-a".into(),
+            state_file: "/run/carve/node-state.json".into(),
+            cni_bin_dir: "/opt/cni/bin".into(),
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_source_dir: "/usr/local/bin".into(),
+            conflist_name: cni::DEFAULT_CONFLIST.into(),
+            non_masquerade_cidrs: vec!["192.168.0.0/16".into()],
+            vxlan_device: "carve.vxlan".into(),
+            vni: 4097,
+            vxlan_port: 4789,
+            mtu: None,
+        }
+    }
+
+    fn nnc(name: &str, mode: PoolMode, ip: Option<&str>, blocks: &[&str]) -> NodeNetworkConfig {
+        let mut n = NodeNetworkConfig::new(name, NodeNetworkConfigSpec::default());
+        n.status = Some(NodeNetworkConfigStatus {
+            mode: Some(mode),
+            node_ip: ip.map(String::from),
+            blocks: blocks
+                .iter()
+                .map(|c| NodeBlock { cidr: c.to_string(), family: IpFamily::IPv4, gateway: None })
+                .collect(),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn pool(name: &str, mode: PoolMode, cidrs: &[&str]) -> Arc<PodCidr> {
+        Arc::new(PodCidr::new(
+            name,
+            PodCidrSpec {
+                mode,
+                cidrs: cidrs.iter().map(|c| PoolCidr(c.to_string())).collect(),
+                block_size: Default::default(),
+                node_selector: None,
+                disabled: false,
+                exclusions: vec![],
+            },
+        ))
+    }
+
+    #[test]
+    fn peers_skip_self_bad_and_blockless_nodes() {
+        let nncs = [
+            nnc("node-a", PoolMode::Overlay, Some("10.0.0.1"), &["10.244.1.0/24"]),
+            nnc("node-c", PoolMode::Overlay, Some("10.0.0.3"), &["10.244.3.0/24"]),
+            nnc("node-b", PoolMode::Overlay, Some("10.0.0.2"), &["10.244.2.0/24"]),
+            nnc("node-d", PoolMode::Overlay, Some("not-an-ip"), &["10.244.4.0/24"]),
+            nnc("node-e", PoolMode::Overlay, Some("10.0.0.5"), &[]),
+            nnc("node-f", PoolMode::Overlay, None, &["10.244.6.0/24"]),
+            nnc("node-g", PoolMode::Overlay, Some("10.0.0.7"), &["10.244.7.0"]),
+        ]
+        .map(Arc::new);
+        let names: Vec<String> = peers(&nncs, "node-a").into_iter().map(|p| p.node).collect();
+        assert_eq!(names, ["node-b", "node-c"]);
+    }
+
+    #[test]
+    fn node_state_waits_for_blocks_and_collects_cluster_cidrs() {
+        let s = settings();
+        let pools = [
+            pool("ovl", PoolMode::Overlay, &["10.244.0.0/16"]),
+            pool("more", PoolMode::Overlay, &["10.245.0.0/16"]),
+            pool("flat", PoolMode::VNet, &["10.1.0.0/16"]),
+        ];
+        assert!(matches!(
+            node_state(&s, None, &pools, 1500),
+            Err(Readiness::NotReady { reason: "NoNodeNetworkConfig", .. })
+        ));
+        let empty = nnc("node-a", PoolMode::Overlay, Some("10.0.0.1"), &[]);
+        assert!(matches!(
+            node_state(&s, Some(&empty), &pools, 1500),
+            Err(Readiness::NotReady { reason: "WaitingForBlocks", .. })
+        ));
+        let own = nnc("node-a", PoolMode::Overlay, Some("10.0.0.1"), &["10.244.1.0/24"]);
+        let st = node_state(&s, Some(&own), &pools, 9000).unwrap();
+        assert_eq!(st.cluster_pod_cidrs, ["10.244.0.0/16", "10.245.0.0/16"]);
+        assert_eq!(st.non_masquerade_cidrs, ["192.168.0.0/16"]);
+        assert_eq!(st.mtu, 8950, "Overlay: underlay - 50");
+        assert_eq!(st.node_ip, "10.0.0.1");
+
+        let flat = nnc("node-a", PoolMode::VNet, Some("10.1.0.4"), &["10.1.1.0/28"]);
+        let st = node_state(&s, Some(&flat), &pools, 1500).unwrap();
+        assert_eq!((st.mtu, st.cluster_pod_cidrs.clone()), (1500, vec!["10.1.0.0/16".to_string()]));
+        let st = node_state(&Settings { mtu: Some(1300), ..s.clone() }, Some(&flat), &[], 1500).unwrap();
+        assert_eq!((st.mtu, st.cluster_pod_cidrs), (1300, vec!["10.1.1.0/28".to_string()]));
+    }
+
+    #[test]
+    fn condition_is_false_only_when_ready_and_keeps_transition_time() {
+        let t0 = Time("2026-01-01T00:00:00Z".parse().unwrap());
+        let t1 = Time("2026-01-01T00:01:00Z".parse().unwrap());
+        let waiting = Readiness::not("WaitingForBlocks", "no blocks");
+        let c0 = condition(&waiting, None, t0.clone());
+        assert_eq!((c0.status.as_str(), c0.reason.as_deref()), ("True", Some("WaitingForBlocks")));
+        let c1 = condition(&Readiness::not("DataplaneFailed", "x"), Some(&c0), t1.clone());
+        assert_eq!(c1.last_transition_time, Some(t0), "still True: transition time kept");
+        let c2 = condition(&Readiness::Ready, Some(&c1), t1.clone());
+        assert_eq!((c2.status.as_str(), c2.reason.as_deref()), ("False", Some(READY_REASON)));
+        assert_eq!(c2.last_transition_time, Some(t1));
+    }
+}

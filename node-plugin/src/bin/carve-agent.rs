@@ -1,0 +1,274 @@
+//! carve-agent: one per node (DaemonSet, hostNetwork). Wires the watches,
+//! the dataplane thread and the reconcile loop; the logic lives in
+//! `carve_node_plugin::agent` and `carve_node_plugin::dataplane`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use carve_crds::{NodeNetworkConfig, PodCidr};
+use carve_node_plugin::agent::{self, Agent, Readiness, Settings, cni};
+use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
+use carve_node_plugin::dataplane::worker::Worker;
+use carve_node_plugin::state::DEFAULT_STATE_FILE;
+use clap::{Parser, ValueEnum};
+use futures::{FutureExt, StreamExt};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Turns this node's NodeNetworkConfig into the node state file, the CNI
+/// plugins and conflist, routes / VXLAN / SNAT, and the Node's NetworkUnavailable condition.
+#[derive(Parser, Debug)]
+#[command(name = "carve-agent", version)]
+struct Args {
+    /// This node's name (the NodeNetworkConfig and Node it serves); set NODE_NAME
+    /// from spec.nodeName with the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// kubeconfig to use; in-cluster config when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Node state file read by carve-cni and carve-ipam.
+    #[arg(long, env = "CARVE_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
+    state_file: PathBuf,
+    /// Directory the container runtime finds CNI plugins in.
+    #[arg(long, env = "CARVE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// Directory the container runtime reads CNI network configs from.
+    #[arg(long, env = "CARVE_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where carve-cni and carve-ipam are copied from (default: the agent's own directory).
+    #[arg(long, env = "CARVE_CNI_SOURCE_DIR")]
+    cni_source_dir: Option<PathBuf>,
+    /// File name of the conflist in --cni-conf-dir.
+    #[arg(long, env = "CARVE_CNI_CONFLIST", default_value = cni::DEFAULT_CONFLIST)]
+    conflist_name: String,
+    /// Destinations pods reach with their own address (no SNAT), besides the
+    /// cluster's pod CIDRs; comma-separated CIDRs.
+    #[arg(long, env = "CARVE_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    non_masquerade_cidrs: Vec<IpNet>,
+    /// VXLAN device name (Overlay).
+    #[arg(long, env = "CARVE_VXLAN_DEVICE", default_value = DEFAULT_VXLAN_DEVICE)]
+    vxlan_device: String,
+    /// VXLAN network identifier (Overlay), 1..=16777215.
+    #[arg(long, env = "CARVE_VXLAN_VNI", default_value_t = DEFAULT_VNI)]
+    vxlan_vni: u32,
+    /// VXLAN UDP port (Overlay).
+    #[arg(long, env = "CARVE_VXLAN_PORT", default_value_t = DEFAULT_VXLAN_PORT)]
+    vxlan_port: u16,
+    /// Pod and VXLAN MTU; default: the MTU of the link holding the node IP, less 50 in Overlay.
+    #[arg(long, env = "CARVE_MTU")]
+    mtu: Option<u32>,
+    /// Program the dataplane of this network namespace (e.g. /run/netns/node-a)
+    /// instead of the agent's own; the API server is still reached from the
+    /// agent's namespace. For simulated nodes and tests.
+    #[arg(long, env = "CARVE_NETNS")]
+    netns: Option<PathBuf>,
+    /// Reconcile at least this often even without changes (e.g. 30s, 500ms, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    resync_interval: Duration,
+    #[arg(long, env = "CARVE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// tracing filter, e.g. info or carve_node_plugin=debug.
+    #[arg(long, env = "CARVE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_tracing(args: &Args) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// Checks every setting before anything is touched.
+fn settings(args: &Args) -> Result<Settings> {
+    let node = match args.node_name.as_deref().map(str::trim) {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => bail!(
+            "NODE_NAME is not set: carve-agent needs the name of its Node (set the NODE_NAME environment variable \
+             from spec.nodeName with the downward API, or pass --node-name)"
+        ),
+    };
+    if args.vxlan_device.is_empty() || args.vxlan_device.len() > 15 || args.vxlan_device.contains(['/', ' ']) {
+        bail!(
+            "--vxlan-device {:?} is not a valid interface name (1 to 15 characters, no '/' or space)",
+            args.vxlan_device
+        );
+    }
+    if args.vxlan_vni == 0 || args.vxlan_vni > 0xff_ffff {
+        bail!("--vxlan-vni {} is out of range: a VNI is 1 to 16777215", args.vxlan_vni);
+    }
+    if let Some(mtu) = args.mtu
+        && !(576..=65535).contains(&mtu)
+    {
+        bail!("--mtu {mtu} is out of range (576 to 65535)");
+    }
+    let cni_source_dir = match &args.cni_source_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("finding the agent's own directory for --cni-source-dir")?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    };
+    Ok(Settings {
+        node,
+        state_file: args.state_file.clone(),
+        cni_bin_dir: args.cni_bin_dir.clone(),
+        cni_conf_dir: args.cni_conf_dir.clone(),
+        cni_source_dir,
+        conflist_name: args.conflist_name.clone(),
+        non_masquerade_cidrs: args.non_masquerade_cidrs.iter().map(|c| c.trunc().to_string()).collect(),
+        vxlan_device: args.vxlan_device.clone(),
+        vni: args.vxlan_vni,
+        vxlan_port: args.vxlan_port,
+        mtu: args.mtu,
+    })
+}
+
+async fn client(args: &Args) -> Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster config found")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_tracing(&args)?;
+    let settings = settings(&args)?;
+    let worker = Worker::spawn(args.netns.clone()).context("starting the dataplane thread")?;
+    let client = client(&args).await?;
+    let node = settings.node.clone();
+    info!(node = %node, netns = ?args.netns, "carve-agent starting");
+
+    let (nncs, nnc_writer) = reflector::store::<NodeNetworkConfig>();
+    let (pools, pool_writer) = reflector::store::<PodCidr>();
+    let nnc_events = watcher(Api::<NodeNetworkConfig>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|n: &mut NodeNetworkConfig| n.metadata.managed_fields = None)
+        .reflect(nnc_writer)
+        .touched_objects()
+        .map(|r| {
+            if let Err(e) = r {
+                warn!(error = %e, "watching NodeNetworkConfigs");
+            }
+        });
+    let pool_events = watcher(Api::<PodCidr>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|p: &mut PodCidr| p.metadata.managed_fields = None)
+        .reflect(pool_writer)
+        .touched_objects()
+        .map(|r| {
+            if let Err(e) = r {
+                warn!(error = %e, "watching PodCIDRs");
+            }
+        });
+    let interval = args.resync_interval;
+    let ticks = futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(interval).await;
+        Some(((), ()))
+    });
+    let mut triggers = futures::stream::select_all([nnc_events.boxed(), pool_events.boxed(), ticks.boxed()]);
+
+    let agent = Agent::new(settings, worker);
+    let nodes = Api::<Node>::all(client.clone());
+    let own_ref = ObjectRef::<NodeNetworkConfig>::new(&node);
+    let run = async {
+        // Drive the watches until both caches hold a full list.
+        let ready = async {
+            let _ = nncs.wait_until_ready().await;
+            let _ = pools.wait_until_ready().await;
+        };
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                _ = &mut ready => break,
+                _ = triggers.next() => {}
+            }
+        }
+        info!("caches ready");
+        let mut last: Option<Readiness> = None;
+        loop {
+            let own = nncs.get(&own_ref);
+            let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
+            if last.as_ref() != Some(&readiness) {
+                match &readiness {
+                    Readiness::Ready => info!("node network ready"),
+                    Readiness::NotReady { reason, message } => warn!(%reason, %message, "node network not ready"),
+                }
+            }
+            match agent::set_network_unavailable(&nodes, &node, &readiness).await {
+                Ok(_) => last = Some(readiness),
+                Err(e) => {
+                    warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
+                    last = None;
+                }
+            }
+            // Wait for a change (or the resync tick), then take every change already queued.
+            if triggers.next().await.is_none() {
+                break;
+            }
+            while let Some(Some(())) = triggers.next().now_or_never() {}
+        }
+    };
+    tokio::select! {
+        _ = run => bail!("the watches ended"),
+        _ = shutdown() => {
+            info!("shutting down; the dataplane, state file and conflist stay so running pods keep working");
+            Ok(())
+        }
+    }
+}

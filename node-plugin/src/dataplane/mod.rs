@@ -1,0 +1,180 @@
+//! carve-agent's dataplane: the core decides ([`plan`]), the edges act
+//! ([`netlink`] for links, addresses, routes, neighbours and FDB entries;
+//! [`nft`] for SNAT).
+//!
+//! ```text
+//!   NodeState + peers ──plan::plan()──▶ Desired ──apply()──▶ diff against the kernel ──▶ netlink + nft
+//! ```
+//!
+//! [`apply`] is a reconcile: it reads what the kernel holds, removes what is
+//! carve's and not wanted, adds what is missing, and leaves the rest alone.
+//! Running it twice changes nothing; running it after a restart removes stale
+//! entries and duplicates nothing, and pods' own veths and /32 routes (not
+//! carve's route protocol) are never touched.
+
+pub mod netlink;
+pub mod nft;
+pub mod plan;
+pub mod worker;
+
+use std::collections::BTreeSet;
+
+use netlink::Netlink;
+use plan::{Changes, Desired, Family, FdbEntry, Neighbour, Route};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{action}: {source}")]
+    Netlink {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("entering network namespace {}: {source}", path.display())]
+    Netns {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error("enabling IP forwarding ({path}): {source}")]
+    Forwarding {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} dataplane step(s) failed: {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Partial(Vec<DataplaneError>),
+}
+
+/// What one [`apply`] changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub routes: Changes<Route>,
+    pub neighbours: Changes<Neighbour>,
+    pub fdb: Changes<FdbEntry>,
+    /// The VXLAN device was deleted (VNet mode after Overlay, or settings the kernel cannot change).
+    pub vxlan_removed: bool,
+}
+
+impl Applied {
+    /// Nothing was added or removed (the SNAT tables are replaced atomically every time and not counted).
+    pub fn is_noop(&self) -> bool {
+        self.routes.is_empty() && self.neighbours.is_empty() && self.fdb.is_empty() && !self.vxlan_removed
+    }
+}
+
+fn ensure_forwarding(desired: &Desired) -> Result<(), DataplaneError> {
+    for s in &desired.snat {
+        let path = match s.family {
+            Family::V4 => "/proc/sys/net/ipv4/ip_forward",
+            Family::V6 => "/proc/sys/net/ipv6/conf/all/forwarding",
+        };
+        let on = std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false);
+        if !on {
+            std::fs::write(path, "1").map_err(|source| DataplaneError::Forwarding { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Reconciles the kernel (the namespace of `nl`'s socket, and of the calling
+/// thread for `nft` and the forwarding sysctls) with `desired`. Keeps going
+/// after a failed step and reports every failure; the next call retries.
+/// `vxlan_device` is the overlay device name, removed when `desired` has none.
+pub async fn apply(nl: &Netlink, desired: &Desired, vxlan_device: &str) -> Result<Applied, DataplaneError> {
+    let mut errors = Vec::new();
+    ensure_forwarding(desired)?;
+
+    let mut vxlan_removed = false;
+    let vxlan = match &desired.vxlan {
+        Some(dev) => {
+            let index = nl.ensure_vxlan(dev).await?;
+            nl.ensure_addresses(dev, index).await?;
+            Some((dev.name.as_str(), index))
+        }
+        None => {
+            vxlan_removed = nl.remove_vxlan(vxlan_device).await?;
+            None
+        }
+    };
+
+    // Routes: drop stale ones first, add the missing ones last (after their neighbours exist).
+    let observed = nl.carve_routes(vxlan).await?;
+    let want: BTreeSet<&Route> = desired.routes.iter().collect();
+    let have: BTreeSet<&Route> = observed.iter().filter_map(|(r, _)| r.as_ref()).collect();
+    let mut routes = Changes {
+        add: desired.routes.iter().filter(|r| !have.contains(r)).cloned().collect::<Vec<_>>(),
+        remove: Vec::new(),
+    };
+    for (route, msg) in observed {
+        if route.as_ref().is_some_and(|r| want.contains(r)) {
+            continue;
+        }
+        let shown = route.clone().unwrap_or_else(|| Route {
+            destination: Default::default(),
+            gateway: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            onlink_device: Some("(unrecognised carve route)".into()),
+        });
+        match nl.delete_route(&shown, msg).await {
+            Ok(()) => routes.remove.push(shown),
+            Err(e) => errors.push(e),
+        }
+    }
+
+    let mut neighbours = Changes { add: vec![], remove: vec![] };
+    let mut fdb = Changes { add: vec![], remove: vec![] };
+    if let Some((name, index)) = vxlan {
+        let have_fdb = nl.fdb(index).await?;
+        let keys: Vec<FdbEntry> = have_fdb.iter().map(|(k, _)| k.clone()).collect();
+        fdb = plan::diff(&desired.fdb, &keys);
+        for (key, msg) in have_fdb.into_iter().filter(|(k, _)| fdb.remove.contains(k)) {
+            if let Err(e) =
+                nl.delete_neighbour(format!("FDB entry {} dst {} on {name}", key.mac, key.destination), msg).await
+            {
+                errors.push(e);
+            }
+        }
+        for entry in &fdb.add {
+            if let Err(e) = nl.add_fdb(name, index, entry).await {
+                errors.push(e);
+            }
+        }
+
+        let have_neigh = nl.neighbours(index).await?;
+        let keys: Vec<Neighbour> = have_neigh.iter().map(|(k, _)| k.clone()).collect();
+        neighbours = plan::diff(&desired.neighbours, &keys);
+        for (key, msg) in have_neigh.into_iter().filter(|(k, _)| neighbours.remove.contains(k)) {
+            if let Err(e) = nl.delete_neighbour(format!("neighbour {} lladdr {} on {name}", key.ip, key.mac), msg).await
+            {
+                errors.push(e);
+            }
+        }
+        for n in &neighbours.add {
+            if let Err(e) = nl.add_neighbour(name, index, n).await {
+                errors.push(e);
+            }
+        }
+    }
+
+    for route in &routes.add {
+        if let Err(e) = nl.add_route(route, vxlan.map(|(_, i)| i)).await {
+            errors.push(e);
+        }
+    }
+
+    if let Err(e) = nft::apply(&desired.snat) {
+        errors.push(e.into());
+    }
+
+    if errors.is_empty() {
+        Ok(Applied { routes, neighbours, fdb, vxlan_removed })
+    } else {
+        Err(DataplaneError::Partial(errors))
+    }
+}

@@ -1,0 +1,370 @@
+//! Pod address allocation: pure, no I/O.
+//!
+//! ```text
+//!  NodeState.blocks ──NodePool::from_state──▶ NodePool (blocks + reserved addresses)
+//!  PodIpStore (allocations on disk) ──load──▶ Allocations ──assign/release/gc──▶ saved back
+//! ```
+//!
+//! An owner (container id + ifname) holds at most one address per family; a
+//! repeated ADD returns what it already holds. A new address is the lowest one
+//! of the node's blocks (in block order) that is neither reserved nor taken.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use carve_crds::{IpFamily, PoolMode, net::azure_reserved};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::state::NodeState;
+
+/// Who holds an address: the CNI attachment key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Owner {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Owner {
+    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        Owner { container_id: container_id.into(), ifname: ifname.into() }
+    }
+}
+
+/// One block of the node, with the addresses in it that are never handed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub net: IpNet,
+    pub gateway: IpAddr,
+    pub reserved: BTreeSet<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("node state lists block {cidr:?} that does not parse: {reason}")]
+    BadBlock { cidr: String, reason: String },
+    #[error("node state lists gateway {gateway:?} for block {cidr} that is not an address inside it")]
+    BadGateway { cidr: String, gateway: String },
+    #[error("node state lists no blocks: this node has no pod addresses yet")]
+    NoBlocks,
+    #[error("no free {family} address left in the node's blocks ({blocks})")]
+    Exhausted { family: IpFamily, blocks: String },
+}
+
+/// The node's blocks, ready to allocate from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePool {
+    pub blocks: Vec<Block>,
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(v4: bool, n: u128) -> IpAddr {
+    if v4 { IpAddr::V4((n as u32).into()) } else { IpAddr::V6(n.into()) }
+}
+
+/// Number of addresses in `net`, saturating at u128::MAX.
+fn size(net: &IpNet) -> u128 {
+    let bits = net.max_prefix_len() - net.prefix_len();
+    if bits >= 128 { u128::MAX } else { 1u128 << bits }
+}
+
+impl NodePool {
+    /// The pool from the node state: per block its network address, gateway
+    /// (the state's, else the first address after the network) and, for IPv4,
+    /// broadcast are reserved; in VNet mode so are Azure's five per pool CIDR;
+    /// `extra_reserved` (the IPAM config's `reserved`) on top.
+    pub fn from_state(state: &NodeState, extra_reserved: &[IpAddr]) -> Result<Self, AllocError> {
+        let azure: Vec<IpAddr> = if state.mode == PoolMode::VNet {
+            state
+                .cluster_pod_cidrs
+                .iter()
+                .filter_map(|c| c.parse::<IpNet>().ok())
+                .flat_map(|n| azure_reserved(&n))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut blocks = Vec::new();
+        for b in &state.blocks {
+            let net: IpNet = b.cidr.parse().map_err(|e: ipnet::AddrParseError| AllocError::BadBlock {
+                cidr: b.cidr.clone(),
+                reason: e.to_string(),
+            })?;
+            if net.trunc() != net {
+                return Err(AllocError::BadBlock { cidr: b.cidr.clone(), reason: "host bits set".into() });
+            }
+            let first = from_u128(net.addr().is_ipv4(), to_u128(net.network()) + 1);
+            let gateway = match &b.gateway {
+                Some(g) => g
+                    .parse::<IpAddr>()
+                    .ok()
+                    .filter(|ip| net.contains(ip))
+                    .ok_or_else(|| AllocError::BadGateway { cidr: b.cidr.clone(), gateway: g.clone() })?,
+                None => first,
+            };
+            let mut reserved: BTreeSet<IpAddr> = [net.network(), gateway].into_iter().collect();
+            if net.addr().is_ipv4() {
+                reserved.insert(net.broadcast());
+            }
+            reserved.extend(azure.iter().chain(extra_reserved).filter(|ip| net.contains(*ip)).copied());
+            blocks.push(Block { net, gateway, reserved });
+        }
+        if blocks.is_empty() {
+            return Err(AllocError::NoBlocks);
+        }
+        Ok(NodePool { blocks })
+    }
+
+    /// Families the node has blocks for, IPv4 first.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let set: BTreeSet<IpFamily> = self.blocks.iter().map(|b| IpFamily::of(&b.net)).collect();
+        set.into_iter().collect()
+    }
+
+    /// The block holding `ip`, if `ip` is one the pool may hand out.
+    pub fn block_of(&self, ip: &IpAddr) -> Option<&Block> {
+        self.blocks.iter().find(|b| b.net.contains(ip) && !b.reserved.contains(ip))
+    }
+
+    fn blocks_of(&self, family: IpFamily) -> impl Iterator<Item = &Block> {
+        self.blocks.iter().filter(move |b| IpFamily::of(&b.net) == family)
+    }
+
+    /// The lowest address of `family` that is neither reserved nor in `taken`.
+    pub fn lowest_free(&self, family: IpFamily, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+        for b in self.blocks_of(family) {
+            let v4 = b.net.addr().is_ipv4();
+            let start = to_u128(b.net.network());
+            let len = size(&b.net);
+            // Every address skipped is reserved or taken, so this loop runs at
+            // most |reserved| + |taken| + 1 times before it finds one.
+            let mut i: u128 = 0;
+            while i < len {
+                let ip = from_u128(v4, start + i);
+                if !b.reserved.contains(&ip) && !taken.contains(&ip) {
+                    return Some(ip);
+                }
+                i += 1;
+            }
+        }
+        None
+    }
+}
+
+/// Every address handed out on this network of the node, by address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocations {
+    pub by_ip: BTreeMap<IpAddr, Owner>,
+}
+
+impl Allocations {
+    /// Addresses `owner` holds, lowest first.
+    pub fn held_by(&self, owner: &Owner) -> Vec<IpAddr> {
+        self.by_ip.iter().filter(|(_, o)| *o == owner).map(|(ip, _)| *ip).collect()
+    }
+
+    /// One address per family of `pool` for `owner`: those it already holds
+    /// (repeated ADD), else the lowest free ones. All or nothing: on
+    /// exhaustion nothing is recorded.
+    pub fn assign(&mut self, pool: &NodePool, owner: &Owner) -> Result<Vec<IpAddr>, AllocError> {
+        let held = self.held_by(owner);
+        let taken: BTreeSet<IpAddr> = self.by_ip.keys().copied().collect();
+        let mut out = Vec::new();
+        for family in pool.families() {
+            let mine = held.iter().find(|ip| pool.block_of(ip).is_some_and(|b| IpFamily::of(&b.net) == family));
+            let ip = match mine {
+                Some(ip) => *ip,
+                None => pool.lowest_free(family, &taken).ok_or_else(|| AllocError::Exhausted {
+                    family,
+                    blocks: pool.blocks_of(family).map(|b| b.net.to_string()).collect::<Vec<_>>().join(", "),
+                })?,
+            };
+            out.push(ip);
+        }
+        for ip in &out {
+            self.by_ip.insert(*ip, owner.clone());
+        }
+        Ok(out)
+    }
+
+    /// Frees everything `owner` holds; returns what was freed (empty is fine: DEL is idempotent).
+    pub fn release(&mut self, owner: &Owner) -> Vec<IpAddr> {
+        let freed = self.held_by(owner);
+        for ip in &freed {
+            self.by_ip.remove(ip);
+        }
+        freed
+    }
+
+    /// Frees every address whose owner is not in `valid`; returns what was freed.
+    pub fn gc(&mut self, valid: &BTreeSet<Owner>) -> Vec<(IpAddr, Owner)> {
+        let stale: Vec<(IpAddr, Owner)> =
+            self.by_ip.iter().filter(|(_, o)| !valid.contains(*o)).map(|(ip, o)| (*ip, o.clone())).collect();
+        for (ip, _) in &stale {
+            self.by_ip.remove(ip);
+        }
+        stale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carve_crds::NodeBlock;
+    use proptest::prelude::*;
+
+    fn state(mode: PoolMode, blocks: &[(&str, Option<&str>)], pools: &[&str]) -> NodeState {
+        NodeState {
+            node: "n".into(),
+            mode,
+            blocks: blocks
+                .iter()
+                .map(|(c, g)| NodeBlock {
+                    cidr: c.to_string(),
+                    family: IpFamily::of(&c.parse().unwrap()),
+                    gateway: g.map(str::to_owned),
+                })
+                .collect(),
+            cluster_pod_cidrs: pools.iter().map(|s| s.to_string()).collect(),
+            non_masquerade_cidrs: vec![],
+            mtu: 1450,
+            node_ip: "192.168.0.1".into(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn skips_network_gateway_and_broadcast() {
+        let pool =
+            NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/30", Some("10.0.0.1"))], &[]), &[]).unwrap();
+        let mut a = Allocations::default();
+        assert_eq!(a.assign(&pool, &Owner::new("c1", "eth0")).unwrap(), vec![ip("10.0.0.2")]);
+        let err = a.assign(&pool, &Owner::new("c2", "eth0")).unwrap_err();
+        assert!(matches!(err, AllocError::Exhausted { family: IpFamily::IPv4, .. }), "{err}");
+        assert_eq!(a.by_ip.len(), 1);
+    }
+
+    #[test]
+    fn gateway_defaults_to_first_address_and_extra_reserved_is_skipped() {
+        let pool =
+            NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/24", None)], &[]), &[ip("10.0.0.2")]).unwrap();
+        assert_eq!(pool.blocks[0].gateway, ip("10.0.0.1"));
+        let mut a = Allocations::default();
+        assert_eq!(a.assign(&pool, &Owner::new("c1", "eth0")).unwrap(), vec![ip("10.0.0.3")]);
+    }
+
+    #[test]
+    fn vnet_mode_skips_azure_reserved_of_the_pool() {
+        let st = state(PoolMode::VNet, &[("10.1.0.0/28", Some("10.1.0.1"))], &["10.1.0.0/24"]);
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        let mut a = Allocations::default();
+        // .0 network, .1 gateway, .2 and .3 Azure DNS.
+        assert_eq!(a.assign(&pool, &Owner::new("c1", "eth0")).unwrap(), vec![ip("10.1.0.4")]);
+    }
+
+    #[test]
+    fn repeated_add_returns_the_same_ip_and_release_frees_it() {
+        let pool =
+            NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/24", Some("10.0.0.1"))], &[]), &[]).unwrap();
+        let mut a = Allocations::default();
+        let o1 = Owner::new("c1", "eth0");
+        let first = a.assign(&pool, &o1).unwrap();
+        assert_eq!(a.assign(&pool, &o1).unwrap(), first);
+        assert_eq!(a.assign(&pool, &Owner::new("c1", "net1")).unwrap(), vec![ip("10.0.0.3")]);
+        assert_eq!(a.release(&o1), first);
+        assert!(a.release(&o1).is_empty());
+        assert_eq!(a.assign(&pool, &Owner::new("c2", "eth0")).unwrap(), first, "the freed address is reused");
+    }
+
+    #[test]
+    fn dual_stack_gives_one_per_family_and_v6_has_no_broadcast() {
+        let st = state(PoolMode::Overlay, &[("10.0.0.0/24", Some("10.0.0.1")), ("fd00::/126", Some("fd00::1"))], &[]);
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        let mut a = Allocations::default();
+        assert_eq!(a.assign(&pool, &Owner::new("c", "eth0")).unwrap(), vec![ip("10.0.0.2"), ip("fd00::2")]);
+        assert_eq!(a.assign(&pool, &Owner::new("d", "eth0")).unwrap(), vec![ip("10.0.0.3"), ip("fd00::3")]);
+    }
+
+    #[test]
+    fn second_block_used_when_first_is_full() {
+        let st = state(PoolMode::VNet, &[("10.1.0.0/30", Some("10.1.0.1")), ("10.1.0.16/30", Some("10.1.0.17"))], &[]);
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        let mut a = Allocations::default();
+        assert_eq!(a.assign(&pool, &Owner::new("a", "eth0")).unwrap(), vec![ip("10.1.0.2")]);
+        assert_eq!(a.assign(&pool, &Owner::new("b", "eth0")).unwrap(), vec![ip("10.1.0.18")]);
+    }
+
+    #[test]
+    fn gc_frees_only_unlisted_owners() {
+        let pool = NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/24", None)], &[]), &[]).unwrap();
+        let mut a = Allocations::default();
+        a.assign(&pool, &Owner::new("keep", "eth0")).unwrap();
+        let leaked = a.assign(&pool, &Owner::new("leak", "eth0")).unwrap();
+        let freed = a.gc(&[Owner::new("keep", "eth0")].into_iter().collect());
+        assert_eq!(freed, vec![(leaked[0], Owner::new("leak", "eth0"))]);
+        assert_eq!(a.by_ip.len(), 1);
+    }
+
+    #[test]
+    fn bad_state_is_refused() {
+        assert_eq!(NodePool::from_state(&state(PoolMode::Overlay, &[], &[]), &[]), Err(AllocError::NoBlocks));
+        assert!(matches!(
+            NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/24", Some("10.9.0.1"))], &[]), &[]),
+            Err(AllocError::BadGateway { .. })
+        ));
+    }
+
+    proptest! {
+        /// Any sequence of ADDs and DELs: no address twice, never a reserved
+        /// one, every address inside a block, repeated ADD stable, and each
+        /// new address is the lowest free one.
+        #[test]
+        fn never_duplicates_never_reserved(ops in proptest::collection::vec((0u8..40, any::<bool>()), 1..200)) {
+            let st = state(PoolMode::VNet, &[("10.1.0.0/28", Some("10.1.0.1")), ("10.1.0.32/29", Some("10.1.0.33"))], &["10.1.0.0/24"]);
+            let pool = NodePool::from_state(&st, &[]).unwrap();
+            let mut a = Allocations::default();
+            for (who, add) in ops {
+                let owner = Owner::new(format!("c{who}"), "eth0");
+                if add {
+                    let before = a.clone();
+                    let taken: BTreeSet<IpAddr> = before.by_ip.keys().copied().collect();
+                    match a.assign(&pool, &owner) {
+                        Ok(ips) => {
+                            prop_assert_eq!(ips.len(), 1);
+                            let held = before.held_by(&owner);
+                            if held.is_empty() {
+                                prop_assert_eq!(Some(ips[0]), pool.lowest_free(IpFamily::IPv4, &taken));
+                            } else {
+                                prop_assert_eq!(&held, &ips);
+                            }
+                        }
+                        Err(AllocError::Exhausted { .. }) => {
+                            prop_assert_eq!(&a, &before);
+                            prop_assert!(pool.lowest_free(IpFamily::IPv4, &taken).is_none());
+                        }
+                        Err(e) => prop_assert!(false, "{}", e),
+                    }
+                } else {
+                    a.release(&owner);
+                    prop_assert!(a.held_by(&owner).is_empty());
+                }
+                for ip in a.by_ip.keys() {
+                    let block = pool.block_of(ip);
+                    prop_assert!(block.is_some(), "{} outside the blocks or reserved", ip);
+                }
+                let owners: BTreeSet<&Owner> = a.by_ip.values().collect();
+                prop_assert_eq!(owners.len(), a.by_ip.len(), "an owner holds two IPv4 addresses");
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Shared helpers for the carve-ipam / carve-cni tests: temp dirs, a node
+//! state file, network namespaces that are always deleted, plugin runs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use carve_crds::{IpFamily, NodeBlock, PoolMode};
+use carve_node_plugin::state::{self, NodeState};
+use serde_json::Value;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique suffix for this process and call.
+pub fn unique() -> String {
+    format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("carve-test-{tag}-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a node state file with one IPv4 block (and its gateway, the first address).
+pub fn write_state(path: &Path, cidr: &str, gateway: &str, mtu: u32) {
+    let st = NodeState {
+        node: "node-test".into(),
+        mode: PoolMode::Overlay,
+        blocks: vec![NodeBlock { cidr: cidr.into(), family: IpFamily::IPv4, gateway: Some(gateway.into()) }],
+        cluster_pod_cidrs: vec![cidr.into()],
+        non_masquerade_cidrs: vec![],
+        mtu,
+        node_ip: "192.0.0.1".into(),
+    };
+    state::write(path, &st).unwrap();
+}
+
+/// Writes a dual-stack node state file: one IPv4 and one IPv6 block.
+pub fn write_state_dual(path: &Path, v4: (&str, &str), v6: (&str, &str), mtu: u32) {
+    let block = |(cidr, gw): (&str, &str), family| NodeBlock { cidr: cidr.into(), family, gateway: Some(gw.into()) };
+    let st = NodeState {
+        node: "node-test".into(),
+        mode: PoolMode::Overlay,
+        blocks: vec![block(v4, IpFamily::IPv4), block(v6, IpFamily::IPv6)],
+        cluster_pod_cidrs: vec![v4.0.into(), v6.0.into()],
+        non_masquerade_cidrs: vec![],
+        mtu,
+        node_ip: "192.0.0.1".into(),
+    };
+    state::write(path, &st).unwrap();
+}
+
+/// Runs a plugin binary once with CNI env vars; returns status and stdout JSON (Null when empty).
+pub fn run_plugin(bin: &str, command: &str, container: &str, ifname: &str, netns: &str, conf: &Value) -> (i32, Value) {
+    let out = spawn_plugin(bin, command, container, ifname, netns, conf).wait_with_output().unwrap();
+    parse_output(&out)
+}
+
+pub fn spawn_plugin(
+    bin: &str,
+    command: &str,
+    container: &str,
+    ifname: &str,
+    netns: &str,
+    conf: &Value,
+) -> std::process::Child {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_NETNS", netns)
+        .env("CNI_PATH", Path::new(bin).parent().unwrap())
+        .env_remove("CARVE_STATE_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(conf.to_string().as_bytes());
+    drop(stdin);
+    child
+}
+
+pub fn parse_output(out: &Output) -> (i32, Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"))
+    };
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// The allocations file of a carve-ipam data dir, as (ip, containerId, ifname).
+pub fn stored(data_dir: &Path) -> Vec<(String, String, String)> {
+    let body = match std::fs::read(data_dir.join("allocations.json")) {
+        Ok(b) => b,
+        Err(_) => return vec![],
+    };
+    let v: Value = serde_json::from_slice(&body).expect("store parses");
+    v["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["ip"].as_str().unwrap().to_owned(),
+                e["containerId"].as_str().unwrap().to_owned(),
+                e["ifname"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// True when running as root (netns tests need it; CI runs as root).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A named network namespace `cnit-<pid>-<n>-<tag>`, deleted on drop (also on panic).
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("cnit-{}-{tag}", unique());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace; panics on failure.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs a command inside the namespace; returns whether it succeeded.
+    pub fn try_exec(&self, args: &[&str]) -> bool {
+        Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().is_ok_and(|o| o.status.success())
+    }
+
+    /// `ip -j <args>` inside the namespace, parsed.
+    pub fn ip_json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["ip", "-j"];
+        full.extend_from_slice(args);
+        let out = self.exec(&full);
+        if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out).unwrap() }
+    }
+
+    /// `ping -c1 -W1 <dst>` from this namespace (retried briefly).
+    pub fn ping(&self, dst: &str) -> bool {
+        (0..3).any(|_| self.try_exec(&["ping", "-c", "1", "-W", "1", dst]))
+    }
+
+    pub fn delete(&self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Global addresses (as "ip/prefix") on `dev` in `ns` (link-local ones left out).
+pub fn addrs(ns: &NetNs, dev: &str) -> Vec<String> {
+    ns.ip_json(&["addr", "show", "dev", dev])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["scope"] != "link")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect()
+}
+
+/// cnitool's folder, from the control plane bins script (builds nothing when cached).
+pub fn cnitool() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
+        return PathBuf::from(dir).join("cnitool");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/scripts/control-plane-bins.sh");
+    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
+    assert!(out.status.success(), "control-plane-bins.sh failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().unwrap().trim()).join("cnitool")
+}
+
+/// A CNI bin dir (carve-cni, carve-ipam and the reference plugins) and a conf dir.
+pub struct CniDirs {
+    pub root: TempDir,
+    networks: std::sync::Mutex<Vec<String>>,
+}
+
+impl Drop for CniDirs {
+    /// Removes what cnitool's libcni cached under /var/lib/cni for our networks.
+    fn drop(&mut self) {
+        let nets = self.networks.lock().map(|n| n.clone()).unwrap_or_default();
+        let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if nets.iter().any(|n| name.starts_with(&format!("{n}-"))) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+impl CniDirs {
+    pub fn new() -> Self {
+        let root = TempDir::new("cnidirs");
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(root.path().join("conf")).unwrap();
+        for (name, src) in
+            [("carve-cni", env!("CARGO_BIN_EXE_carve-cni")), ("carve-ipam", env!("CARGO_BIN_EXE_carve-ipam"))]
+        {
+            std::os::unix::fs::symlink(src, bin.join(name)).unwrap();
+        }
+        for name in ["bridge", "portmap", "host-local", "loopback"] {
+            let src = Path::new("/usr/lib/cni").join(name);
+            if src.exists() {
+                std::os::unix::fs::symlink(&src, bin.join(name)).unwrap();
+            }
+        }
+        CniDirs { root, networks: Default::default() }
+    }
+    pub fn bin(&self) -> PathBuf {
+        self.root.path().join("bin")
+    }
+    pub fn conf(&self) -> PathBuf {
+        self.root.path().join("conf")
+    }
+
+    /// Writes `<name>.conflist` with `plugins`.
+    pub fn write_conflist(&self, name: &str, version: &str, plugins: Value) {
+        self.networks.lock().unwrap().push(name.to_owned());
+        let v = serde_json::json!({ "cniVersion": version, "name": name, "plugins": plugins });
+        std::fs::write(self.conf().join(format!("{name}.conflist")), v.to_string()).unwrap();
+    }
+
+    /// `cnitool <cmd> <net> <netns>`, run inside `host` (the "node" namespace);
+    /// returns success, stdout and stderr.
+    pub fn cnitool(&self, host: &NetNs, cmd: &str, net: &str, netns: &str, ifname: &str) -> (bool, String, String) {
+        let tool = cnitool();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &host.name])
+            .arg(&tool)
+            .args([cmd, net, netns])
+            .env("NETCONFPATH", self.conf())
+            .env("CNI_PATH", self.bin())
+            .env("CNI_IFNAME", ifname)
+            .env_remove("CARVE_STATE_FILE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

@@ -1,0 +1,224 @@
+//! carve-ipam as a user runs it: the real binary, CNI env vars, a node state
+//! file written by the test. The bridge test needs root and the Debian
+//! containernetworking-plugins package (/usr/lib/cni/bridge).
+
+mod cni_support;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use cni_support::*;
+use serde_json::{Value, json};
+
+const IPAM: &str = env!("CARGO_BIN_EXE_carve-ipam");
+
+struct Net {
+    dir: TempDir,
+}
+
+impl Net {
+    fn new(cidr: &str, gateway: &str) -> Self {
+        let dir = TempDir::new("ipam");
+        write_state(&dir.path().join("state/node-state.json"), cidr, gateway, 1450);
+        Net { dir }
+    }
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+    fn conf(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "cnit-ipam",
+            "type": "carve-ipam",
+            "ipam": {
+                "type": "carve-ipam",
+                "stateFile": self.dir.path().join("state/node-state.json"),
+                "dataDir": self.data(),
+            }
+        })
+    }
+    fn add(&self, container: &str) -> (i32, Value) {
+        run_plugin(IPAM, "ADD", container, "eth0", "/var/run/netns/none", &self.conf("1.1.0"))
+    }
+    fn del(&self, container: &str) -> (i32, Value) {
+        run_plugin(IPAM, "DEL", container, "eth0", "", &self.conf("1.1.0"))
+    }
+}
+
+fn address(result: &Value) -> String {
+    result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}")).to_owned()
+}
+
+#[test]
+fn add_skips_network_and_gateway_repeats_and_del_frees() {
+    let net = Net::new("10.77.0.0/24", "10.77.0.1");
+    let (code, first) = net.add("c1");
+    assert_eq!(code, 0, "{first}");
+    assert_eq!(address(&first), "10.77.0.2/24");
+    assert_eq!(first["ips"][0]["gateway"], "10.77.0.1");
+    assert_eq!(first["cniVersion"], "1.1.0");
+    // Same container + ifname: same address.
+    assert_eq!(address(&net.add("c1").1), "10.77.0.2/24");
+    assert_eq!(address(&net.add("c2").1), "10.77.0.3/24");
+    // DEL frees, twice is fine, and the address comes back.
+    assert_eq!(net.del("c1"), (0, Value::Null));
+    assert_eq!(net.del("c1"), (0, Value::Null));
+    assert_eq!(address(&net.add("c3").1), "10.77.0.2/24");
+    let held: Vec<_> = stored(&net.data()).into_iter().map(|(ip, c, _)| (ip, c)).collect();
+    assert_eq!(held, vec![("10.77.0.2".into(), "c3".into()), ("10.77.0.3".into(), "c2".into())]);
+}
+
+#[test]
+fn answers_in_the_requested_version() {
+    let net = Net::new("10.77.1.0/24", "10.77.1.1");
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let (code, out) = run_plugin(IPAM, "ADD", &format!("v{i}"), "eth0", "/x", &net.conf(v));
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out["cniVersion"], *v);
+        assert_eq!(out["ips"][0].get("version").is_some(), v.starts_with('0'), "{v}: {out}");
+    }
+    let (code, out) = run_plugin(IPAM, "ADD", "old", "eth0", "/x", &net.conf("0.2.0"));
+    assert_eq!((code, out["code"].as_u64()), (1, Some(1)), "{out}");
+}
+
+#[test]
+fn block_exhaustion_is_an_error_naming_the_block() {
+    let net = Net::new("10.77.2.0/30", "10.77.2.1");
+    assert_eq!(address(&net.add("a").1), "10.77.2.2/30");
+    let (code, out) = net.add("b");
+    assert_eq!(code, 1);
+    assert!(out["msg"].as_str().unwrap().contains("10.77.2.0/30"), "{out}");
+    assert_eq!(stored(&net.data()).len(), 1);
+}
+
+#[test]
+fn hundred_parallel_adds_get_distinct_addresses() {
+    let net = Net::new("10.77.3.0/24", "10.77.3.1");
+    let conf = net.conf("1.1.0");
+    let children: Vec<_> =
+        (0..100).map(|i| spawn_plugin(IPAM, "ADD", &format!("par-{i}"), "eth0", "/x", &conf)).collect();
+    let mut ips = BTreeSet::new();
+    for child in children {
+        let (code, out) = parse_output(&child.wait_with_output().unwrap());
+        assert_eq!(code, 0, "{out}");
+        let ip: Ipv4Addr = address(&out).split('/').next().unwrap().parse().unwrap();
+        assert!(ip.octets()[3] >= 2 && ip.octets()[3] < 255, "{ip} is reserved");
+        ips.insert(ip);
+    }
+    assert_eq!(ips.len(), 100);
+    let on_disk: BTreeSet<Ipv4Addr> = stored(&net.data()).iter().map(|(ip, _, _)| ip.parse().unwrap()).collect();
+    assert_eq!(on_disk, ips);
+}
+
+#[test]
+fn sigkill_mid_add_leaves_a_parsable_store_without_duplicates() {
+    let net = Net::new("10.77.4.0/24", "10.77.4.1");
+    let conf = net.conf("1.1.0");
+    let mut ok = BTreeSet::new();
+    for round in 0..5 {
+        let children: Vec<_> =
+            (0..20).map(|i| spawn_plugin(IPAM, "ADD", &format!("k{round}-{i}"), "eth0", "/x", &conf)).collect();
+        // Kill every other one at staggered moments while the rest run.
+        let mut survivors = Vec::new();
+        for (i, mut child) in children.into_iter().enumerate() {
+            if i % 2 == 0 {
+                std::thread::sleep(Duration::from_micros(300 * (i as u64)));
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                survivors.push((format!("k{round}-{i}"), child));
+            }
+        }
+        for (id, child) in survivors {
+            let (code, out) = parse_output(&child.wait_with_output().unwrap());
+            assert_eq!(code, 0, "{out}");
+            ok.insert((address(&out).split('/').next().unwrap().to_owned(), id));
+        }
+        let entries = stored(&net.data());
+        let ips: BTreeSet<&String> = entries.iter().map(|(ip, _, _)| ip).collect();
+        assert_eq!(ips.len(), entries.len(), "an address stored twice: {entries:?}");
+        let owners: BTreeSet<&String> = entries.iter().map(|(_, c, _)| c).collect();
+        assert_eq!(owners.len(), entries.len(), "an owner stored twice");
+        for (ip, id) in &ok {
+            assert!(entries.iter().any(|(i, c, _)| i == ip && c == id), "{id} lost {ip}");
+        }
+    }
+    // The store still works after all that.
+    assert_eq!(net.add("after").0, 0);
+}
+
+#[test]
+fn gc_frees_what_is_not_a_valid_attachment() {
+    let net = Net::new("10.77.5.0/24", "10.77.5.1");
+    net.add("keep");
+    net.add("leaked");
+    for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+        let mut conf = net.conf("1.1.0");
+        conf[key] = json!([{ "containerID": "keep", "ifname": "eth0" }]);
+        let (code, out) = run_plugin(IPAM, "GC", "", "", "", &conf);
+        assert_eq!(code, 0, "{out}");
+        let held: Vec<String> = stored(&net.data()).into_iter().map(|(_, c, _)| c).collect();
+        assert_eq!(held, vec!["keep".to_owned()]);
+        net.add("leaked");
+    }
+}
+
+#[test]
+fn status_is_50_without_state_file_and_ok_with_it() {
+    let net = Net::new("10.77.6.0/24", "10.77.6.1");
+    let (code, out) = run_plugin(IPAM, "STATUS", "", "", "", &net.conf("1.1.0"));
+    assert_eq!((code, out.clone()), (0, Value::Null), "{out}");
+    std::fs::remove_file(net.dir.path().join("state/node-state.json")).unwrap();
+    let (code, out) = run_plugin(IPAM, "STATUS", "", "", "", &net.conf("1.1.0"));
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 50);
+    assert!(out["msg"].as_str().unwrap().contains("node-state.json"), "{out}");
+    // ADD without state: try again later, naming the file.
+    let (code, out) = net.add("c");
+    assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
+}
+
+#[test]
+fn version_flag_and_command() {
+    let out = std::process::Command::new(IPAM).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("carve-ipam "));
+    let out = std::process::Command::new(IPAM).env("CNI_COMMAND", "VERSION").output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+}
+
+/// carve-ipam as the IPAM of the reference bridge plugin, driven by cnitool:
+/// the pod gets an address from the node's block and reaches the bridge gateway.
+#[test]
+fn works_under_the_reference_bridge_plugin() {
+    if !is_root() || !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        panic!("needs root and /usr/lib/cni/bridge (apt-get install containernetworking-plugins)");
+    }
+    let dirs = CniDirs::new();
+    let state = dirs.root.path().join("node-state.json");
+    write_state(&state, "10.78.0.0/24", "10.78.0.1", 1500);
+    let name = format!("cnit-br-{}", unique());
+    let bridge = format!("cnitbr{}", std::process::id() % 100000);
+    dirs.write_conflist(
+        &name,
+        "1.0.0",
+        json!([{
+            "type": "bridge", "bridge": bridge, "isGateway": true,
+            "ipam": { "type": "carve-ipam", "stateFile": state, "dataDir": dirs.root.path().join("data") }
+        }]),
+    );
+    let node = NetNs::new("node");
+    let pod = NetNs::new("pod");
+    let (ok, stdout, stderr) = dirs.cnitool(&node, "add", &name, &pod.path(), "eth0");
+    assert!(ok, "cnitool add: {stdout} {stderr}");
+    let result: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["ips"][0]["address"], "10.78.0.2/24", "{result}");
+    assert_eq!(addrs(&pod, "eth0"), vec!["10.78.0.2/24".to_owned()]);
+    assert!(pod.ping("10.78.0.1"), "pod cannot ping the bridge gateway");
+    assert!(node.ping("10.78.0.2"), "node cannot ping the pod");
+    let (ok, _, stderr) = dirs.cnitool(&node, "del", &name, &pod.path(), "eth0");
+    assert!(ok, "cnitool del: {stderr}");
+    assert!(stored(&dirs.root.path().join("data")).is_empty());
+}
