@@ -9,8 +9,11 @@ set -euo pipefail
 K8S_VERSION="${CARVE_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${CARVE_ETCD_VERSION:-v3.6.16}"
 CNI_VERSION="${CARVE_CNI_VERSION:-v1.3.0}"
+# Reference plugins new enough to speak CNI 1.1.0 (Debian bookworm's stop at 1.0.0).
+PLUGINS_VERSION="${CARVE_CNI_PLUGINS_VERSION:-v1.9.1}"
 CACHE="${CARVE_CACHE:-$HOME/.cache/carve}"
 BIN="$CACHE/controlplane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-cni-$CNI_VERSION/bin"
+PLUGINS="$CACHE/cni-plugins-$PLUGINS_VERSION"
 
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 
@@ -96,7 +99,19 @@ build_cnitool() {
   GOBIN="$BIN" go install "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
 }
 
+build_cni_plugins() {
+  local p
+  for p in meta/portmap main/bridge ipam/host-local; do
+    [[ -x "$PLUGINS/${p##*/}" ]] && continue
+    log "building CNI plugin ${p##*/} $PLUGINS_VERSION"
+    mkdir -p "$PLUGINS"
+    GOBIN="$PLUGINS" go install "github.com/containernetworking/plugins/plugins/$p@$PLUGINS_VERSION"
+  done
+  ln -sfn "$PLUGINS" "$BIN/cni-plugins"
+}
+
 build_etcd
 build_kubernetes
 build_cnitool
+build_cni_plugins
 echo "$BIN"
