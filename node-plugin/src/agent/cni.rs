@@ -34,7 +34,11 @@ fn err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> File
 
 /// carve-cni with carve-ipam, chained with the reference `portmap` plugin
 /// for hostPort (as azure-vnet's conflist chains portmap).
-pub fn conflist(state_file: &Path) -> Value {
+pub fn conflist(state_file: &Path, ipam_data_dir: Option<&Path>) -> Value {
+    let mut ipam = json!({ "type": "carve-ipam", "stateFile": state_file });
+    if let Some(dir) = ipam_data_dir {
+        ipam["dataDir"] = json!(dir);
+    }
     json!({
         "cniVersion": "1.1.0",
         "name": NETWORK_NAME,
@@ -42,7 +46,7 @@ pub fn conflist(state_file: &Path) -> Value {
             {
                 "type": "carve-cni",
                 "stateFile": state_file,
-                "ipam": { "type": "carve-ipam", "stateFile": state_file },
+                "ipam": ipam,
             },
             {
                 "type": "portmap",
@@ -91,8 +95,13 @@ pub fn install_binaries(source_dir: &Path, bin_dir: &Path) -> Result<Vec<&'stati
 }
 
 /// Writes the conflist into `conf_dir/file_name`; returns whether it changed.
-pub fn write_conflist(conf_dir: &Path, file_name: &str, state_file: &Path) -> Result<bool, FileError> {
-    let mut body = serde_json::to_vec_pretty(&conflist(state_file)).unwrap_or_default();
+pub fn write_conflist(
+    conf_dir: &Path,
+    file_name: &str,
+    state_file: &Path,
+    ipam_data_dir: Option<&Path>,
+) -> Result<bool, FileError> {
+    let mut body = serde_json::to_vec_pretty(&conflist(state_file, ipam_data_dir)).unwrap_or_default();
     body.push(b'\n');
     write_if_changed(&conf_dir.join(file_name), &body, 0o644)
 }
@@ -120,7 +129,8 @@ mod tests {
 
     #[test]
     fn conflist_chains_carve_cni_with_portmap() {
-        let c = conflist(Path::new("/run/carve/node-state.json"));
+        let c = conflist(Path::new("/run/carve/node-state.json"), Some(Path::new("/var/lib/carve/ipam/node-a")));
+        assert_eq!(c["plugins"][0]["ipam"]["dataDir"], "/var/lib/carve/ipam/node-a");
         assert_eq!(c["plugins"][0]["type"], "carve-cni");
         assert_eq!(c["plugins"][0]["ipam"]["type"], "carve-ipam");
         assert_eq!(c["plugins"][0]["ipam"]["stateFile"], "/run/carve/node-state.json");
@@ -151,10 +161,10 @@ mod tests {
     fn conflist_write_is_idempotent_and_removable() {
         let d = tmpdir("conf");
         let state = Path::new("/run/carve/node-state.json");
-        assert!(write_conflist(&d, DEFAULT_CONFLIST, state).unwrap());
-        assert!(!write_conflist(&d, DEFAULT_CONFLIST, state).unwrap());
+        assert!(write_conflist(&d, DEFAULT_CONFLIST, state, None).unwrap());
+        assert!(!write_conflist(&d, DEFAULT_CONFLIST, state, None).unwrap());
         let parsed: Value = serde_json::from_slice(&fs::read(d.join(DEFAULT_CONFLIST)).unwrap()).unwrap();
-        assert_eq!(parsed, conflist(state));
+        assert_eq!(parsed, conflist(state, None));
         assert!(remove_conflist(&d, DEFAULT_CONFLIST).unwrap());
         assert!(!remove_conflist(&d, DEFAULT_CONFLIST).unwrap());
         fs::remove_dir_all(d).unwrap();

@@ -43,6 +43,8 @@ pub const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 pub struct Settings {
     pub node: String,
     pub state_file: PathBuf,
+    /// carve-ipam's allocation store (`ipam.dataDir` in the conflist); `None`: the plugin's default.
+    pub ipam_data_dir: Option<PathBuf>,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
     /// Where carve-cni and carve-ipam come from (the agent image).
@@ -293,7 +295,7 @@ impl Agent {
             Err(e) => return Readiness::not("DataplaneFailed", e.to_string()),
         }
 
-        match cni::write_conflist(&s.cni_conf_dir, &s.conflist_name, &s.state_file) {
+        match cni::write_conflist(&s.cni_conf_dir, &s.conflist_name, &s.state_file, s.ipam_data_dir.as_deref()) {
             Ok(true) => info!(dir = %s.cni_conf_dir.display(), file = %s.conflist_name, "wrote the CNI conflist"),
             Ok(false) => {}
             Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
@@ -311,6 +313,7 @@ mod tests {
         Settings {
             node: "node-a".into(),
             state_file: "/run/carve/node-state.json".into(),
+            ipam_data_dir: None,
             cni_bin_dir: "/opt/cni/bin".into(),
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_source_dir: "/usr/local/bin".into(),

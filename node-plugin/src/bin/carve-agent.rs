@@ -41,6 +41,10 @@ struct Args {
     /// Node state file read by carve-cni and carve-ipam.
     #[arg(long, env = "CARVE_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
     state_file: PathBuf,
+    /// carve-ipam's allocation store, written into the conflist as ipam.dataDir
+    /// (default: carve-ipam's own, /var/lib/carve/ipam/<network>).
+    #[arg(long, env = "CARVE_IPAM_DATA_DIR")]
+    ipam_data_dir: Option<PathBuf>,
     /// Directory the container runtime finds CNI plugins in.
     #[arg(long, env = "CARVE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
@@ -145,6 +149,7 @@ fn settings(args: &Args) -> Result<Settings> {
     Ok(Settings {
         node,
         state_file: args.state_file.clone(),
+        ipam_data_dir: args.ipam_data_dir.clone(),
         cni_bin_dir: args.cni_bin_dir.clone(),
         cni_conf_dir: args.cni_conf_dir.clone(),
         cni_source_dir,
