@@ -89,6 +89,7 @@ bench: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-controlplane
 	$(CARGO) build -q --release -p carve-controller
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
+	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-cni
 
 clean:
 	$(CARGO) clean

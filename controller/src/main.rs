@@ -58,6 +58,9 @@ struct Args {
     /// (kubenet compatibility: kube-proxy, Flannel or Cilium's kubernetes IPAM read them).
     #[arg(long, env = "CARVE_SET_NODE_POD_CIDRS", default_value_t = true, action = clap::ArgAction::Set)]
     set_node_pod_cidrs: bool,
+    /// Nodes reconciled at once; bounds open connections and memory on large clusters.
+    #[arg(long, env = "CARVE_CONCURRENCY", default_value_t = 64)]
+    concurrency: u16,
     /// How often to look for Nodes that are gone and for pool status changes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     sweep_interval: Duration,
@@ -203,6 +206,7 @@ async fn lead(args: &Args, client: Client, metrics: Arc<Metrics>) -> Result<()> 
         .watches_stream(pool_changes, move |_pool: PodCidr| {
             node_store.state().into_iter().map(|n| ObjectRef::new(&n.name_any())).collect::<Vec<_>>()
         })
+        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

@@ -80,6 +80,9 @@ pub struct Ctx {
     /// version it has not caught up with our write, so writing again is pointless.
     written_status: Mutex<HashMap<String, (Option<String>, NodeNetworkConfigStatus)>>,
     written_pod_cidrs: Mutex<HashMap<String, Option<String>>>,
+    /// NNCs this replica created that the cache may not show yet: creating
+    /// again would only earn a 409 and a GET.
+    created: Mutex<HashMap<String, Arc<NodeNetworkConfig>>>,
 }
 
 impl Ctx {
@@ -103,6 +106,7 @@ impl Ctx {
             stash: Mutex::new(HashMap::new()),
             written_status: Mutex::new(HashMap::new()),
             written_pod_cidrs: Mutex::new(HashMap::new()),
+            created: Mutex::new(HashMap::new()),
         }
     }
 
@@ -209,7 +213,13 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     }
     ctx.refresh_pools();
     let nnc_api = Api::<NodeNetworkConfig>::all(ctx.client.clone());
-    let mut existing = ctx.nncs.get(&ObjectRef::new(&name));
+    let mut existing = match ctx.nncs.get(&ObjectRef::new(&name)) {
+        Some(cached) => {
+            ctx.created.lock().expect("created lock").remove(&name);
+            Some(cached)
+        }
+        None => ctx.created.lock().expect("created lock").get(&name).cloned(),
+    };
 
     if let Some(stale) = existing.as_ref().filter(|n| views::owner_uid(n).as_deref() != Some(uid.as_str())) {
         // Left by an earlier Node of the same name: never reused blindly.
@@ -249,7 +259,11 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 
     let nnc = match existing {
         Some(n) => n,
-        None => Arc::new(create_nnc(&nnc_api, &node).await?),
+        None => {
+            let created = Arc::new(create_nnc(&nnc_api, &node).await?);
+            ctx.created.lock().expect("created lock").insert(name.clone(), created.clone());
+            created
+        }
     };
 
     let previous = nnc.status.clone().unwrap_or_default();

@@ -7,6 +7,7 @@
 //! - [`testkit`]: polling, builders and the workspace's binaries for tests.
 
 pub mod controlplane;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod testkit;

@@ -14,16 +14,35 @@ use kube::api::ObjectMeta;
 
 use crate::ControlPlane;
 
+/// Newest modification time of the files under `dir` (recursively).
+fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() { newest_mtime(&path) } else { entry.metadata().and_then(|m| m.modified()).ok() };
+        newest = newest.max(t);
+    }
+    newest
+}
+
 /// A binary of this workspace (e.g. `carve-controller`) in the same target
-/// folder as the running test. Built (or found up to date) once per test
-/// process, so a test never runs a stale binary of another package.
+/// folder as the running test. `cargo test --workspace` builds it already;
+/// when it is missing or older than its package's sources (a test run on its
+/// own after an edit), it is built here, so a test never runs a stale binary.
 pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
     static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let profile_dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
+    let bin = profile_dir.join(name);
     let mut built = BUILT.lock().expect("build lock");
-    if !built.contains(name) {
+    let package_dir = crate::repo_root().join(package.trim_start_matches("carve-"));
+    let built_at = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let stale = match (built_at, newest_mtime(&package_dir), newest_mtime(&crate::repo_root().join("crds/src"))) {
+        (Some(b), src, crds) => src.max(crds).is_some_and(|s| s > b),
+        (None, _, _) => true,
+    };
+    if stale && !built.contains(name) {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.args(["build", "-q", "-p", package, "--bin", name]).current_dir(crate::repo_root());
         if profile_dir.ends_with("release") {
@@ -34,7 +53,7 @@ pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
         }
         built.insert(name.to_string());
     }
-    Ok(profile_dir.join(name))
+    Ok(bin)
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`

@@ -12,6 +12,12 @@
 //!               raw: a plain client doing carve's 3 writes per Node, no allocation logic
 //! ```
 //!
+//! Next to each time it prints what explains it: the API writes the server counted (by
+//! resource, verb and code), the CPU seconds of every process in the window (and of processes
+//! outside the benchmark, flagged when they disturb the figure), the contender's peak RSS and
+//! open file descriptors, carve's reconcile count, and a check that the blocks are distinct and
+//! each NNC matches its Node.
+//!
 //! `carve-bench-nodes [1000,5000]`, or `--nodes 200` (env `CARVE_BENCH_NODES`) for a quick run.
 //! Needs `cargo build --release -p carve-controller` first (`make bench` does it).
 
@@ -664,6 +670,16 @@ fn cpu_secs(pid: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// CPU seconds the whole machine spent busy (all cores), from /proc/stat.
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    busy / 100.0
+}
+
 /// CPU seconds of this process and of each child (etcd, kube-apiserver, the contender), by name.
 fn cpu_snapshot() -> BTreeMap<String, f64> {
     let me = std::process::id().to_string();
@@ -678,7 +694,11 @@ fn cpu_snapshot() -> BTreeMap<String, f64> {
         let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(')')) else { continue };
         let ppid = rest.split_whitespace().nth(1).unwrap_or_default();
         if ppid == me {
-            let name = head[open + 1..].to_string();
+            let name = match &head[open + 1..] {
+                "carve-controlle" => "carve-controller".to_string(),
+                "kube-controller" => "kube-controller-manager".to_string(),
+                other => other.to_string(),
+            };
             *out.entry(name).or_default() += cpu_secs(&pid).unwrap_or_default();
         }
     }
@@ -869,6 +889,7 @@ async fn run(c: Contender, n: usize, args: &Args, opts: &Options, progress: Arc<
 
     let before = write_tally(&client).await.unwrap_or_default();
     let cpu_before = cpu_snapshot();
+    let busy_before = machine_busy_secs();
     let t0 = Instant::now();
     create_nodes(&client, n, args.concurrency).await?;
     let create_secs = t0.elapsed().as_secs_f64();
@@ -879,11 +900,28 @@ async fn run(c: Contender, n: usize, args: &Args, opts: &Options, progress: Arc<
         half.duration_since(t0).as_secs_f64(),
         ninety.duration_since(t0).as_secs_f64()
     )];
-    let cpu: Vec<String> = cpu_snapshot()
+    let busy = machine_busy_secs() - busy_before;
+    let used: Vec<(String, f64)> = cpu_snapshot()
         .into_iter()
-        .map(|(name, secs)| format!("{name} {:.1}", secs - cpu_before.get(&name).copied().unwrap_or_default()))
+        .map(|(name, secs)| {
+            let d = secs - cpu_before.get(&name).copied().unwrap_or_default();
+            (name, d)
+        })
         .collect();
-    notes.push(format!("CPU seconds in the timed window ({:.1} s x 2 cores): {}", secs, cpu.join(", ")));
+    let ours: f64 = used.iter().map(|(_, d)| d).sum();
+    let cpu: Vec<String> = used.iter().map(|(name, d)| format!("{name} {d:.1}")).collect();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let others = (busy - ours).max(0.0);
+    notes.push(format!(
+        "CPU seconds in the timed window ({secs:.1} s x {cores} cores): {}, processes outside this benchmark {others:.1}",
+        cpu.join(", "),
+    ));
+    if others > 0.1 * secs * cores as f64 {
+        notes.push(format!(
+            "WARNING: other processes took {:.0}% of the machine during this run; the figure is disturbed",
+            100.0 * others / (secs * cores as f64)
+        ));
+    }
     notes.append(&mut start_notes);
 
     let rss_mib = pid.and_then(|p| proc_mib(p, "VmHWM:"));
@@ -1055,10 +1093,11 @@ fn print_table(sizes: &[usize], results: &BTreeMap<(usize, Contender), Cell>) {
 
 /// Rough duration of a run at `n`, from the same contender at a smaller N.
 fn estimate(c: Contender, n: usize, results: &BTreeMap<(usize, Contender), Cell>) -> Option<Duration> {
-    let (m, f) = results.iter().filter(|((m, k), _)| *k == c && *m < n).find_map(|((m, _), cell)| match cell {
-        Cell::Done(f) => Some((*m, f)),
-        _ => None,
-    })?;
+    let (m, f) =
+        results.iter().rev().filter(|((m, k), _)| *k == c && *m < n).find_map(|((m, _), cell)| match cell {
+            Cell::Done(f) => Some((*m, f)),
+            _ => None,
+        })?;
     let scale = n as f64 / m as f64;
     Some(Duration::from_secs_f64((f.secs + f.startup_secs) * scale + 15.0))
 }
@@ -1094,6 +1133,16 @@ async fn main() -> Result<()> {
     );
     println!("  has status.blocks); completion observed with a watch on Nodes and NNCs (no polling interval)");
     println!("  time = first Node create until the last Node is seen done; per-run limit {} s", args.timeout);
+    println!(
+        "  machine: {} cores, load average at start {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     for c in &contenders {
         println!("  {:<8} {}", c.key(), c.describe(args.concurrency));
     }

@@ -1,0 +1,316 @@
+//! Figures for the node plugins. No assertions: it prints figures next to the targets.
+//!
+//! ```text
+//!   1. CNI ADD + DEL round trip, carve-cni + carve-ipam vs the reference bridge + host-local
+//!      one "node" netns, one "pod" netns reused; every plugin run directly (CNI_* env vars,
+//!      config on stdin, no cnitool) from a thread that entered the node netns; per iteration
+//!      a fresh container id, ADD then DEL, timed together; contenders interleaved
+//!   2. carve-agent peak RSS (VmHWM) once it has programmed a node with N Overlay peers
+//!      (local control plane, NodeNetworkConfigs written by the bench, agent with --netns)
+//! ```
+//!
+//! `carve-bench-cni [--iterations 200] [--peers 50] [--reference-dir /usr/lib/cni]`.
+//! Needs root and `cargo build --release -p carve-node-plugin` first (`make bench` does it).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
+use carve_e2e::ControlPlane;
+use carve_e2e::netns::Netns;
+use carve_e2e::testkit::node;
+use clap::Parser;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(name = "carve-bench-cni")]
+struct Args {
+    /// ADD + DEL round trips per contender.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Peers of the node whose agent's RSS is measured.
+    #[arg(long, default_value_t = 50)]
+    peers: usize,
+    /// Where the reference bridge and host-local plugins are (Debian's containernetworking-plugins).
+    #[arg(long, default_value = "/usr/lib/cni")]
+    reference_dir: PathBuf,
+    /// Where carve-cni, carve-ipam and carve-agent are (default: this binary's directory).
+    #[arg(long)]
+    carve_dir: Option<PathBuf>,
+    /// Skip the agent RSS figure (no control plane).
+    #[arg(long)]
+    skip_agent: bool,
+}
+
+/// A temp dir removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Contender {
+    label: String,
+    plugin: PathBuf,
+    cni_path: PathBuf,
+    conf: Value,
+    times: Vec<Duration>,
+}
+
+/// Runs one plugin invocation; fails with its output when it fails.
+fn invoke(c: &Contender, command: &str, container: &str, netns: &Path) -> Result<()> {
+    let mut child = Command::new(&c.plugin)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns)
+        .env("CNI_PATH", &c.cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", c.plugin.display()))?;
+    child.stdin.take().context("stdin")?.write_all(c.conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} {command} failed ({}): {}{}",
+            c.label,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
+    let prefix = format!("bench-{}", std::process::id());
+    let node_ns = Netns::new(&format!("{prefix}-node"))?;
+    let pod_ns = Netns::new(&format!("{prefix}-pod"))?;
+    node_ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+    node_ns.ip(&["link", "set", "eth0p", "up"])?;
+    node_ns.ip(&["addr", "add", "192.168.88.10/24", "dev", "eth0"])?;
+    node_ns.ip(&["link", "set", "eth0", "up"])?;
+
+    let state = tmp.join("node-state.json");
+    std::fs::write(
+        &state,
+        serde_json::to_vec(&json!({
+            "node": "bench-node", "mode": "Overlay",
+            "blocks": [{ "cidr": "10.98.0.0/24", "family": "IPv4", "gateway": "10.98.0.1" }],
+            "clusterPodCidrs": ["10.98.0.0/16"], "nonMasqueradeCidrs": [], "mtu": 1450, "nodeIP": "192.168.88.10",
+        }))?,
+    )?;
+    // Both at 1.0.0: the highest version Debian's reference plugins speak.
+    let version = "1.0.0";
+    let carve = Contender {
+        label: "carve-cni + carve-ipam".into(),
+        plugin: carve_dir.join("carve-cni"),
+        cni_path: carve_dir.to_path_buf(),
+        conf: json!({
+            "cniVersion": version, "name": "carvebench", "type": "carve-cni", "stateFile": state,
+            "ipam": { "type": "carve-ipam", "stateFile": state, "dataDir": tmp.join("carve-ipam") },
+        }),
+        times: Vec::new(),
+    };
+    let reference = Contender {
+        label: format!("bridge + host-local ({})", args.reference_dir.display()),
+        plugin: args.reference_dir.join("bridge"),
+        cni_path: args.reference_dir.clone(),
+        conf: json!({
+            "cniVersion": version, "name": "refbench", "type": "bridge", "bridge": "cnibench0",
+            "isGateway": true, "ipMasq": false,
+            "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.97.0.0/24" }]],
+                      "dataDir": tmp.join("host-local") },
+        }),
+        times: Vec::new(),
+    };
+    let version_of = |p: &Path| {
+        Command::new(p)
+            .env("CNI_COMMAND", "VERSION")
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    println!("  reference VERSION: {}", version_of(&reference.plugin));
+    println!("  carve VERSION:     {}", version_of(&carve.plugin));
+
+    let iterations = args.iterations;
+    let pod_path = pod_ns.path();
+    let mut contenders = node_ns.run_in(move || -> Result<Vec<Contender>> {
+        let mut cs = vec![carve, reference];
+        // Warm-up (page cache, first bridge creation), not timed.
+        for c in &cs {
+            for i in 0..5 {
+                let id = format!("warm-{i}");
+                invoke(c, "ADD", &id, &pod_path)?;
+                invoke(c, "DEL", &id, &pod_path)?;
+            }
+        }
+        for i in 0..iterations {
+            for c in cs.iter_mut() {
+                let id = format!("bench-{i:06}");
+                let t = Instant::now();
+                invoke(c, "ADD", &id, &pod_path)?;
+                invoke(c, "DEL", &id, &pod_path)?;
+                c.times.push(t.elapsed());
+            }
+        }
+        Ok(cs)
+    })??;
+
+    println!(
+        "\nCNI ADD + DEL round trip, {iterations} iterations each, interleaved, cniVersion {version}, plugins run directly"
+    );
+    println!("  {:<52} {:>10} {:>10} {:>10}", "contender", "median ms", "p99 ms", "mean ms");
+    for c in contenders.iter_mut() {
+        c.times.sort();
+        let mean = c.times.iter().sum::<Duration>() / c.times.len() as u32;
+        println!(
+            "  {:<52} {:>10.2} {:>10.2} {:>10.2}",
+            c.label,
+            ms(percentile(&c.times, 0.5)),
+            ms(percentile(&c.times, 0.99)),
+            ms(mean)
+        );
+    }
+    let (c, r) = (&contenders[0].times, &contenders[1].times);
+    let ratio_median = percentile(c, 0.5).as_secs_f64() / percentile(r, 0.5).as_secs_f64();
+    let ratio_p99 = percentile(c, 0.99).as_secs_f64() / percentile(r, 0.99).as_secs_f64();
+    println!(
+        "  ratio carve/reference: median {ratio_median:.2}x, p99 {ratio_p99:.2}x (target <= 0.5x: {})",
+        if ratio_median <= 0.5 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+fn vm_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn agent_rss(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
+    let peers = args.peers;
+    let ns = Netns::new(&format!("bench-{}-agent", std::process::id()))?;
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+    ns.ip(&["link", "set", "eth0p", "up"])?;
+    ns.ip(&["link", "set", "eth0", "mtu", "1500", "up"])?;
+    ns.ip(&["addr", "add", "192.168.0.10/16", "dev", "eth0"])?;
+
+    let cp = ControlPlane::start().await.context("control plane")?;
+    cp.install_crds()?;
+    let client = cp.client().await?;
+    let pool = "apiVersion: carve.dev/v1alpha1\nkind: PodCIDR\nmetadata:\n  name: overlay\nspec:\n  mode: Overlay\n  cidrs: [10.244.0.0/16]\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
+    if !out.status.success() {
+        bail!("creating the pool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Api::<Node>::all(client.clone()).create(&PostParams::default(), &node("node-0", "192.168.0.10")).await?;
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    for i in 0..=peers {
+        let name = format!("node-{i}");
+        nncs.create(&PostParams::default(), &NodeNetworkConfig::new(&name, NodeNetworkConfigSpec::default())).await?;
+        let cidr = format!("10.244.{i}.0/24");
+        let status = json!({ "status": {
+            "pool": "overlay", "mode": "Overlay", "nodeIP": format!("192.168.{}.{}", i / 200, 10 + i % 200),
+            "gateway": format!("10.244.{i}.1"),
+            "blocks": [{ "cidr": cidr, "family": "IPv4", "gateway": format!("10.244.{i}.1") }] } });
+        nncs.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+    }
+
+    let mut cmd = Command::new(carve_dir.join("carve-agent"));
+    cmd.arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .env("NODE_NAME", "node-0")
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--state-file")
+        .arg(tmp.join("agent/node-state.json"))
+        .arg("--cni-bin-dir")
+        .arg(tmp.join("agent/bin"))
+        .arg("--cni-conf-dir")
+        .arg(tmp.join("agent/net.d"))
+        .arg("--cni-source-dir")
+        .arg(carve_dir)
+        .args(["--resync-interval", "1s"])
+        .env("CARVE_LOG_LEVEL", "warn");
+    let started = Instant::now();
+    let pid = cp.spawn("agent", cmd)?;
+    let deadline = started + Duration::from_secs(60);
+    let routes = loop {
+        let out = ns.ip(&["route", "show", "proto", "202"])?;
+        let n = out.lines().count();
+        if n >= peers {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent programmed {n} of {peers} peer routes in 60s: {}", cp.log_tail("agent", 20));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let programmed = started.elapsed();
+    let fdb = ns.exec("bridge", &["fdb", "show", "dev", "carve.vxlan"])?.lines().count();
+    // A few resyncs after programming, so steady-state allocations count too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hwm = vm_field(pid, "VmHWM:").context("reading VmHWM")?;
+    let rss = vm_field(pid, "VmRSS:").unwrap_or(0);
+    println!("\ncarve-agent (release) on a node with {peers} Overlay peers, dataplane in a netns");
+    println!("  programmed {routes} routes and {fdb} FDB entries {programmed:.2?} after start");
+    println!(
+        "  peak RSS (VmHWM) {:.1} MiB, RSS now {:.1} MiB (target < 24 MiB: {})",
+        hwm as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        if hwm < 24 * 1024 { "met" } else { "MISSED" }
+    );
+    cp.stop_process("agent");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let carve_dir = match &args.carve_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("own directory")?.to_path_buf(),
+    };
+    for b in ["carve-cni", "carve-ipam", "carve-agent"] {
+        if !carve_dir.join(b).exists() {
+            bail!("{} not found: run cargo build --release -p carve-node-plugin", carve_dir.join(b).display());
+        }
+    }
+    for b in ["bridge", "host-local"] {
+        if !args.reference_dir.join(b).exists() {
+            bail!("reference plugin {} not found", args.reference_dir.join(b).display());
+        }
+    }
+    let tmp = TempDir(std::env::temp_dir().join(format!("carve-bench-cni-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0)?;
+    println!("carve-bench-cni: carve plugins from {}", carve_dir.display());
+    cni_round_trips(&args, &carve_dir, &tmp.0)?;
+    if !args.skip_agent {
+        agent_rss(&args, &carve_dir, &tmp.0).await?;
+    }
+    Ok(())
+}

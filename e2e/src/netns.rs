@@ -1,0 +1,166 @@
+//! Named network namespaces for the dataplane tests and benchmarks: created
+//! with `ip netns add`, deleted on drop (also on panic), and a way to run Rust
+//! code (sockets) inside one from a dedicated thread (`setns` on that thread
+//! only, so the test process itself never moves).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// A named network namespace, deleted when dropped.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `name` (deleting a leftover of the same name first) with `lo` up.
+    pub fn new(name: &str) -> Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns { name: name.to_string() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `/run/netns/<name>`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `ip -n <name> <args>`; fails with ip's stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// `ip -n <name> -j <args>`, parsed (an empty answer is `[]`).
+    pub fn ip_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["-j"];
+        all.extend_from_slice(args);
+        let out = self.ip(&all)?;
+        if out.trim().is_empty() {
+            return Ok(Value::Array(vec![]));
+        }
+        serde_json::from_str(&out).with_context(|| format!("ip -j {} output {out:?}", args.join(" ")))
+    }
+
+    /// `ip netns exec <name> <program> <args>`; fails with its stderr.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// One `ping -c1 -W1`, retried up to `tries` times.
+    pub fn ping(&self, dst: &str, tries: usize) -> bool {
+        (0..tries).any(|_| self.exec("ping", &["-c", "1", "-W", "1", dst]).is_ok())
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<T> {
+            enter(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+
+    /// A TCP listener on `addr` inside this namespace, answering one
+    /// connection: it reads a line, then writes back `from <peer address>`.
+    /// Returns a handle that yields the peer address it saw.
+    pub fn tcp_echo_peer(&self, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<SocketAddr>>> {
+        let path = self.path();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || -> Result<SocketAddr> {
+            let bound = enter(&path).and_then(|()| TcpListener::bind(addr).context("bind"));
+            let listener = match bound {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            listener.set_nonblocking(true)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let (mut conn, peer) = loop {
+                match listener.accept() {
+                    Ok(c) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            bail!("no connection on {addr} within 20s");
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            conn.set_nonblocking(false)?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf)?;
+            conn.write_all(format!("from {}\n", peer.ip()).as_bytes())?;
+            Ok(peer)
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => bail!("listening on {addr} in {}: {e}", self.name),
+            Err(_) => bail!("listener on {addr} in {} did not start", self.name),
+        }
+    }
+
+    /// Connects from this namespace to `addr`, sends a line and returns the answer.
+    pub fn tcp_exchange(&self, addr: SocketAddr) -> Result<String> {
+        self.run_in(move || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"hello\n")?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            Ok(answer.trim().to_string())
+        })?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+unsafe extern "C" {
+    fn setns(fd: i32, nstype: i32) -> i32;
+}
+
+const CLONE_NEWNET: i32 = 0x4000_0000;
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &std::path::Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns on a valid fd we own; it changes only this thread's network namespace.
+    let rc = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `program args`, returning stdout; fails with stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
