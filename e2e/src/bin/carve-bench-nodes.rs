@@ -118,8 +118,8 @@ impl Contender {
             }
             Contender::Raw => format!(
                 "raw write limit: plain kube-rs client, carve's 3 writes per Node (create NNC, patch NNC status, \
-                 patch Node podCIDR), precomputed blocks, {concurrency} Nodes in flight (buffer_unordered); \
-                 carve's kube-runtime Controller runs reconciles with unbounded concurrency"
+                 patch Node podCIDR), precomputed blocks, {concurrency} Nodes in flight (buffer_unordered), \
+                 like carve-controller's default --concurrency 64"
             ),
         }
     }
