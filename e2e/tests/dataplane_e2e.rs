@@ -6,9 +6,8 @@
 //! Needs root, `ip`, `bridge`, `ping` and `nft`; everything it creates is
 //! named `e2e-<pid>-…` and deleted at the end, also on panic.
 //!
-//! carve-ipam keeps its allocations in `/var/lib/carve/ipam/carve` (the
-//! conflist the agent writes sets no `dataDir`), so the three simulated nodes
-//! share one store; their blocks are disjoint, so it holds.
+//! Each simulated node's carve-ipam store sits in that node's temp dir
+//! (`--ipam-data-dir`), as it would on separate machines.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -27,7 +26,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 const NODES: usize = 3;
-const IPAM_STORE: &str = "/var/lib/carve/ipam/carve/allocations.json";
 
 fn node_ip(i: usize) -> String {
     format!("192.168.77.{}", 10 + i)
@@ -218,6 +216,8 @@ impl Cluster {
             .arg(n.bin_dir())
             .arg("--cni-conf-dir")
             .arg(n.conf_dir())
+            .arg("--ipam-data-dir")
+            .arg(n.dir.join("ipam"))
             .arg("--cni-source-dir")
             .arg(&self.source)
             .args(["--resync-interval", "1s"])
@@ -308,10 +308,15 @@ impl Cluster {
         assert_eq!(seen, pa.ip, "pod-to-pod TCP keeps the pod IP (no SNAT)");
     }
 
+    /// Every address allocated in any node's carve-ipam store.
     fn ipam_store(&self) -> Vec<String> {
-        let Ok(body) = std::fs::read(IPAM_STORE) else { return vec![] };
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        v["allocations"].as_array().unwrap().iter().map(|e| e["ip"].as_str().unwrap().to_string()).collect()
+        let mut ips = Vec::new();
+        for n in &self.nodes {
+            let Ok(body) = std::fs::read(n.dir.join("ipam/allocations.json")) else { continue };
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            ips.extend(v["allocations"].as_array().unwrap().iter().map(|e| e["ip"].as_str().unwrap().to_string()));
+        }
+        ips
     }
 
     /// Stops node `i`'s agent, starts a new one, and checks the dataplane is unchanged.
