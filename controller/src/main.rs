@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use carve_controller::leader::{LeaderElector, LeaseConfig};
 use carve_controller::metrics::{self, Metrics};
 use carve_controller::reconcile::{self, Config, Ctx};
+use carve_crds::cli::parse_duration;
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
@@ -69,18 +70,6 @@ struct Args {
     /// tracing filter, e.g. info or carve_controller=debug.
     #[arg(long, env = "CARVE_LOG_LEVEL", default_value = "info")]
     log_level: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 15s or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_tracing(args: &Args) -> Result<()> {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use carve_crds::cli::parse_duration;
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use carve_node_plugin::agent::{self, Agent, Readiness, Settings, cni};
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
@@ -86,19 +87,6 @@ struct Args {
     /// tracing filter, e.g. info or carve_node_plugin=debug.
     #[arg(long, env = "CARVE_LOG_LEVEL", default_value = "info")]
     log_level: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_tracing(args: &Args) -> Result<()> {
