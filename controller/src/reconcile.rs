@@ -331,21 +331,19 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         let reason = if pod_cidr_problems.contains(&p.to_string()) { "PodCIDRConflict" } else { "InvalidStatus" };
         publish(&ctx, nnc.object_ref(&()), EventType::Warning, reason, p.to_string()).await;
     }
+    // Why a node gets no blocks shows up once in `kubectl describe node`, when it starts.
+    if let Some(p) = &assignment.problem
+        && !previous.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == p.reason())
+    {
+        publish(&ctx, node.object_ref(&()), EventType::Warning, p.reason(), p.to_string()).await;
+    }
     let was_exhausted = previous.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "PoolExhausted");
     if let Some(p @ AssignProblem::Exhausted { pool, .. }) = &assignment.problem
         && !was_exhausted
+        && let Some(pool) = ctx.pools.get(&ObjectRef::new(pool))
     {
-        publish(&ctx, node.object_ref(&()), EventType::Warning, "PoolExhausted", p.to_string()).await;
-        if let Some(pool) = ctx.pools.get(&ObjectRef::new(pool)) {
-            publish(
-                &ctx,
-                pool.object_ref(&()),
-                EventType::Warning,
-                "PoolExhausted",
-                format!("node {name} is waiting: {p}"),
-            )
-            .await;
-        }
+        let note = format!("node {name} is waiting: {p}");
+        publish(&ctx, pool.object_ref(&()), EventType::Warning, "PoolExhausted", note).await;
     }
 
     if ctx.cfg.set_node_pod_cidrs

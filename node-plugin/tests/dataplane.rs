@@ -75,7 +75,7 @@ impl Netns {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let nl = Netlink::open()?;
-                dataplane::apply(&nl, &desired, &overlay.device).await
+                dataplane::apply(&nl, &desired, &overlay.device, std::path::Path::new("/proc/sys")).await
             })
         })
     }

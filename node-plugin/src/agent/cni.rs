@@ -94,6 +94,61 @@ pub fn install_binaries(source_dir: &Path, bin_dir: &Path) -> Result<Vec<&'stati
     Ok(installed)
 }
 
+/// The CNI version carve's conflist is written in; a chained plugin must speak it.
+pub const CONFLIST_CNI_VERSION: &str = "1.1.0";
+
+/// What `ensure_portmap` did with the node's `portmap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortmapInstall {
+    /// The node's own portmap speaks the conflist's version; left alone.
+    Kept,
+    /// Copied from the image because the node had none, or one that cannot
+    /// run the conflist (`why` says which).
+    Installed { why: String },
+}
+
+/// CNI versions an executable plugin answers to `VERSION` (as libcni asks).
+pub fn plugin_versions(plugin: &Path) -> Result<Vec<String>, String> {
+    let mut child = std::process::Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", plugin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = writeln!(stdin, r#"{{"cniVersion":"{CONFLIST_CNI_VERSION}"}}"#);
+    }
+    let out = child.wait_with_output().map_err(|e| format!("running {}: {e}", plugin.display()))?;
+    let reply: Value =
+        serde_json::from_slice(&out.stdout).map_err(|_| format!("{} gave no CNI VERSION answer", plugin.display()))?;
+    Ok(reply["supportedVersions"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
+/// Makes sure `bin_dir/portmap` exists and speaks [`CONFLIST_CNI_VERSION`]:
+/// a node's own portmap is kept when it does (the node owner may have newer
+/// plugins), otherwise the image's copy at `source` replaces it. Debian
+/// bookworm's portmap, for one, stops at CNI 1.0.0.
+pub fn ensure_portmap(source: &Path, bin_dir: &Path) -> Result<PortmapInstall, FileError> {
+    let target = bin_dir.join("portmap");
+    let why = if target.exists() {
+        match plugin_versions(&target) {
+            Ok(v) if v.iter().any(|v| v == CONFLIST_CNI_VERSION) => return Ok(PortmapInstall::Kept),
+            Ok(v) => format!("the node's portmap speaks only CNI {}", v.join(", ")),
+            Err(e) => e,
+        }
+    } else {
+        format!("{} has no portmap", bin_dir.display())
+    };
+    let body = fs::read(source).map_err(err("reading portmap", source))?;
+    write_if_changed(&target, &body, 0o755)?;
+    Ok(PortmapInstall::Installed { why })
+}
+
 /// Writes the conflist into `conf_dir/file_name`; returns whether it changed.
 pub fn write_conflist(
     conf_dir: &Path,
@@ -167,6 +222,41 @@ mod tests {
         assert_eq!(parsed, conflist(state, None));
         assert!(remove_conflist(&d, DEFAULT_CONFLIST).unwrap());
         assert!(!remove_conflist(&d, DEFAULT_CONFLIST).unwrap());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    fn fake_plugin(path: &Path, versions: &str) {
+        let script = format!(
+            "#!/bin/sh\ncat >/dev/null\necho '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[{versions}]}}'\n"
+        );
+        fs::write(path, script).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn portmap_is_installed_when_missing_or_too_old_and_kept_when_current() {
+        let d = tmpdir("portmap");
+        let (image, bin) = (d.join("image-portmap"), d.join("bin"));
+        fake_plugin(&image, r#""0.4.0","1.0.0","1.1.0""#);
+        fs::create_dir_all(&bin).unwrap();
+
+        let missing = ensure_portmap(&image, &bin).unwrap();
+        assert!(matches!(&missing, PortmapInstall::Installed { why } if why.contains("has no portmap")), "{missing:?}");
+        assert_eq!(fs::read(bin.join("portmap")).unwrap(), fs::read(&image).unwrap());
+
+        fake_plugin(&bin.join("portmap"), r#""0.4.0","1.0.0""#);
+        let old = ensure_portmap(&image, &bin).unwrap();
+        assert!(matches!(&old, PortmapInstall::Installed { why } if why.contains("only CNI 0.4.0, 1.0.0")), "{old:?}");
+        assert_eq!(plugin_versions(&bin.join("portmap")).unwrap(), ["0.4.0", "1.0.0", "1.1.0"]);
+
+        let node_own = r#""1.0.0","1.1.0""#;
+        fake_plugin(&bin.join("portmap"), node_own);
+        assert_eq!(ensure_portmap(&image, &bin).unwrap(), PortmapInstall::Kept);
+        assert_eq!(plugin_versions(&bin.join("portmap")).unwrap(), ["1.0.0", "1.1.0"]);
+
+        fs::remove_file(bin.join("portmap")).unwrap();
+        let no_source = ensure_portmap(&d.join("nowhere"), &bin).unwrap_err().to_string();
+        assert!(no_source.contains("reading portmap"), "{no_source}");
         fs::remove_dir_all(d).unwrap();
     }
 }

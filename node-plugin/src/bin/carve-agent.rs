@@ -32,6 +32,8 @@ enum LogFormat {
 #[derive(Parser, Debug)]
 #[command(name = "carve-agent", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// This node's name (the NodeNetworkConfig and Node it serves); set NODE_NAME
     /// from spec.nodeName with the downward API.
     #[arg(long, env = "NODE_NAME")]
@@ -47,13 +49,13 @@ struct Args {
     #[arg(long, env = "CARVE_IPAM_DATA_DIR")]
     ipam_data_dir: Option<PathBuf>,
     /// Directory the container runtime finds CNI plugins in.
-    #[arg(long, env = "CARVE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    #[arg(long, global = true, env = "CARVE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
     /// Directory the container runtime reads CNI network configs from.
     #[arg(long, env = "CARVE_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
     /// Where carve-cni and carve-ipam are copied from (default: the agent's own directory).
-    #[arg(long, env = "CARVE_CNI_SOURCE_DIR")]
+    #[arg(long, global = true, env = "CARVE_CNI_SOURCE_DIR")]
     cni_source_dir: Option<PathBuf>,
     /// File name of the conflist in --cni-conf-dir.
     #[arg(long, env = "CARVE_CNI_CONFLIST", default_value = cni::DEFAULT_CONFLIST)]
@@ -79,6 +81,11 @@ struct Args {
     /// agent's namespace. For simulated nodes and tests.
     #[arg(long, env = "CARVE_NETNS")]
     netns: Option<PathBuf>,
+    /// Where the IP forwarding sysctls are written: /proc/sys, or in a
+    /// container (where /proc/sys is read-only) a bind of the host's /proc/sys/net
+    /// below this directory, e.g. /host/proc/sys.
+    #[arg(long, env = "CARVE_PROC_SYS_DIR", default_value = "/proc/sys")]
+    proc_sys_dir: PathBuf,
     /// Reconcile at least this often even without changes (e.g. 30s, 500ms, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     resync_interval: Duration,
@@ -87,6 +94,17 @@ struct Args {
     /// tracing filter, e.g. info or carve_node_plugin=debug.
     #[arg(long, env = "CARVE_LOG_LEVEL", default_value = "info")]
     log_level: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Install carve-cni, carve-ipam and (when the node has none that speaks
+    /// CNI 1.1.0) portmap into --cni-bin-dir, then exit: the DaemonSet's init step.
+    InstallCni {
+        /// The portmap shipped in the image.
+        #[arg(long, default_value = "/usr/local/lib/carve/cni/portmap")]
+        portmap_source: PathBuf,
+    },
 }
 
 fn init_tracing(args: &Args) -> Result<()> {
@@ -126,14 +144,7 @@ fn settings(args: &Args) -> Result<Settings> {
     {
         bail!("--mtu {mtu} is out of range (576 to 65535)");
     }
-    let cni_source_dir = match &args.cni_source_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()
-            .context("finding the agent's own directory for --cni-source-dir")?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default(),
-    };
+    let cni_source_dir = cni_source_dir(args)?;
     Ok(Settings {
         node,
         state_file: args.state_file.clone(),
@@ -148,6 +159,33 @@ fn settings(args: &Args) -> Result<Settings> {
         vxlan_port: args.vxlan_port,
         mtu: args.mtu,
     })
+}
+
+fn cni_source_dir(args: &Args) -> Result<PathBuf> {
+    match &args.cni_source_dir {
+        Some(d) => Ok(d.clone()),
+        None => Ok(std::env::current_exe()
+            .context("finding the agent's own directory for --cni-source-dir")?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default()),
+    }
+}
+
+/// The init step: the runtime must find every plugin of the conflist before
+/// the agent writes it.
+fn install_cni(args: &Args, portmap_source: &std::path::Path) -> Result<()> {
+    let source = cni_source_dir(args)?;
+    let installed = cni::install_binaries(&source, &args.cni_bin_dir)
+        .with_context(|| format!("installing carve-cni and carve-ipam into {}", args.cni_bin_dir.display()))?;
+    info!(?installed, dir = %args.cni_bin_dir.display(), "carve-cni and carve-ipam in place");
+    match cni::ensure_portmap(portmap_source, &args.cni_bin_dir)
+        .with_context(|| format!("installing portmap into {}", args.cni_bin_dir.display()))?
+    {
+        cni::PortmapInstall::Kept => info!("the node's portmap speaks CNI {}; kept", cni::CONFLIST_CNI_VERSION),
+        cni::PortmapInstall::Installed { why } => info!(%why, "installed carve's portmap"),
+    }
+    Ok(())
 }
 
 async fn client(args: &Args) -> Result<Client> {
@@ -181,8 +219,12 @@ async fn shutdown() {
 async fn main() -> Result<()> {
     let args = Args::parse();
     init_tracing(&args)?;
+    if let Some(Command::InstallCni { portmap_source }) = &args.command {
+        return install_cni(&args, portmap_source);
+    }
     let settings = settings(&args)?;
-    let worker = Worker::spawn(args.netns.clone()).context("starting the dataplane thread")?;
+    let worker =
+        Worker::spawn(args.netns.clone(), args.proc_sys_dir.clone()).context("starting the dataplane thread")?;
     let client = client(&args).await?;
     let node = settings.node.clone();
     info!(node = %node, netns = ?args.netns, "carve-agent starting");

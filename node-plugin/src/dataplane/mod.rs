@@ -42,9 +42,9 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Nft(#[from] nft::NftError),
-    #[error("enabling IP forwarding ({path}): {source}")]
+    #[error("enabling IP forwarding ({}): {source}", path.display())]
     Forwarding {
-        path: &'static str,
+        path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -69,15 +69,16 @@ impl Applied {
     }
 }
 
-fn ensure_forwarding(desired: &Desired) -> Result<(), DataplaneError> {
+/// `proc_sys` is /proc/sys, or a writable bind of the host's (containers get /proc/sys read-only).
+fn ensure_forwarding(desired: &Desired, proc_sys: &std::path::Path) -> Result<(), DataplaneError> {
     for s in &desired.snat {
-        let path = match s.family {
-            Family::V4 => "/proc/sys/net/ipv4/ip_forward",
-            Family::V6 => "/proc/sys/net/ipv6/conf/all/forwarding",
-        };
-        let on = std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false);
+        let path = proc_sys.join(match s.family {
+            Family::V4 => "net/ipv4/ip_forward",
+            Family::V6 => "net/ipv6/conf/all/forwarding",
+        });
+        let on = std::fs::read_to_string(&path).map(|v| v.trim() == "1").unwrap_or(false);
         if !on {
-            std::fs::write(path, "1").map_err(|source| DataplaneError::Forwarding { path, source })?;
+            std::fs::write(&path, "1").map_err(|source| DataplaneError::Forwarding { path, source })?;
         }
     }
     Ok(())
@@ -86,10 +87,16 @@ fn ensure_forwarding(desired: &Desired) -> Result<(), DataplaneError> {
 /// Reconciles the kernel (the namespace of `nl`'s socket, and of the calling
 /// thread for `nft` and the forwarding sysctls) with `desired`. Keeps going
 /// after a failed step and reports every failure; the next call retries.
-/// `vxlan_device` is the overlay device name, removed when `desired` has none.
-pub async fn apply(nl: &Netlink, desired: &Desired, vxlan_device: &str) -> Result<Applied, DataplaneError> {
+/// `vxlan_device` is the overlay device name, removed when `desired` has none;
+/// the forwarding sysctls are found under `proc_sys`.
+pub async fn apply(
+    nl: &Netlink,
+    desired: &Desired,
+    vxlan_device: &str,
+    proc_sys: &std::path::Path,
+) -> Result<Applied, DataplaneError> {
     let mut errors = Vec::new();
-    ensure_forwarding(desired)?;
+    ensure_forwarding(desired, proc_sys)?;
 
     let mut vxlan_removed = false;
     let vxlan = match &desired.vxlan {

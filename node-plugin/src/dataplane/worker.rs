@@ -29,8 +29,9 @@ fn gone() -> DataplaneError {
 }
 
 impl Worker {
-    /// Starts the thread, entering `netns` (a path such as /run/netns/node-a) first when given.
-    pub fn spawn(netns: Option<PathBuf>) -> Result<Self, DataplaneError> {
+    /// Starts the thread, entering `netns` (a path such as /run/netns/node-a) first when given;
+    /// `proc_sys` is where it finds the forwarding sysctls (normally /proc/sys).
+    pub fn spawn(netns: Option<PathBuf>, proc_sys: PathBuf) -> Result<Self, DataplaneError> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), DataplaneError>>();
         std::thread::Builder::new()
@@ -63,7 +64,7 @@ impl Worker {
                 while let Ok(job) = rx.recv() {
                     match job {
                         Job::Apply { desired, vxlan_device, reply } => {
-                            let _ = reply.send(rt.block_on(super::apply(&nl, &desired, &vxlan_device)));
+                            let _ = reply.send(rt.block_on(super::apply(&nl, &desired, &vxlan_device, &proc_sys)));
                         }
                         Job::UnderlayMtu { node_ip, reply } => {
                             let _ = reply.send(rt.block_on(nl.mtu_of_address(node_ip)));
