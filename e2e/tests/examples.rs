@@ -1,0 +1,134 @@
+//! Each file in examples/ applied as a user would (`kubectl apply -f`), with
+//! carve-controller and three Nodes, and the NodeNetworkConfigs it leads to.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use carve_crds::NodeNetworkConfig;
+use carve_e2e::ControlPlane;
+use carve_e2e::testkit::{node, start_controller, wait_for};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::api::PostParams;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What one node ended up with: pool, mode, blocks and its Node's podCIDRs (sorted).
+#[derive(Debug, PartialEq, Eq)]
+struct Carved {
+    pool: String,
+    mode: String,
+    blocks: Vec<String>,
+    pod_cidrs: Vec<String>,
+}
+
+/// Applies `example`, registers `nodes` (name, agent-pool label) and returns
+/// each node's NNC once all of them are Ready.
+async fn run_example(example: &str, nodes: &[(&str, Option<&str>)]) -> Vec<(String, Carved)> {
+    let cp = ControlPlane::start().await.expect("control plane");
+    cp.install_crds().expect("CRDs");
+    let client = cp.client().await.unwrap();
+    cp.kubectl_ok(&["apply", "-f", example]).unwrap();
+    start_controller(&cp, "controller", &[]).unwrap();
+    let node_api = Api::<Node>::all(client.clone());
+    for (i, (name, pool)) in nodes.iter().enumerate() {
+        let mut n = node(name, &format!("192.168.72.{}", 10 + i));
+        if let Some(p) = pool {
+            n.metadata.labels = Some([("kubernetes.azure.com/agentpool".to_string(), p.to_string())].into());
+        }
+        node_api.create(&PostParams::default(), &n).await.unwrap();
+    }
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    let mut out = Vec::new();
+    for (name, _) in nodes {
+        let nnc = wait_for(&format!("nnc/{name} Ready"), WAIT, || async {
+            match nncs.get_opt(name).await {
+                Ok(Some(n))
+                    if n.status
+                        .as_ref()
+                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")) =>
+                {
+                    Ok(n)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let s = nnc.status.unwrap();
+        let mut blocks: Vec<String> = s.blocks.iter().map(|b| b.cidr.clone()).collect();
+        blocks.sort();
+        let node = node_api.get(name).await.unwrap();
+        let mut pod_cidrs = node.spec.and_then(|s| s.pod_cidrs).unwrap_or_default();
+        pod_cidrs.sort();
+        let mode = s.mode.map(|m| format!("{m:?}")).unwrap_or_default();
+        out.push((name.to_string(), Carved { pool: s.pool.unwrap_or_default(), mode, blocks, pod_cidrs }));
+    }
+    out
+}
+
+fn all_blocks(carved: &[(String, Carved)]) -> BTreeSet<String> {
+    carved.iter().flat_map(|(_, c)| c.blocks.clone()).collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn overlay_example_gives_each_node_a_24_and_its_pod_cidr() {
+    let carved = run_example("examples/overlay.yaml", &[("node-1", None), ("node-2", None), ("node-3", None)]).await;
+    assert_eq!(all_blocks(&carved), set(&["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"]));
+    for (name, c) in &carved {
+        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("overlay", "Overlay", 1), "{name}: {c:?}");
+        assert_eq!(c.pod_cidrs, c.blocks, "{name}: Node podCIDRs follow the NNC (kubenet compatibility)");
+    }
+}
+
+#[tokio::test]
+async fn vnet_example_carves_26_blocks_around_azure_reserved_addresses() {
+    let carved = run_example("examples/vnet.yaml", &[("node-1", None), ("node-2", None), ("node-3", None)]).await;
+    // 10.224.0.0/26 holds the subnet's network, gateway and two DNS addresses
+    // (10.224.0.0–3), which Azure reserves: the first usable /26 starts at .64.
+    assert_eq!(all_blocks(&carved), set(&["10.224.0.64/26", "10.224.0.128/26", "10.224.0.192/26"]));
+    for (name, c) in &carved {
+        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("vnet", "VNet", 1), "{name}: {c:?}");
+        assert!(c.pod_cidrs.is_empty(), "{name}: VNet blocks are not written as Node podCIDRs: {c:?}");
+    }
+}
+
+#[tokio::test]
+async fn dual_stack_example_gives_each_node_a_24_and_an_80() {
+    let carved = run_example("examples/dual-stack.yaml", &[("node-1", None), ("node-2", None), ("node-3", None)]).await;
+    assert_eq!(
+        all_blocks(&carved),
+        set(&[
+            "10.244.0.0/24",
+            "10.244.1.0/24",
+            "10.244.2.0/24",
+            "fd12:3456:789a::/80",
+            "fd12:3456:789a:0:1::/80",
+            "fd12:3456:789a:0:2::/80",
+        ])
+    );
+    for (name, c) in &carved {
+        assert_eq!(c.blocks.len(), 2, "{name}: one block per family: {c:?}");
+        assert!(c.blocks.iter().any(|b| b.starts_with("10.244.")) && c.blocks.iter().any(|b| b.starts_with("fd12:")));
+        assert_eq!(c.pod_cidrs, c.blocks, "{name}: both families in Node podCIDRs");
+    }
+}
+
+#[tokio::test]
+async fn two_pools_example_serves_each_agent_pool_from_its_own_range() {
+    let carved = run_example(
+        "examples/two-pools.yaml",
+        &[("sys-1", Some("system")), ("user-1", Some("user")), ("sys-2", Some("system"))],
+    )
+    .await;
+    let by_node: Vec<(&str, &str, BTreeSet<String>)> =
+        carved.iter().map(|(n, c)| (n.as_str(), c.pool.as_str(), c.blocks.iter().cloned().collect())).collect();
+    let system: BTreeSet<String> =
+        by_node.iter().filter(|(_, p, _)| *p == "system").flat_map(|(_, _, b)| b.clone()).collect();
+    assert_eq!(system, set(&["10.244.0.0/24", "10.244.1.0/24"]), "{carved:?}");
+    assert!(by_node.iter().any(|(n, p, b)| *n == "user-1" && *p == "user" && *b == set(&["10.245.0.0/24"])));
+    assert!(by_node.iter().filter(|(n, _, _)| n.starts_with("sys-")).all(|(_, p, _)| *p == "system"), "{carved:?}");
+}
