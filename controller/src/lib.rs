@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod allocator;
+pub mod check;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
 pub mod reconcile;
 pub mod selector;
 pub mod views;
