@@ -6,7 +6,7 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench clean
+.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench clean dist
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
@@ -16,12 +16,30 @@ help:
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
 	@echo "make release       release binaries in target/release/"
+	@echo "make dist          CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 
 build:
 	$(CARGO) build --workspace
 
 release:
 	$(CARGO) build --workspace --release
+
+# carve-cni and carve-ipam for hosts without the DaemonSet (VMs), as a release
+# tarball + sha256sum file; scripts/install-cni-plugin.sh installs it.
+DIST_DIR := target/dist
+dist:
+	$(CARGO) build --release -p carve-node-plugin --bin carve-cni --bin carve-ipam
+	@set -euo pipefail; \
+	version=$$(sed -n '/^\[workspace\.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' Cargo.toml); \
+	[[ -n $$version ]] || { echo "make dist: no [workspace.package] version in Cargo.toml" >&2; exit 1; }; \
+	case $$(uname -m) in x86_64|amd64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; \
+	  *) echo "make dist: unsupported architecture $$(uname -m) (amd64 and arm64 are built)" >&2; exit 1 ;; esac; \
+	name=carve-cni-plugins-linux-$$arch-v$$version.tgz; \
+	mkdir -p $(DIST_DIR); \
+	tar -C target/release --owner=0 --group=0 --numeric-owner --mode=0755 -czf $(DIST_DIR)/$$name.tmp carve-cni carve-ipam; \
+	mv -f $(DIST_DIR)/$$name.tmp $(DIST_DIR)/$$name; \
+	(cd $(DIST_DIR) && sha256sum $$name > $$name.sha256.tmp && mv -f $$name.sha256.tmp $$name.sha256); \
+	echo $(DIST_DIR)/$$name
 
 crds:
 	$(CARGO) run -q -p carve-crds --bin crdgen

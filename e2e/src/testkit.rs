@@ -25,6 +25,24 @@ fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
     newest
 }
 
+/// Drops the variables cargo sets for a running test (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, …) from `cmd`. A cargo started with them set sees
+/// build scripts that watch them (ring's, through `rerun-if-env-changed`) as
+/// dirty and rebuilds everything above them, here and on the next plain build.
+pub fn without_test_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"]
+                .contains(&k.as_ref())
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// A binary of this workspace (e.g. `carve-controller`) in the same target
 /// folder as the running test. `cargo test --workspace` builds it already;
 /// when it is missing or older than its package's sources (a test run on its
@@ -44,6 +62,7 @@ pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
     };
     if stale && !built.contains(name) {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        without_test_env(&mut cmd);
         cmd.args(["build", "-q", "-p", package, "--bin", name]).current_dir(crate::repo_root());
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
