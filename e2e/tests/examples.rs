@@ -41,23 +41,23 @@ async fn run_example(example: &str, nodes: &[(&str, Option<&str>)]) -> Vec<(Stri
     let nncs = Api::<NodeNetworkConfig>::all(client.clone());
     let mut out = Vec::new();
     for (name, _) in nodes {
-        let nnc = wait_for(&format!("nnc/{name} Ready"), WAIT, || async {
-            match nncs.get_opt(name).await {
-                Ok(Some(n))
-                    if n.status
-                        .as_ref()
-                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")) =>
-                {
-                    Ok(n)
-                }
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        // The controller writes the NNC status first and the Node's podCIDRs
+        // (Overlay) right after: wait for both.
+        let (nnc, node) =
+            wait_for(&format!("nnc/{name} Ready (and, in Overlay, node/{name} podCIDRs)"), WAIT, || async {
+                let nnc = nncs.get_opt(name).await.map_err(|e| e.to_string())?.ok_or("no NNC yet")?;
+                let node = node_api.get(name).await.map_err(|e| e.to_string())?;
+                let s = nnc.status.clone().unwrap_or_default();
+                let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+                let overlay = s.mode == Some(carve_crds::PoolMode::Overlay);
+                let has_pod_cidrs =
+                    node.spec.as_ref().and_then(|s| s.pod_cidrs.as_ref()).is_some_and(|c| !c.is_empty());
+                if ready && (!overlay || has_pod_cidrs) { Ok((nnc, node)) } else { Err(format!("{s:?}")) }
+            })
+            .await;
         let s = nnc.status.unwrap();
         let mut blocks: Vec<String> = s.blocks.iter().map(|b| b.cidr.clone()).collect();
         blocks.sort();
-        let node = node_api.get(name).await.unwrap();
         let mut pod_cidrs = node.spec.and_then(|s| s.pod_cidrs).unwrap_or_default();
         pod_cidrs.sort();
         let mode = s.mode.map(|m| format!("{m:?}")).unwrap_or_default();
