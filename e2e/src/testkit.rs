@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -104,6 +104,30 @@ pub fn node(name: &str, internal_ip: &str) -> Node {
             ..Default::default()
         }),
     }
+}
+
+/// carve-agent for a simulated node: its dataplane in the network namespace
+/// `netns`, its state file (`dir/node-state.json`) and CNI dirs (`dir/bin`,
+/// `dir/net.d`) under `dir`, carve-cni and carve-ipam copied from `source`.
+/// Callers add flags; a later `.env` overrides the log level.
+pub fn node_agent(agent: &Path, kubeconfig: &Path, node: &str, netns: &Path, dir: &Path, source: &Path) -> Command {
+    let mut cmd = Command::new(agent);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env("NODE_NAME", node)
+        .env_remove("CARVE_STATE_FILE")
+        .arg("--netns")
+        .arg(netns)
+        .arg("--state-file")
+        .arg(dir.join("node-state.json"))
+        .arg("--cni-bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--cni-source-dir")
+        .arg(source)
+        .env("CARVE_LOG_LEVEL", "info,kube_runtime=warn");
+    cmd
 }
 
 /// A carve-controller process against `cp`, supervised by the harness under `name`.

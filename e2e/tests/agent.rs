@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
 use carve_e2e::ControlPlane;
-use carve_e2e::testkit::{node, wait_for, workspace_bin};
+use carve_e2e::testkit::{node, node_agent, wait_for, workspace_bin};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -119,22 +119,8 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NODE_NAME is not set"), "{out:?}");
 
-    let mut cmd = Command::new(&agent);
-    cmd.arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .env("NODE_NAME", "node-a")
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--state-file")
-        .arg(&state)
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-conf-dir")
-        .arg(&conf)
-        .arg("--cni-source-dir")
-        .arg(source)
-        .args(["--non-masquerade-cidrs", "172.16.0.0/12", "--resync-interval", "1s"])
-        .env("CARVE_LOG_LEVEL", "info,kube_runtime=warn");
+    let mut cmd = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), &tmp.0, source);
+    cmd.args(["--non-masquerade-cidrs", "172.16.0.0/12", "--resync-interval", "1s"]);
     cp.spawn("agent-a", cmd).unwrap();
 
     // An NNC with no blocks yet: not ready, nothing written.
@@ -202,22 +188,8 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
         json!({ "mode": "Overlay", "nodeIP": "192.168.70.12", "blocks": [block("10.244.3.0/24", "10.244.3.1")] }),
     )
     .await;
-    let mut again = Command::new(&agent);
-    again
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .env("NODE_NAME", "node-a")
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--state-file")
-        .arg(&state)
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-conf-dir")
-        .arg(&conf)
-        .arg("--cni-source-dir")
-        .arg(source)
-        .args(["--resync-interval", "1s"]);
+    let mut again = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), &tmp.0, source);
+    again.args(["--resync-interval", "1s"]);
     cp.spawn("agent-a2", again).unwrap();
     wait_for("node-c's route after the restart", WAIT, || async {
         let r = carve_routes(&ns);

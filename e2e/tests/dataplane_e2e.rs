@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
 use carve_e2e::netns::Netns;
-use carve_e2e::testkit::{node, start_controller, wait_for, workspace_bin};
+use carve_e2e::testkit::{node, node_agent, start_controller, wait_for, workspace_bin};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, PostParams};
@@ -203,25 +203,8 @@ impl Cluster {
 
     fn start_agent(&self, i: usize, process: &str) {
         let n = &self.nodes[i];
-        let mut cmd = Command::new(&self.agent);
-        cmd.arg("--kubeconfig")
-            .arg(self.cp.kubeconfig())
-            .env("NODE_NAME", &n.name)
-            .env_remove("CARVE_STATE_FILE")
-            .arg("--netns")
-            .arg(n.ns.path())
-            .arg("--state-file")
-            .arg(n.state_file())
-            .arg("--cni-bin-dir")
-            .arg(n.bin_dir())
-            .arg("--cni-conf-dir")
-            .arg(n.conf_dir())
-            .arg("--ipam-data-dir")
-            .arg(n.dir.join("ipam"))
-            .arg("--cni-source-dir")
-            .arg(&self.source)
-            .args(["--resync-interval", "1s"])
-            .env("CARVE_LOG_LEVEL", "info,kube_runtime=warn");
+        let mut cmd = node_agent(&self.agent, self.cp.kubeconfig(), &n.name, &n.ns.path(), &n.dir, &self.source);
+        cmd.arg("--ipam-data-dir").arg(n.dir.join("ipam")).args(["--resync-interval", "1s"]);
         self.cp.spawn(process, cmd).unwrap();
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use carve_e2e::netns::Netns;
-use carve_e2e::testkit::{node, wait_for, workspace_bin};
+use carve_e2e::testkit::{node, node_agent, wait_for, workspace_bin};
 use carve_e2e::{ControlPlane, Options, repo_root};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -392,22 +392,9 @@ async fn controller_and_agent_run_with_exactly_the_manifests_rbac() {
     let agent_cfg = impersonating(&cp, "agent-a.kubeconfig", AGENT_SA, Some("node-a"));
     let cni = workspace_bin("carve-node-plugin", "carve-cni").unwrap();
     workspace_bin("carve-node-plugin", "carve-ipam").unwrap();
-    let mut cmd = Command::new(workspace_bin("carve-node-plugin", "carve-agent").unwrap());
-    cmd.args(args_without(a, &["--proc-sys-dir"]))
-        .arg("--kubeconfig")
-        .arg(&agent_cfg)
-        .env("NODE_NAME", "node-a")
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--state-file")
-        .arg(tmp.join("node-state.json"))
-        .arg("--cni-bin-dir")
-        .arg(tmp.join("bin"))
-        .arg("--cni-conf-dir")
-        .arg(tmp.join("net.d"))
-        .arg("--cni-source-dir")
-        .arg(cni.parent().unwrap())
-        .env("CARVE_LOG_LEVEL", "info,kube_runtime=warn");
+    let agent = workspace_bin("carve-node-plugin", "carve-agent").unwrap();
+    let mut cmd = node_agent(&agent, &agent_cfg, "node-a", &ns.path(), &tmp, cni.parent().unwrap());
+    cmd.args(args_without(a, &["--proc-sys-dir"]));
     cp.spawn("agent-a", cmd).unwrap();
     wait_for("node-a NetworkUnavailable=False (CarveReady)", WAIT, || async {
         match network_unavailable(&admin, "node-a").await {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
 use carve_e2e::ControlPlane;
 use carve_e2e::netns::Netns;
-use carve_e2e::testkit::node;
+use carve_e2e::testkit::{node, node_agent};
 use clap::Parser;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -240,22 +240,9 @@ async fn agent_rss(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
         nncs.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
     }
 
-    let mut cmd = Command::new(carve_dir.join("carve-agent"));
-    cmd.arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .env("NODE_NAME", "node-0")
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--state-file")
-        .arg(tmp.join("agent/node-state.json"))
-        .arg("--cni-bin-dir")
-        .arg(tmp.join("agent/bin"))
-        .arg("--cni-conf-dir")
-        .arg(tmp.join("agent/net.d"))
-        .arg("--cni-source-dir")
-        .arg(carve_dir)
-        .args(["--resync-interval", "1s"])
-        .env("CARVE_LOG_LEVEL", "warn");
+    let agent = carve_dir.join("carve-agent");
+    let mut cmd = node_agent(&agent, cp.kubeconfig(), "node-0", &ns.path(), &tmp.join("agent"), carve_dir);
+    cmd.args(["--resync-interval", "1s"]).env("CARVE_LOG_LEVEL", "warn");
     let started = Instant::now();
     let pid = cp.spawn("agent", cmd)?;
     let deadline = started + Duration::from_secs(60);
