@@ -6,17 +6,18 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench clean dist
+.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench clean dist image
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures"
-	@echo "make cluster-up    local etcd + kube-apiserver in the background ($(KUBECONFIG_OUT))"
+	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
 	@echo "make release       release binaries in target/release/"
 	@echo "make dist          CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
+	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
 
 build:
 	$(CARGO) build --workspace
@@ -41,6 +42,13 @@ dist:
 	(cd $(DIST_DIR) && sha256sum $$name > $$name.sha256.tmp && mv -f $$name.sha256.tmp $$name.sha256); \
 	echo $(DIST_DIR)/$$name
 
+# The local nodes' images as one-layer OCI archives, no container engine:
+# carve's (the release binaries, portmap, nft; the Dockerfile's layout), a
+# static pause and busybox. Each imports with `ctr -n k8s.io images import`.
+image:
+	$(CARGO) build --release -p carve-controller -p carve-node-plugin
+	$(CARGO) run -q --release -p carve-e2e --bin carve-image -- --out-dir target/images
+
 crds:
 	$(CARGO) run -q -p carve-crds --bin crdgen
 
@@ -53,42 +61,25 @@ $(CLUSTER): FORCE
 	@$(CARGO) build -q -p carve-e2e --bin carve-cluster
 FORCE:
 
-cluster-up: $(CLUSTER)
-	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) up
+# NODES=0: etcd + kube-apiserver on loopback (the fast tiers). NODES=N: also
+# kube-controller-manager, kube-scheduler and N kubelet + kube-proxy +
+# containerd nodes on an isolated underlay (10.224.0.4, .5, ...), every node
+# importing the images `make image` builds. Needs root.
+NODES ?= 0
+cluster-up: $(CLUSTER) $(if $(filter-out 0,$(NODES)),image)
+	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) up
 
 cluster-down: $(CLUSTER)
 	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; rm -f target/e2e/controller.pid; fi
 	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) down
 
-# The main job on the embedded control plane: carve-controller carves the
-# overlay pool into a /24 per Node, records it in each NodeNetworkConfig and
-# sets the Nodes' podCIDRs.
-DEMO_NODES := node-1 node-2 node-3
-demo: cluster-up
-	$(CARGO) build -q --release -p carve-controller
-	$(KUBECTL) apply -f crds/
-	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/podcidrs.carve.dev crd/nodenetworkconfigs.carve.dev
-	$(KUBECTL) apply -f examples/overlay.yaml
-	$(KUBECTL) create namespace carve-system --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; fi
-	@nohup target/release/carve-controller --kubeconfig $(KUBECONFIG_OUT) --metrics-addr 127.0.0.1:9464 \
-		> target/e2e/controller.log 2>&1 & echo $$! > target/e2e/controller.pid
-	@n=1; for node in $(DEMO_NODES); do \
-		printf 'apiVersion: v1\nkind: Node\nmetadata:\n  name: %s\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.56.%s\n' $$node $$((n+10)) \
-		| $(KUBECTL) apply -f - ; n=$$((n+1)); done
-	@for i in $$(seq 1 50); do \
-		[ "$$($(KUBECTL) get nodes -o jsonpath='{range .items[*]}{.spec.podCIDR}{" "}{end}' | wc -w)" -ge 3 ] \
-		&& [ "$$($(KUBECTL) get pcidr overlay -o jsonpath='{.status.allocated}')" = 3 ] && break; sleep 0.2; done
-	@echo
-	$(KUBECTL) get podcidrs
-	@echo
-	$(KUBECTL) get nodenetworkconfigs
-	@echo
-	$(KUBECTL) get nodes -o custom-columns=NODE:.metadata.name,POD-CIDR:.spec.podCIDR
-	@echo
-	@echo "The control plane and carve-controller keep running (metrics on http://127.0.0.1:9464/metrics)."
-	@echo "  export KUBECONFIG=$(abspath $(KUBECONFIG_OUT))"
-	@echo "  make cluster-down   stops both"
+# The main job on the embedded cluster: three real nodes, carve deployed from
+# its image with `kubectl apply -f crds/ -f manifests/`, the overlay pool, six
+# pods spread over the nodes and a ping between two of them. The cluster keeps
+# running afterwards.
+demo:
+	@$(MAKE) --no-print-directory cluster-up NODES=3
+	@e2e/scripts/demo.sh $(BINS)/kubectl $(KUBECONFIG_OUT)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kubectl) and cnitool from Go modules at pinned versions, into a cache outside
-# the repo. A second run finds the binaries and returns at once.
+# Builds the local cluster's binaries from Go modules at pinned versions, into a
+# cache outside the repo: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, and for real nodes kubelet and kube-proxy; cnitool
+# (current, and v1.1.2: the libcni containerd 1.6/1.7 embed) and the reference
+# CNI plugins. A second run finds the binaries and returns at once.
 #
 # Prints the bin dir on stdout; progress goes to stderr.
 set -euo pipefail
 
 K8S_VERSION="${CARVE_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${CARVE_ETCD_VERSION:-v3.6.16}"
-CNI_VERSION="${CARVE_CNI_VERSION:-v1.3.0}"
+CNI_VERSION="${CARVE_CNITOOL_VERSION:-v1.3.0}"
+OLD_LIBCNI_VERSION=v1.1.2
 # Reference plugins new enough to speak CNI 1.1.0 (Debian bookworm's stop at 1.0.0).
 PLUGINS_VERSION="${CARVE_CNI_PLUGINS_VERSION:-v1.9.1}"
 CACHE="${CARVE_CACHE:-$HOME/.cache/carve}"
@@ -56,7 +59,7 @@ GO
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean"
   done
-  for cmd in kube-apiserver kube-controller-manager kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     if need "$cmd"; then
       log "building $cmd $K8S_VERSION (cold builds take minutes)"
       (cd "$dir" && go build -mod=mod -trimpath -ldflags "$ldflags" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
@@ -94,14 +97,24 @@ GO
 }
 
 build_cnitool() {
-  need cnitool || return 0
-  log "building cnitool $CNI_VERSION"
-  GOBIN="$BIN" go install "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+  if need cnitool; then
+    log "building cnitool $CNI_VERSION"
+    GOBIN="$BIN" go install "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+  fi
+  # containerd 1.6 and 1.7 vendor libcni v1.1.2, which knows results only up
+  # to CNI 1.0.0: the regression tests run conflists through this one too.
+  if need "cnitool-$OLD_LIBCNI_VERSION"; then
+    log "building cnitool $OLD_LIBCNI_VERSION (containerd 1.6/1.7's libcni)"
+    local tmp="$work/cnitool-$OLD_LIBCNI_VERSION"
+    mkdir -p "$tmp"
+    GOBIN="$tmp" go install "github.com/containernetworking/cni/cnitool@$OLD_LIBCNI_VERSION"
+    mv "$tmp/cnitool" "$BIN/cnitool-$OLD_LIBCNI_VERSION"
+  fi
 }
 
 build_cni_plugins() {
   local p
-  for p in meta/portmap main/bridge ipam/host-local; do
+  for p in meta/portmap main/bridge ipam/host-local main/loopback; do
     [[ -x "$PLUGINS/${p##*/}" ]] && continue
     log "building CNI plugin ${p##*/} $PLUGINS_VERSION"
     mkdir -p "$PLUGINS"

@@ -93,6 +93,8 @@ pub fn sweep_stale_dirs() {
                 .and_then(|m| m.modified())
                 .map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
                 .unwrap_or(true) => {}
+            // A real-node cluster leaves processes, cgroups and namespaces too.
+            _ if entry.path().join("cluster.json").exists() => crate::cluster::reap_cluster_dir(&entry.path()),
             _ => {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -105,11 +107,30 @@ pub fn sweep_stale_dirs() {
 pub struct Options {
     /// Appended to kube-apiserver's flags (later flags win).
     pub apiserver_args: Vec<String>,
+    /// Run every control-plane process inside this network namespace (the
+    /// real-node cluster's underlay) instead of on the host's loopback. The
+    /// host then reaches the API server through a loopback forwarder.
+    pub netns: Option<PathBuf>,
+    /// The address kube-apiserver advertises (the `kubernetes` Service's
+    /// endpoint) and nodes dial; it listens on all of the namespace's
+    /// addresses on [`NETNS_API_PORT`]. Needs `netns`.
+    pub advertise_address: Option<String>,
+    /// Also run kube-controller-manager (every controller but node IPAM: carve
+    /// owns pod CIDRs) and kube-scheduler, as a cluster with nodes needs.
+    pub components: bool,
 }
+
+/// kube-apiserver's port inside a control-plane network namespace.
+pub const NETNS_API_PORT: u16 = 6443;
+/// The `kubernetes` Service's cluster IP (first address of [`SERVICE_CIDR`]).
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 
 /// A running etcd + kube-apiserver; see the module docs.
 pub struct ControlPlane {
     keeper: ProcessKeeper,
+    netns: Option<PathBuf>,
+    pki: Option<Pki>,
+    forwarder: Option<crate::netns::TcpForwarder>,
     dir: PathBuf,
     bins: PathBuf,
     kubeconfig: PathBuf,
@@ -136,6 +157,9 @@ impl ControlPlane {
         let started = Instant::now();
         let mut cp = ControlPlane {
             keeper: ProcessKeeper::new(),
+            netns: opts.netns.clone(),
+            pki: None,
+            forwarder: None,
             kubeconfig: dir.join("kubeconfig"),
             dir,
             bins,
@@ -148,25 +172,49 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// A command for `program` that runs in the control plane's network
+    /// namespace when it has one.
+    fn command(&self, program: PathBuf) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", ns.display())).arg("--").arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     async fn launch(&mut self, opts: &Options) -> Result<()> {
-        let pki = Pki::generate()?;
+        let mut sans = Vec::new();
+        if let Some(addr) = &opts.advertise_address {
+            sans.push(addr.clone());
+            sans.push(KUBERNETES_SERVICE_IP.to_string());
+        }
+        let pki = Pki::generate(&sans)?;
         let pki_dir = self.dir.join("pki");
         std::fs::create_dir_all(&pki_dir)?;
+        let kubelet_client = pki.client_cert("kube-apiserver-kubelet-client", Some("system:masters"))?;
         for (name, body) in [
             ("ca.crt", &pki.ca_pem),
             ("apiserver.crt", &pki.serving_cert_pem),
             ("apiserver.key", &pki.serving_key_pem),
             ("sa.key", &pki.sa_key_pem),
             ("sa.pub", &pki.sa_pub_pem),
+            ("kubelet-client.crt", &kubelet_client.cert_pem),
+            ("kubelet-client.key", &kubelet_client.key_pem),
         ] {
             std::fs::write(pki_dir.join(name), body)?;
         }
 
-        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        // In its own namespace the control plane has the fixed ports to itself.
+        let in_netns = self.netns.is_some();
+        let (etcd_port, peer_port, api_port) =
+            if in_netns { (2379, 2380, NETNS_API_PORT) } else { (free_port()?, free_port()?, free_port()?) };
         self.etcd = format!("http://127.0.0.1:{etcd_port}");
         self.server = format!("https://127.0.0.1:{api_port}");
 
-        let mut etcd = Command::new(self.bins.join("etcd"));
+        let mut etcd = self.command(self.bins.join("etcd"));
         etcd.args([
             "--name=carve-e2e".to_string(),
             format!("--data-dir={}", self.dir.join("etcd").display()),
@@ -182,11 +230,15 @@ impl ControlPlane {
         self.keeper.spawn("etcd", etcd, self.dir.join("etcd.log"))?;
 
         let pki_path = |f: &str| pki_dir.join(f).display().to_string();
-        let mut api = Command::new(self.bins.join("kube-apiserver"));
+        let mut api = self.command(self.bins.join("kube-apiserver"));
+        let (bind, advertise) = match &opts.advertise_address {
+            Some(addr) => ("0.0.0.0".to_string(), addr.clone()),
+            None => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+        };
         api.args([
             format!("--etcd-servers={}", self.etcd),
-            "--bind-address=127.0.0.1".to_string(),
-            "--advertise-address=127.0.0.1".to_string(),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", self.dir.join("apiserver-certs").display()),
             format!("--tls-cert-file={}", pki_path("apiserver.crt")),
@@ -196,26 +248,95 @@ impl ControlPlane {
             format!("--service-account-signing-key-file={}", pki_path("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            "--authorization-mode=RBAC".to_string(),
+            format!("--kubelet-client-certificate={}", pki_path("kubelet-client.crt")),
+            format!("--kubelet-client-key={}", pki_path("kubelet-client.key")),
+            "--kubelet-preferred-address-types=InternalIP".to_string(),
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
             "--v=1".to_string(),
         ]);
+        if opts.components {
+            // Node authorizer + NodeRestriction: kubelets really are limited
+            // to their own Node and pods.
+            api.args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"]);
+        } else {
+            api.arg("--authorization-mode=RBAC");
+        }
         api.args(&opts.apiserver_args);
         self.keeper.spawn("kube-apiserver", api, self.dir.join("kube-apiserver.log"))?;
 
+        if let Some(ns) = &self.netns {
+            let target = format!("127.0.0.1:{api_port}").parse()?;
+            let fwd = crate::netns::TcpForwarder::start(ns, target)?;
+            self.server = format!("https://{}", fwd.local_addr());
+            self.forwarder = Some(fwd);
+        }
         std::fs::write(&self.kubeconfig, self.kubeconfig_yaml(&pki))?;
-        self.wait_ready().await
+        self.pki = Some(pki);
+        self.wait_ready().await?;
+        if opts.components {
+            self.start_components(&pki_dir, api_port)?;
+        }
+        Ok(())
+    }
+
+    /// kube-controller-manager and kube-scheduler, each as its own user.
+    fn start_components(&self, pki_dir: &Path, api_port: u16) -> Result<()> {
+        let server = format!("https://127.0.0.1:{api_port}");
+        let pki_path = |f: &str| pki_dir.join(f).display().to_string();
+        let kcm_kubeconfig =
+            self.write_kubeconfig("kube-controller-manager", &server, "system:kube-controller-manager", None)?;
+        let mut kcm = self.command(self.bins.join("kube-controller-manager"));
+        kcm.args([
+            format!("--kubeconfig={}", kcm_kubeconfig.display()),
+            format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
+            format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()),
+            // carve owns pod CIDRs: no node IPAM, no allocate-node-cidrs.
+            "--controllers=*,-node-ipam-controller".to_string(),
+            "--allocate-node-cidrs=false".to_string(),
+            format!("--service-account-private-key-file={}", pki_path("sa.key")),
+            format!("--root-ca-file={}", pki_path("ca.crt")),
+            "--use-service-account-credentials=true".to_string(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--leader-elect=false".to_string(),
+            "--bind-address=127.0.0.1".to_string(),
+            // Pods on a node that stops answering move within seconds.
+            "--node-monitor-grace-period=20s".to_string(),
+            "--v=1".to_string(),
+        ]);
+        self.keeper.spawn("kube-controller-manager", kcm, self.dir.join("kube-controller-manager.log"))?;
+
+        let sched_kubeconfig = self.write_kubeconfig("kube-scheduler", &server, "system:kube-scheduler", None)?;
+        let mut sched = self.command(self.bins.join("kube-scheduler"));
+        sched.args([
+            format!("--kubeconfig={}", sched_kubeconfig.display()),
+            format!("--authentication-kubeconfig={}", sched_kubeconfig.display()),
+            format!("--authorization-kubeconfig={}", sched_kubeconfig.display()),
+            "--leader-elect=false".to_string(),
+            "--bind-address=127.0.0.1".to_string(),
+            "--v=1".to_string(),
+        ]);
+        self.keeper.spawn("kube-scheduler", sched, self.dir.join("kube-scheduler.log"))?;
+        Ok(())
+    }
+
+    /// Writes `<dir>/<name>.kubeconfig` for user `user` (group `group`) with
+    /// a fresh client certificate, pointing at `server`.
+    pub fn write_kubeconfig(&self, name: &str, server: &str, user: &str, group: Option<&str>) -> Result<PathBuf> {
+        let pki = self.pki.as_ref().context("control plane has no PKI yet")?;
+        let cert = pki.client_cert(user, group)?;
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, kubeconfig_yaml(server, &pki.ca_pem, &cert.cert_pem, &cert.key_pem))?;
+        Ok(path)
+    }
+
+    /// The CA certificate file (kubelets verify clients with it).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("pki/ca.crt")
     }
 
     fn kubeconfig_yaml(&self, pki: &Pki) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: carve-local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: carve-admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: carve-local\n  context:\n    cluster: carve-local\n    user: carve-admin\ncurrent-context: carve-local\n",
-            server = self.server,
-            ca = B64.encode(&pki.ca_pem),
-            cert = B64.encode(&pki.admin_cert_pem),
-            key = B64.encode(&pki.admin_key_pem),
-        )
+        kubeconfig_yaml(&self.server, &pki.ca_pem, &pki.admin_cert_pem, &pki.admin_key_pem)
     }
 
     async fn wait_ready(&self) -> Result<()> {
@@ -341,6 +462,16 @@ impl Drop for ControlPlane {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A kubeconfig with one cluster, one client-certificate user, one context.
+fn kubeconfig_yaml(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: carve-local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: carve-user\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: carve-local\n  context:\n    cluster: carve-local\n    user: carve-user\ncurrent-context: carve-local\n",
+        ca = B64.encode(ca_pem),
+        cert = B64.encode(cert_pem),
+        key = B64.encode(key_pem),
+    )
 }
 
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {

@@ -2,11 +2,15 @@
 //!
 //! - [`controlplane`]: a real etcd + kube-apiserver on loopback, built from Go
 //!   modules at pinned versions, for tests and for `make cluster-up`.
+//! - [`cluster`]: real nodes (kubelet, kube-proxy, containerd + runc) on an
+//!   isolated underlay, around that control plane.
 //! - [`process`]: child processes that die with the harness, whatever ends it.
 //! - [`pki`]: the throwaway certificates the control plane needs.
 //! - [`testkit`]: polling, builders and the workspace's binaries for tests.
 
+pub mod cluster;
 pub mod controlplane;
+pub mod image;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -133,6 +133,67 @@ impl Netns {
     }
 }
 
+/// Forwards TCP connections from an ephemeral port on the host's loopback to
+/// `target` inside a network namespace: how the host (tests, kubectl, the
+/// developer) reaches an API server that lives on the isolated underlay.
+/// Each connection is dialled from a thread that entered the namespace.
+pub struct TcpForwarder {
+    local: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpForwarder {
+    pub fn start(netns: &std::path::Path, target: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind forwarder on 127.0.0.1")?;
+        let local = listener.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, flag) = (netns.to_path_buf(), stop.clone());
+        std::thread::Builder::new().name("carve-forwarder".into()).spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let ns = ns.clone();
+                std::thread::spawn(move || {
+                    let upstream = enter(&ns)
+                        .and_then(|()| TcpStream::connect_timeout(&target, Duration::from_secs(5)).context("connect"));
+                    if let Ok(upstream) = upstream {
+                        splice(client, upstream);
+                    }
+                });
+            }
+        })?;
+        Ok(TcpForwarder { local, stop })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl Drop for TcpForwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.local, Duration::from_millis(200));
+    }
+}
+
+/// Copies both directions until either side closes.
+fn splice(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
+    let up = std::thread::spawn(move || {
+        let (mut from, mut to) = (a2, b2);
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut from, mut to) = (b, a);
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
@@ -146,7 +207,7 @@ unsafe extern "C" {
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
 /// Moves the calling thread into the network namespace at `path`.
-fn enter(path: &std::path::Path) -> Result<()> {
+pub fn enter(path: &std::path::Path) -> Result<()> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: setns on a valid fd we own; it changes only this thread's network namespace.
     let rc = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };

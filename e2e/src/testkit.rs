@@ -165,3 +165,41 @@ pub async fn metrics_addr(cp: &ControlPlane, name: &str) -> String {
     })
     .await
 }
+
+/// The images real nodes import (carve's, pause, busybox), built from this
+/// test profile's binaries with their debug info stripped (the archive stays
+/// small), into `target/<profile>/carve-images/`. Built once per test process.
+pub fn node_images() -> Result<Vec<PathBuf>> {
+    static IMAGES: std::sync::OnceLock<std::result::Result<Vec<PathBuf>, String>> = std::sync::OnceLock::new();
+    IMAGES.get_or_init(|| build_node_images().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_node_images() -> Result<Vec<PathBuf>> {
+    use crate::image::{self, CARVE_BINARIES};
+    let mut profile_dir = None;
+    for bin in CARVE_BINARIES {
+        let package =
+            if bin == "carve-controller" || bin == "carvectl" { "carve-controller" } else { "carve-node-plugin" };
+        let path = workspace_bin(package, bin)?;
+        profile_dir = path.parent().map(Path::to_path_buf);
+    }
+    let profile_dir = profile_dir.expect("carve has binaries");
+    let out = profile_dir.join("carve-images");
+    let stripped = out.join("bin");
+    std::fs::create_dir_all(&stripped)?;
+    for bin in CARVE_BINARIES {
+        let status = Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(stripped.join(bin))
+            .arg(profile_dir.join(bin))
+            .status()?;
+        if !status.success() {
+            bail!("strip {bin} failed");
+        }
+    }
+    let mut inputs = image::Inputs::release(&image::default_tag())?;
+    inputs.bin_dir = stripped;
+    let built = image::build_all(&out, &inputs)?;
+    Ok(built.all().iter().map(|b| b.archive.clone()).collect())
+}

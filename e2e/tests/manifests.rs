@@ -296,6 +296,7 @@ async fn controller_and_agent_run_with_exactly_the_manifests_rbac() {
             format!("--audit-policy-file={}", policy.display()),
             format!("--audit-log-path={}", audit_log.display()),
         ],
+        ..Default::default()
     })
     .await
     .expect("control plane");

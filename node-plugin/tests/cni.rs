@@ -5,11 +5,15 @@
 
 mod cni_support;
 
+use std::path::Path;
+
+use carve_node_plugin::agent::cni::{self as agent_cni, VersionReason};
 use cni_support::*;
 use serde_json::{Value, json};
 
 const CNI: &str = env!("CARGO_BIN_EXE_carve-cni");
 const IPAM: &str = env!("CARGO_BIN_EXE_carve-ipam");
+const AGENT: &str = env!("CARGO_BIN_EXE_carve-agent");
 
 /// A node namespace with a CNI setup: state file, bin and conf dirs, a conflist.
 struct Node {
@@ -24,31 +28,92 @@ struct Node {
 const NODE_IP: &str = "192.168.251.1";
 
 impl Node {
-    fn new(cidr: &str, gateway: &str, version: &str, with_portmap: bool) -> Self {
+    /// The node namespace, state file and CNI dirs; no conflist yet.
+    fn bare(cidr: &str, gateway: &str, net: String) -> Self {
         assert!(is_root(), "carve-cni tests need root (network namespaces)");
         let dirs = CniDirs::new();
         let state = dirs.root.path().join("run/node-state.json");
         let data = dirs.root.path().join("ipam");
         write_state(&state, cidr, gateway, 1400);
-        let net = format!("cnit-cni-{}", unique());
-        let mut plugins = vec![json!({
-            "type": "carve-cni",
-            "logLevel": "debug",
-            "logFile": dirs.root.path().join("carve-cni.log"),
-            "stateFile": state,
-            "ipam": { "type": "carve-ipam", "stateFile": state, "dataDir": data },
-        })];
-        if with_portmap {
-            plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
-        }
-        dirs.write_conflist(&net, version, Value::Array(plugins));
         let ns = NetNs::new("node");
         ns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
         Node { dirs, ns, net, state, data }
     }
 
+    fn new(cidr: &str, gateway: &str, version: &str, with_portmap: bool) -> Self {
+        let node = Self::bare(cidr, gateway, format!("cnit-cni-{}", unique()));
+        let mut plugins = vec![json!({
+            "type": "carve-cni",
+            "logLevel": "debug",
+            "logFile": node.dirs.root.path().join("carve-cni.log"),
+            "stateFile": node.state,
+            "ipam": { "type": "carve-ipam", "stateFile": node.state, "dataDir": node.data },
+        })];
+        if with_portmap {
+            plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
+        }
+        node.dirs.write_conflist(&node.net, version, Value::Array(plugins));
+        node
+    }
+
+    /// The node as carve-agent sets it up: `carve-agent install-cni` (the image's
+    /// portmap, containernetworking-plugins', replaces the node's Debian one when
+    /// that cannot speak the conflist's highest version), then the conflist
+    /// written by the agent's own code, `pin` being `--cni-version`.
+    fn with_agent_conflist(cidr: &str, gateway: &str, pin: Option<&str>) -> Self {
+        let node = Self::bare(cidr, gateway, agent_cni::NETWORK_NAME.into());
+        let mut install = std::process::Command::new(AGENT);
+        install
+            .arg("install-cni")
+            .arg("--cni-bin-dir")
+            .arg(node.dirs.bin())
+            .arg("--cni-source-dir")
+            .arg(Path::new(CNI).parent().unwrap())
+            .arg("--portmap-source")
+            .arg(control_plane_bin_dir().join("cni-plugins/portmap"))
+            .env_remove("CARVE_CNI_VERSION");
+        if let Some(pin) = pin {
+            install.args(["--cni-version", pin]);
+        }
+        let out = install.output().unwrap();
+        assert!(out.status.success(), "carve-agent install-cni: {}", String::from_utf8_lossy(&out.stderr));
+        node.agent_writes_conflist(pin);
+        node
+    }
+
+    /// The last step of carve-agent's reconcile: (re)write its conflist.
+    fn agent_writes_conflist(&self, pin: Option<&str>) -> agent_cni::ConflistWrite {
+        let conf = self.dirs.conf();
+        agent_cni::write_conflist(&conf, agent_cni::DEFAULT_CONFLIST, &self.state, Some(&self.data), pin).unwrap()
+    }
+
+    fn agent_conflist(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.dirs.conf().join(agent_cni::DEFAULT_CONFLIST)).unwrap()).unwrap()
+    }
+
     fn cnitool(&self, cmd: &str, pod: &NetNs) -> (bool, String, String) {
-        self.dirs.cnitool(&self.ns, cmd, &self.net, &pod.path(), "eth0")
+        self.cnitool_with(&cnitool(), cmd, pod)
+    }
+
+    fn cnitool_with(&self, tool: &Path, cmd: &str, pod: &NetNs) -> (bool, String, String) {
+        self.dirs.run_cnitool(tool, &self.ns, cmd, &self.net, &pod.path(), "eth0")
+    }
+
+    /// ADD through `tool`, asserting it succeeds; the result.
+    fn add_with(&self, tool: &Path, pod: &NetNs) -> Value {
+        let (ok, out, err) = self.cnitool_with(tool, "add", pod);
+        assert!(ok, "{} add failed: {out} {err}\nconflist: {}", tool.display(), self.agent_conflist());
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// CHECK and DEL through `tool`, asserting both succeed and leave nothing behind.
+    fn check_and_del_with(&self, tool: &Path, pod: &NetNs) {
+        for cmd in ["check", "del"] {
+            let (ok, out, err) = self.cnitool_with(tool, cmd, pod);
+            assert!(ok, "{} {cmd} failed: {out} {err}\nconflist: {}", tool.display(), self.agent_conflist());
+        }
+        assert!(stored(&self.data).is_empty(), "address left: {:?}", stored(&self.data));
+        assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]), "eth0 still in the pod");
     }
 
     fn add(&self, pod: &NetNs) -> Value {
@@ -291,4 +356,106 @@ fn version_and_protocol_errors() {
         &json!({"cniVersion": "1.0.0", "name": "n", "type": "carve-cni"}),
     );
     assert_eq!((code, v["code"].as_u64()), (1, Some(7)), "no ipam.type: {v}");
+}
+
+#[test]
+fn agent_conflist_add_check_del_with_containerd_1_6_libcni() {
+    // containerd 1.6 and 1.7 vendor libcni v1.1.2: with the conflist at 1.1.0
+    // every sandbox failed with `unsupported CNI result version "1.1.0"`.
+    let node = Node::with_agent_conflist("10.79.7.0/24", "10.79.7.1", None);
+    let old = cnitool_v1_1_2();
+    let pod = NetNs::new("pod");
+    let result = node.add_with(&old, &pod);
+    assert_eq!(result["cniVersion"], "1.0.0", "{result}");
+    assert_eq!(result["ips"][0]["address"], "10.79.7.2/32", "{result}");
+    assert!(result["interfaces"][1].get("mtu").is_none(), "no 1.1.0 fields in a 1.0.0 result: {result}");
+    assert_eq!(addrs(&pod, "eth0"), vec!["10.79.7.2/32".to_owned()]);
+    assert!(node.ns.ping("10.79.7.2"), "node cannot ping the pod");
+    assert!(pod.ping(NODE_IP), "pod cannot ping the node");
+    node.check_and_del_with(&old, &pod);
+    let conflist = node.agent_conflist();
+    assert_eq!((&conflist["cniVersion"], &conflist["cniVersions"]), (&json!("1.0.0"), &json!(["1.0.0", "1.1.0"])));
+}
+
+#[test]
+fn agent_conflist_gives_a_libcni_1_3_runtime_a_1_1_0_result() {
+    // containerd >= 2.0 and CRI-O (libcni >= 1.2) read cniVersions and take the
+    // highest they know; install-cni put a portmap that speaks it in place.
+    let node = Node::with_agent_conflist("10.79.9.0/24", "10.79.9.1", None);
+    let tool = cnitool();
+    let pod = NetNs::new("pod");
+    let result = node.add_with(&tool, &pod);
+    assert_eq!(result["cniVersion"], "1.1.0", "{result}");
+    assert_eq!(result["interfaces"][1]["mtu"], 1400, "1.1.0 results carry the MTU: {result}");
+    assert_eq!(result["ips"][0]["address"], "10.79.9.2/32", "{result}");
+    assert!(node.ns.ping("10.79.9.2"), "node cannot ping the pod");
+    let (ok, _, err) = node.cnitool_with(&tool, "status", &pod);
+    assert!(ok, "STATUS (CNI 1.1.0 only): {err}");
+    node.check_and_del_with(&tool, &pod);
+}
+
+#[test]
+fn agent_rewrite_keeps_a_lower_cni_version_while_pods_live() {
+    // An operator had pinned 0.4.0 and a pod was created under it.
+    let node = Node::with_agent_conflist("10.79.10.0/24", "10.79.10.1", Some("0.4.0"));
+    let old = cnitool_v1_1_2();
+    let pod = NetNs::new("pod");
+    assert_eq!(node.add_with(&old, &pod)["cniVersion"], "0.4.0");
+    // The pin is dropped: cniVersion stays while the pod lives; libcni >= 1.2 still gets the list.
+    let w = node.agent_writes_conflist(None);
+    assert_eq!(w.choice.reason, VersionReason::KeptForLivePods { existing: "0.4.0".into(), wanted: "1.0.0".into() });
+    let conflist = node.agent_conflist();
+    assert_eq!(conflist["cniVersion"], "0.4.0");
+    assert_eq!(conflist["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    node.check_and_del_with(&old, &pod);
+    // No pod left: the next pass raises it.
+    assert_eq!(node.agent_writes_conflist(None).choice.reason, VersionReason::Default);
+    assert_eq!(node.agent_conflist()["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn a_pin_raising_under_a_live_pod_strands_it_on_containerd_1_6_until_lowered() {
+    let node = Node::with_agent_conflist("10.79.11.0/24", "10.79.11.1", Some("1.0.0"));
+    let old = cnitool_v1_1_2();
+    let pod = NetNs::new("pod");
+    assert_eq!(node.add_with(&old, &pod)["cniVersion"], "1.0.0");
+    // What the agent warns about: the pin wins, and libcni v1.1.2 cannot delete the pod.
+    let w = node.agent_writes_conflist(Some("1.1.0"));
+    assert_eq!(
+        w.choice.reason,
+        VersionReason::PinRaisesUnderLivePods { existing: "1.0.0".into(), pinned: "1.1.0".into() }
+    );
+    let (ok, _, err) = node.cnitool_with(&old, "del", &pod);
+    assert!(!ok, "libcni v1.1.2 deleted a 1.0.0 pod under a 1.1.0 conflist");
+    assert!(err.contains("1.1.0"), "{err}");
+    assert_eq!(stored(&node.data).len(), 1);
+    // Lowering is always allowed, and lets the pod go.
+    assert_eq!(node.agent_writes_conflist(None).choice.reason, VersionReason::Default);
+    node.check_and_del_with(&old, &pod);
+}
+
+#[test]
+fn cni_version_flag_rejects_versions_carve_cni_does_not_speak() {
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(AGENT);
+        cmd.args(args).env_remove("CARVE_CNI_VERSION").env_remove("NODE_NAME");
+        if let Some(v) = env {
+            cmd.env("CARVE_CNI_VERSION", v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (args, env) in [
+        (&["--cni-version", "0.3.0"][..], None),
+        (&["install-cni", "--cni-version", "1.2.0"][..], None),
+        (&[][..], Some("v1.0.0")),
+    ] {
+        let (code, err) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains("--cni-version") && err.contains("0.3.1, 0.4.0, 1.0.0, 1.1.0"), "{err}");
+    }
+    // An accepted pin gets past parsing (and stops at the missing NODE_NAME).
+    let (code, err) = run(&["--cni-version", "0.3.1"], None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("NODE_NAME"), "{err}");
 }

@@ -1116,7 +1116,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    let opts = Options { apiserver_args: args.apiserver_args.clone() };
+    let opts = Options { apiserver_args: args.apiserver_args.clone(), ..Default::default() };
     println!(
         "node CIDR allocation on the local control plane (Kubernetes v1.35.4, etcd v3.6.16), a fresh control plane per run"
     );

@@ -1,8 +1,13 @@
 //! `carve-cluster`: the local control plane from the shell.
 //!
-//! `up` starts `run` in the background and returns once /readyz answers;
-//! `down` stops it. `run` stays in the foreground until SIGINT or SIGTERM,
-//! then stops etcd and kube-apiserver and removes their data.
+//! `up` starts `run` in the background and returns once /readyz answers
+//! (and, with `--nodes N`, once N real nodes have registered); `down` stops
+//! it. `run` stays in the foreground until SIGINT or SIGTERM, then stops
+//! everything and removes its data. `--nodes 0` (the default) is etcd +
+//! kube-apiserver on loopback; `--nodes N` adds kube-controller-manager,
+//! kube-scheduler and N kubelet + kube-proxy + containerd nodes on an
+//! isolated underlay (see `carve_e2e::cluster`), importing the OCI archives
+//! in `--images` (what `make image` writes) into every node.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use carve_e2e::ControlPlane;
+use carve_e2e::cluster::{Cluster, ClusterOptions};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -22,6 +28,12 @@ struct Cli {
     /// Where the admin kubeconfig is written once the API server is ready.
     #[arg(long, global = true, default_value = "target/e2e/kubeconfig")]
     kubeconfig: PathBuf,
+    /// Real nodes (kubelet, kube-proxy, containerd); 0 = API server only.
+    #[arg(long, global = true, default_value_t = 0)]
+    nodes: usize,
+    /// Folder of OCI image archives every node imports (`make image`).
+    #[arg(long, global = true, default_value = "target/images")]
+    images: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -49,14 +61,52 @@ fn running_pid(kubeconfig: &Path) -> Option<i32> {
     kill(Pid::from_raw(pid), None).is_ok().then_some(pid)
 }
 
-async fn run(kubeconfig: &Path) -> Result<()> {
+/// What `run` keeps alive: a bare control plane or a cluster with nodes.
+enum Running {
+    ControlPlane(ControlPlane),
+    Cluster(Cluster),
+}
+
+impl Running {
+    fn cp(&self) -> &ControlPlane {
+        match self {
+            Running::ControlPlane(cp) => cp,
+            Running::Cluster(c) => c.cp(),
+        }
+    }
+}
+
+fn image_archives(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {} (build the images with `make image`)", dir.display()))?
+        .flatten()
+        .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    archives.sort();
+    if archives.is_empty() {
+        bail!("no image archives (*.tar) in {}: run `make image` first", dir.display());
+    }
+    Ok(archives)
+}
+
+async fn start(nodes: usize, images: &Path) -> Result<Running> {
+    if nodes == 0 {
+        return Ok(Running::ControlPlane(ControlPlane::start().await?));
+    }
+    let images = image_archives(images)?;
+    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images }).await?))
+}
+
+async fn run(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let cp = tokio::select! {
-        cp = ControlPlane::start() => cp?,
+    let running = tokio::select! {
+        r = start(nodes, images) => r?,
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     };
+    let cp = running.cp();
     if let Some(parent) = kubeconfig.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -65,17 +115,22 @@ async fn run(kubeconfig: &Path) -> Result<()> {
     std::fs::rename(&tmp, kubeconfig)?;
     println!("control plane ready in {:.1}s at {}", cp.ready_after().as_secs_f64(), cp.server());
     println!("data in {}", cp.dir().display());
+    if let Running::Cluster(c) = &running {
+        for n in c.nodes() {
+            println!("node {} at {} (files in {})", n.name, n.ip, n.dir().display());
+        }
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
     println!("stopping");
     let _ = std::fs::remove_file(kubeconfig);
-    drop(cp);
+    drop(running);
     Ok(())
 }
 
-fn up(kubeconfig: &Path) -> Result<()> {
+fn up(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
     if let Some(pid) = running_pid(kubeconfig) {
         println!("already running (pid {pid}); kubeconfig at {}", kubeconfig.display());
         return Ok(());
@@ -89,6 +144,10 @@ fn up(kubeconfig: &Path) -> Result<()> {
     let child = Command::new(std::env::current_exe()?)
         .arg("--kubeconfig")
         .arg(kubeconfig)
+        .arg("--nodes")
+        .arg(nodes.to_string())
+        .arg("--images")
+        .arg(images)
         .arg("run")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -99,7 +158,7 @@ fn up(kubeconfig: &Path) -> Result<()> {
         .context("start carve-cluster run")?;
     let pid = child.id() as i32;
     std::fs::write(pid_file(kubeconfig), pid.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while !kubeconfig.exists() {
         if kill(Pid::from_raw(pid), None).is_err() || Instant::now() > deadline {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -109,7 +168,11 @@ fn up(kubeconfig: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let abs = std::fs::canonicalize(kubeconfig)?;
-    println!("control plane up (pid {pid}).");
+    if nodes == 0 {
+        println!("control plane up (pid {pid}).");
+    } else {
+        println!("cluster with {nodes} nodes up (pid {pid}; log in {}).", log_file(kubeconfig).display());
+    }
     println!("  export KUBECONFIG={}", abs.display());
     println!("  stop it with: make cluster-down");
     Ok(())
@@ -126,21 +189,28 @@ fn down(kubeconfig: &Path) -> Result<()> {
     while kill(Pid::from_raw(pid), None).is_ok() {
         if Instant::now() > deadline {
             kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+            std::thread::sleep(Duration::from_millis(200));
+            // Its nodes' processes, cgroups and namespaces.
+            carve_e2e::cluster::sweep_stale_clusters();
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = std::fs::remove_file(pid_file(kubeconfig));
     let _ = std::fs::remove_file(kubeconfig);
-    println!("control plane stopped");
+    println!("stopped");
     Ok(())
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up => up(&cli.kubeconfig),
+        Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images),
         Cmd::Down => down(&cli.kubeconfig),
-        Cmd::Run => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(&cli.kubeconfig)),
+        Cmd::Run => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(
+            &cli.kubeconfig,
+            cli.nodes,
+            &cli.images,
+        )),
     }
 }

@@ -50,6 +50,9 @@ pub struct Settings {
     /// Where carve-cni and carve-ipam come from (the agent image).
     pub cni_source_dir: PathBuf,
     pub conflist_name: String,
+    /// `--cni-version`: the conflist's only CNI version; `None`: [`cni::DEFAULT_CNI_VERSION`]
+    /// with [`cni::DEFAULT_CNI_VERSIONS`], never raised under live pods.
+    pub cni_version: Option<String>,
     pub non_masquerade_cidrs: Vec<String>,
     pub vxlan_device: String,
     pub vni: u32,
@@ -198,11 +201,40 @@ pub async fn set_network_unavailable(nodes: &Api<Node>, node: &str, readiness: &
 pub struct Agent {
     settings: Settings,
     worker: Worker,
+    /// The conflist's last version choice, so each one is logged once.
+    versions: std::sync::Mutex<Option<cni::VersionChoice>>,
 }
 
 impl Agent {
     pub fn new(settings: Settings, worker: Worker) -> Self {
-        Self { settings, worker }
+        Self { settings, worker, versions: Default::default() }
+    }
+
+    /// Logs why the conflist's version is held back or raised under live pods, once per change.
+    fn log_version_choice(&self, choice: &cni::VersionChoice) {
+        let mut last = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref() == Some(choice) {
+            return;
+        }
+        let v = &choice.versions;
+        match &choice.reason {
+            cni::VersionReason::KeptForLivePods { existing, wanted } => info!(
+                cni_version = %existing,
+                cni_versions = ?v.cni_versions,
+                "keeping the conflist's cniVersion {existing} instead of {wanted}: pods created under it still \
+                 run on this node, and containerd < 2.0 (libcni < 1.2) converts their cached results to the \
+                 conflist's version on deletion, failing where it has no converter; {wanted} once they are gone"
+            ),
+            cni::VersionReason::PinRaisesUnderLivePods { existing, pinned } => warn!(
+                cni_version = %pinned,
+                "--cni-version {pinned} raises the conflist's cniVersion from {existing} while pods created under \
+                 {existing} still run on this node: on containerd < 2.0 they may fail to delete (stay Terminating)"
+            ),
+            cni::VersionReason::Default | cni::VersionReason::Pinned => {
+                debug!(cni_version = %v.cni_version, cni_versions = ?v.cni_versions, reason = ?choice.reason, "conflist versions")
+            }
+        }
+        *last = Some(choice.clone());
     }
 
     pub fn settings(&self) -> &Settings {
@@ -295,9 +327,26 @@ impl Agent {
             Err(e) => return Readiness::not("DataplaneFailed", e.to_string()),
         }
 
-        match cni::write_conflist(&s.cni_conf_dir, &s.conflist_name, &s.state_file, s.ipam_data_dir.as_deref()) {
-            Ok(true) => info!(dir = %s.cni_conf_dir.display(), file = %s.conflist_name, "wrote the CNI conflist"),
-            Ok(false) => {}
+        let written = cni::write_conflist(
+            &s.cni_conf_dir,
+            &s.conflist_name,
+            &s.state_file,
+            s.ipam_data_dir.as_deref(),
+            s.cni_version.as_deref(),
+        );
+        match written {
+            Ok(w) => {
+                self.log_version_choice(&w.choice);
+                if w.changed {
+                    info!(
+                        dir = %s.cni_conf_dir.display(),
+                        file = %s.conflist_name,
+                        cni_version = %w.choice.versions.cni_version,
+                        cni_versions = ?w.choice.versions.cni_versions,
+                        "wrote the CNI conflist"
+                    )
+                }
+            }
             Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
         }
         Readiness::Ready
@@ -318,6 +367,7 @@ mod tests {
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_source_dir: "/usr/local/bin".into(),
             conflist_name: cni::DEFAULT_CONFLIST.into(),
+            cni_version: None,
             non_masquerade_cidrs: vec!["192.168.0.0/16".into()],
             vxlan_device: "carve.vxlan".into(),
             vni: 4097,

@@ -60,6 +60,18 @@ struct Args {
     /// File name of the conflist in --cni-conf-dir.
     #[arg(long, env = "CARVE_CNI_CONFLIST", default_value = cni::DEFAULT_CONFLIST)]
     conflist_name: String,
+    /// Pin the conflist to this one CNI version (0.3.1, 0.4.0, 1.0.0 or 1.1.0),
+    /// also when pods created under another still run. Default: cniVersion 1.0.0
+    /// (containerd 1.6/1.7) with cniVersions [1.0.0, 1.1.0] (libcni >= 1.2), never
+    /// raised above an existing conflist's while pods live.
+    #[arg(
+        long,
+        global = true,
+        env = "CARVE_CNI_VERSION",
+        value_name = "VERSION",
+        value_parser = cni::parse_cni_version
+    )]
+    cni_version: Option<String>,
     /// Destinations pods reach with their own address (no SNAT), besides the
     /// cluster's pod CIDRs; comma-separated CIDRs.
     #[arg(long, env = "CARVE_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
@@ -99,7 +111,8 @@ struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Install carve-cni, carve-ipam and (when the node has none that speaks
-    /// CNI 1.1.0) portmap into --cni-bin-dir, then exit: the DaemonSet's init step.
+    /// the conflist's highest CNI version: 1.1.0, or --cni-version) portmap into
+    /// --cni-bin-dir, then exit: the DaemonSet's init step.
     InstallCni {
         /// The portmap shipped in the image.
         #[arg(long, default_value = "/usr/local/lib/carve/cni/portmap")]
@@ -153,6 +166,7 @@ fn settings(args: &Args) -> Result<Settings> {
         cni_conf_dir: args.cni_conf_dir.clone(),
         cni_source_dir,
         conflist_name: args.conflist_name.clone(),
+        cni_version: args.cni_version.clone(),
         non_masquerade_cidrs: args.non_masquerade_cidrs.iter().map(|c| c.trunc().to_string()).collect(),
         vxlan_device: args.vxlan_device.clone(),
         vni: args.vxlan_vni,
@@ -179,10 +193,13 @@ fn install_cni(args: &Args, portmap_source: &std::path::Path) -> Result<()> {
     let installed = cni::install_binaries(&source, &args.cni_bin_dir)
         .with_context(|| format!("installing carve-cni and carve-ipam into {}", args.cni_bin_dir.display()))?;
     info!(?installed, dir = %args.cni_bin_dir.display(), "carve-cni and carve-ipam in place");
-    match cni::ensure_portmap(portmap_source, &args.cni_bin_dir)
+    // The version a libcni >= 1.2 picks from the conflist's cniVersions.
+    let versions = cni::ConflistVersions::wanted(args.cni_version.as_deref());
+    let version = versions.highest();
+    match cni::ensure_portmap(portmap_source, &args.cni_bin_dir, version)
         .with_context(|| format!("installing portmap into {}", args.cni_bin_dir.display()))?
     {
-        cni::PortmapInstall::Kept => info!("the node's portmap speaks CNI {}; kept", cni::CONFLIST_CNI_VERSION),
+        cni::PortmapInstall::Kept => info!("the node's portmap speaks CNI {version}; kept"),
         cni::PortmapInstall::Installed { why } => info!(%why, "installed carve's portmap"),
     }
     Ok(())

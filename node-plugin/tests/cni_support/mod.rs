@@ -208,27 +208,61 @@ pub fn addrs(ns: &NetNs, dev: &str) -> Vec<String> {
         .collect()
 }
 
-/// cnitool's folder, from the control plane bins script (builds nothing when cached).
+/// The control plane bin dir (cnitool, cnitool-v1.1.2, cni-plugins/), from the
+/// control plane bins script, run once per test process (builds nothing when cached).
+pub fn control_plane_bin_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
+            return PathBuf::from(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/scripts/control-plane-bins.sh");
+        let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
+        assert!(out.status.success(), "control-plane-bins.sh failed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(stdout.lines().last().unwrap().trim())
+    })
+    .clone()
+}
+
+/// The current cnitool (libcni >= 1.2: reads a conflist's `cniVersions`, knows CNI 1.1.0).
 pub fn cnitool() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
-        return PathBuf::from(dir).join("cnitool");
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/scripts/control-plane-bins.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
-    assert!(out.status.success(), "control-plane-bins.sh failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().unwrap().trim()).join("cnitool")
+    control_plane_bin_dir().join("cnitool")
+}
+
+/// cnitool built from libcni v1.1.2, the one containerd 1.6 and 1.7 embed:
+/// results up to CNI 1.0.0, `cniVersions` ignored.
+pub fn cnitool_v1_1_2() -> PathBuf {
+    control_plane_bin_dir().join("cnitool-v1.1.2")
+}
+
+/// Where libcni caches a result of `cnitool` for `net`, the pod netns `netns` and `ifname`:
+/// cnitool's container id is `cnitool-` and the first 10 bytes of SHA-512(netns), in hex.
+fn cached_result(net: &str, netns: &str, ifname: &str) -> Option<PathBuf> {
+    use std::io::Write;
+    let mut sum = Command::new("sha512sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().ok()?;
+    sum.stdin.take()?.write_all(netns.as_bytes()).ok()?;
+    let out = String::from_utf8(sum.wait_with_output().ok()?.stdout).ok()?;
+    Some(Path::new("/var/lib/cni/results").join(format!("{net}-cnitool-{}-{ifname}", out.get(..20)?)))
 }
 
 /// A CNI bin dir (carve-cni, carve-ipam and the reference plugins) and a conf dir.
 pub struct CniDirs {
     pub root: TempDir,
     networks: std::sync::Mutex<Vec<String>>,
+    /// (network, pod netns, ifname) cnitool ran for, on networks other tests may share.
+    attachments: std::sync::Mutex<Vec<(String, String, String)>>,
 }
 
 impl Drop for CniDirs {
-    /// Removes what cnitool's libcni cached under /var/lib/cni for our networks.
+    /// Removes what cnitool's libcni cached under /var/lib/cni for our networks and attachments.
     fn drop(&mut self) {
+        let attachments = self.attachments.lock().map(|a| a.clone()).unwrap_or_default();
+        for (net, netns, ifname) in attachments {
+            if let Some(path) = cached_result(&net, &netns, &ifname) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let nets = self.networks.lock().map(|n| n.clone()).unwrap_or_default();
         let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") else { return };
         for e in entries.flatten() {
@@ -257,7 +291,7 @@ impl CniDirs {
                 std::os::unix::fs::symlink(&src, bin.join(name)).unwrap();
             }
         }
-        CniDirs { root, networks: Default::default() }
+        CniDirs { root, networks: Default::default(), attachments: Default::default() }
     }
     pub fn bin(&self) -> PathBuf {
         self.root.path().join("bin")
@@ -276,10 +310,28 @@ impl CniDirs {
     /// `cnitool <cmd> <net> <netns>`, run inside `host` (the "node" namespace);
     /// returns success, stdout and stderr.
     pub fn cnitool(&self, host: &NetNs, cmd: &str, net: &str, netns: &str, ifname: &str) -> (bool, String, String) {
-        let tool = cnitool();
+        self.run_cnitool(&cnitool(), host, cmd, net, netns, ifname)
+    }
+
+    /// [`CniDirs::cnitool`] with another cnitool binary (e.g. [`cnitool_v1_1_2`]).
+    pub fn run_cnitool(
+        &self,
+        tool: &Path,
+        host: &NetNs,
+        cmd: &str,
+        net: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> (bool, String, String) {
+        let attachment = (net.to_owned(), netns.to_owned(), ifname.to_owned());
+        let mut attachments = self.attachments.lock().unwrap();
+        if !attachments.contains(&attachment) {
+            attachments.push(attachment);
+        }
+        drop(attachments);
         let out = Command::new("ip")
             .args(["netns", "exec", &host.name])
-            .arg(&tool)
+            .arg(tool)
             .args([cmd, net, netns])
             .env("NETCONFPATH", self.conf())
             .env("CNI_PATH", self.bin())

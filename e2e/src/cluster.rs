@@ -1,0 +1,596 @@
+//! A local cluster with real nodes: the control plane on an isolated underlay,
+//! and per node a kubelet, kube-proxy and containerd + runc.
+//!
+//! ```text
+//!   host netns          127.0.0.1:<free> ──forwarder──┐   (tests, kubectl, make demo)
+//!   ─────────────────────────────────────────────────┼─────────────────────────────
+//!   underlay netns  ul0 10.224.0.1/24   etcd, kube-apiserver :6443, kube-controller-manager,
+//!   (no route out,    │                 kube-scheduler         (ControlPlane in its netns)
+//!    no forwarding)   ├── veth ── node-1 netns  eth0 10.224.0.4  ┐ own mount ns (/etc overlay,
+//!                     ├── veth ── node-2 netns  eth0 10.224.0.5  │ /opt, /run, /var/lib, /var/log),
+//!                     └── veth ── node-3 netns  eth0 10.224.0.6  ┘ cgroup /carve-<id>-<node>,
+//!                                                                  containerd, kubelet, kube-proxy
+//! ```
+//!
+//! Node IPs follow AKS (the first four addresses of a subnet are Azure's).
+//! Every kubelet authenticates as `system:node:<name>` with its own client
+//! certificate, so the Node authorizer and NodeRestriction apply; kube-proxy
+//! (nftables mode) makes the `kubernetes` Service reach the API server.
+//!
+//! Teardown (drop, or [`sweep_stale_clusters`] after the harness was killed)
+//! kills every process in each node's cgroups — containerd shims re-parent and
+//! would outlive their node otherwise — removes the cgroups and the network
+//! namespaces; mounts die with the mount namespaces. The host keeps nothing:
+//! no address, route, bridge, mount or sysctl of the cluster is on it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options, scratch_root};
+use crate::netns::{Netns, run};
+use crate::process::ProcessKeeper;
+
+/// The underlay subnet; the control plane holds its `.1`.
+pub const UNDERLAY_CIDR: &str = "10.224.0.0/24";
+pub const CONTROL_PLANE_IP: &str = "10.224.0.1";
+/// Cluster DNS address kubelets hand to pods (CoreDNS, when deployed).
+pub const CLUSTER_DNS_IP: &str = "10.96.0.10";
+/// The pause image containerd runs as every pod's sandbox.
+pub const PAUSE_IMAGE: &str = "carve.local/pause:v1";
+
+/// Node `i` (0-based) gets 10.224.0.(4+i), as AKS numbers its nodes.
+pub fn node_ip(i: usize) -> String {
+    format!("10.224.0.{}", 4 + i)
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// How many nodes; 0 is the API-server-only cluster of the fast tiers.
+    pub nodes: usize,
+    /// OCI image archives every node's containerd imports before its kubelet starts.
+    pub images: Vec<PathBuf>,
+}
+
+/// What a cluster created, for cleanup by a later process when this one is killed.
+#[derive(Serialize, Deserialize, Default)]
+struct Record {
+    netns: Vec<String>,
+    cgroups: Vec<String>,
+}
+
+/// One real node; see the module docs.
+pub struct RealNode {
+    pub name: String,
+    pub ip: String,
+    dir: PathBuf,
+    cgroup: String,
+    netns: Option<Netns>,
+    keeper: ProcessKeeper,
+    holder: u32,
+}
+
+impl RealNode {
+    /// The node's network namespace (`/run/netns/<name>`), e.g. for `ip -n`.
+    pub fn netns(&self) -> &Netns {
+        self.netns.as_ref().expect("node netns lives as long as the node")
+    }
+
+    /// A command that runs `program` in the node's network and mount namespaces.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t").arg(self.holder.to_string()).args(["-m", "-n", "--"]).arg(program);
+        cmd
+    }
+
+    /// Runs `program args` on the node, returning stdout; fails with stderr.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out =
+            self.command(program).args(args).output().with_context(|| format!("run {program} on {}", self.name))?;
+        if !out.status.success() {
+            bail!(
+                "{program} {} on {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's own directory (its /etc overlay, /opt, /var/lib, logs, configs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A host path for `path` as the node sees it, for the bind-mounted trees.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        for (prefix, sub) in [("/opt/", "opt"), ("/var/lib/", "var-lib"), ("/var/log/", "var-log")] {
+            if let Some(rest) = path.strip_prefix(prefix) {
+                return self.dir.join(sub).join(rest);
+            }
+        }
+        if let Some(rest) = path.strip_prefix("/etc/") {
+            return self.dir.join("etc-upper").join(rest);
+        }
+        self.dir.join("root").join(path.trim_start_matches('/'))
+    }
+
+    pub fn log_tail(&self, daemon: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("logs/{daemon}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stops the kubelet (its pods keep running, as on a real node).
+    pub fn stop_kubelet(&self) -> Option<std::process::ExitStatus> {
+        self.keeper.stop("kubelet")
+    }
+
+    /// Starts (or restarts) the kubelet with the node's config.
+    pub fn start_kubelet(&self, bins: &Path) -> Result<()> {
+        let mut kubelet = self.daemon(&bins.join("kubelet"));
+        kubelet.args([
+            format!("--config={}", self.dir.join("kubelet-config.yaml").display()),
+            format!("--kubeconfig={}", self.dir.join("kubelet.kubeconfig").display()),
+            format!("--hostname-override={}", self.name),
+            format!("--node-ip={}", self.ip),
+            "--v=1".to_string(),
+        ]);
+        self.keeper.spawn("kubelet", kubelet, self.dir.join("logs/kubelet.log"))?;
+        Ok(())
+    }
+
+    fn daemon(&self, program: &Path) -> Command {
+        let mut cmd = self.command("bash");
+        cmd.arg(controlplane::repo_root().join("e2e/scripts/node.sh")).arg("exec").arg(&self.cgroup).arg(program);
+        cmd
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        self.keeper.stop_all();
+        if let Err(e) = reap_cgroup(&self.cgroup) {
+            errors.push(format!("{}: {e:#}", self.name));
+        }
+        self.netns.take();
+        errors
+    }
+}
+
+/// A real-node cluster; see the module docs. Dropping it tears everything down.
+pub struct Cluster {
+    nodes: Vec<RealNode>,
+    cp: Option<ControlPlane>,
+    underlay: Option<Netns>,
+    dir: PathBuf,
+    id: String,
+    record: Record,
+}
+
+impl Cluster {
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let bins = controlplane::control_plane_bins()?;
+        sweep_stale_clusters();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let id = format!("{:06x}", (nanos as u64 ^ u64::from(std::process::id())) & 0xff_ffff);
+        let dir = scratch_root().join(format!("cl-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+        let mut cluster = Cluster { nodes: Vec::new(), cp: None, underlay: None, dir, id, record: Record::default() };
+
+        let underlay = cluster.netns(&format!("cv{}-ul", cluster.id))?;
+        underlay.ip(&["link", "add", "ul0", "type", "bridge"])?;
+        underlay.ip(&["addr", "add", &format!("{CONTROL_PLANE_IP}/24"), "dev", "ul0"])?;
+        underlay.ip(&["link", "set", "ul0", "up"])?;
+        let underlay_path = underlay.path();
+        cluster.underlay = Some(underlay);
+        let cp = ControlPlane::start_with(Options {
+            netns: Some(underlay_path),
+            advertise_address: Some(CONTROL_PLANE_IP.into()),
+            components: true,
+            ..Default::default()
+        })
+        .await?;
+        cluster.cp = Some(cp);
+
+        for i in 0..opts.nodes {
+            let node = cluster.create_node(i, &bins)?;
+            cluster.nodes.push(node);
+        }
+        // Nodes boot in parallel: containerd and the image imports take the time.
+        let images = &opts.images;
+        let booted: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = cluster.nodes.iter().map(|n| s.spawn(|| boot_node(n, &bins, images))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("node boot panicked"))))
+                .collect()
+        });
+        for r in booted {
+            r?;
+        }
+        cluster.wait_nodes_registered().await?;
+        Ok(cluster)
+    }
+
+    fn netns(&mut self, name: &str) -> Result<Netns> {
+        self.record.netns.push(name.to_string());
+        self.save_record()?;
+        Netns::new(name)
+    }
+
+    fn save_record(&self) -> Result<()> {
+        std::fs::write(self.dir.join("cluster.json"), serde_json::to_vec(&self.record)?)?;
+        Ok(())
+    }
+
+    /// Network, cgroups and config files of node `i`; nothing runs yet.
+    fn create_node(&mut self, i: usize, bins: &Path) -> Result<RealNode> {
+        let name = format!("node-{}", i + 1);
+        let ip = node_ip(i);
+        let dir = self.dir.join(&name);
+        let cgroup = format!("carve-{}-{name}", self.id);
+        self.record.cgroups.push(cgroup.clone());
+        let netns = self.netns(&format!("cv{}-n{}", self.id, i + 1))?;
+        let underlay = self.underlay.as_ref().expect("underlay exists before nodes");
+        let host_if = format!("n{}", i + 1);
+        underlay.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
+        underlay.ip(&["link", "set", &host_if, "master", "ul0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", CONTROL_PLANE_IP])?;
+        make_cgroup(&cgroup)?;
+
+        for sub in ["logs", "opt/cni/bin", "var-lib", "var-log", "etc-upper", "etc-work"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        // A node as distributions ship it: the reference CNI plugins (loopback
+        // is required by containerd) in /opt/cni/bin.
+        let plugins = bins.join("cni-plugins");
+        for p in ["loopback", "portmap", "bridge", "host-local"] {
+            std::fs::copy(plugins.join(p), dir.join("opt/cni/bin").join(p))
+                .with_context(|| format!("copy CNI plugin {p} from {}", plugins.display()))?;
+        }
+        let cp = self.cp.as_ref().expect("control plane before nodes");
+        let server = format!("https://{CONTROL_PLANE_IP}:{NETNS_API_PORT}");
+        let kubelet_kc = cp.write_kubeconfig(
+            &format!("kubelet-{name}"),
+            &server,
+            &format!("system:node:{name}"),
+            Some("system:nodes"),
+        )?;
+        std::fs::rename(kubelet_kc, dir.join("kubelet.kubeconfig"))?;
+        let proxy_kc = cp.write_kubeconfig(&format!("kube-proxy-{name}"), &server, "system:kube-proxy", None)?;
+        std::fs::rename(proxy_kc, dir.join("kube-proxy.kubeconfig"))?;
+        std::fs::write(dir.join("containerd.toml"), CONTAINERD_CONFIG)?;
+        std::fs::write(dir.join("kubelet-config.yaml"), kubelet_config(&cgroup, &ip, &cp.ca_file()))?;
+        std::fs::write(dir.join("kube-proxy.yaml"), kube_proxy_config(&name, &dir.join("kube-proxy.kubeconfig")))?;
+
+        let keeper = ProcessKeeper::new();
+        let mut holder = Command::new("unshare");
+        holder
+            .args(["-m", "--propagation", "private", "--", "nsenter"])
+            .arg(format!("--net={}", netns.path().display()))
+            .arg("--")
+            .arg("bash")
+            .arg(controlplane::repo_root().join("e2e/scripts/node.sh"))
+            .arg("init")
+            .arg(&dir)
+            .arg(&cgroup);
+        let holder = keeper.spawn("holder", holder, dir.join("logs/holder.log"))?;
+        Ok(RealNode { name, ip, dir, cgroup, netns: Some(netns), keeper, holder })
+    }
+
+    async fn wait_nodes_registered(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = self.cp().kubectl_ok(&["get", "nodes", "-o", "name"]).unwrap_or_default();
+            if out.lines().count() >= self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("--- {} kubelet:\n{}", n.name, n.log_tail("kubelet", 20)))
+                    .collect();
+                bail!("nodes did not register within 120s (have: {out:?})\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn cp(&self) -> &ControlPlane {
+        self.cp.as_ref().expect("control plane lives as long as the cluster")
+    }
+
+    pub fn nodes(&self) -> &[RealNode] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> &RealNode {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The underlay network namespace (holds the control plane's address).
+    pub fn underlay(&self) -> &Netns {
+        self.underlay.as_ref().expect("underlay lives as long as the cluster")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Tears the cluster down now, returning every problem met on the way.
+    pub fn shutdown(mut self) -> Vec<String> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for node in &mut self.nodes {
+            errors.extend(node.teardown());
+        }
+        self.nodes.clear();
+        self.cp.take();
+        self.underlay.take();
+        if std::env::var_os("CARVE_E2E_KEEP").is_some() {
+            eprintln!("carve-e2e: keeping {}", self.dir.display());
+        } else if self.dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.dir)
+        {
+            errors.push(format!("remove {}: {e}", self.dir.display()));
+        }
+        errors
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for e in self.teardown() {
+            eprintln!("carve-e2e: cluster teardown: {e}");
+        }
+    }
+}
+
+/// Waits for the node's holder, starts containerd, imports the images, then
+/// kubelet and kube-proxy.
+fn boot_node(node: &RealNode, bins: &Path, images: &[PathBuf]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.dir.join("ready").exists() {
+        if Instant::now() > deadline {
+            bail!("{}: namespaces not ready: {}", node.name, node.log_tail("holder", 20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut containerd = node.daemon(Path::new("containerd"));
+    containerd.arg("--config").arg(node.dir.join("containerd.toml"));
+    node.keeper.spawn("containerd", containerd, node.dir.join("logs/containerd.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.run("ctr", &["version"]).is_err() {
+        if Instant::now() > deadline {
+            bail!("{}: containerd did not start: {}", node.name, node.log_tail("containerd", 20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for image in images {
+        node.run("ctr", &["-n", "k8s.io", "images", "import", &image.display().to_string()])
+            .with_context(|| format!("import {} on {}", image.display(), node.name))?;
+    }
+    node.start_kubelet(bins)?;
+    let mut proxy = node.daemon(&bins.join("kube-proxy"));
+    proxy.arg(format!("--config={}", node.dir.join("kube-proxy.yaml").display()));
+    node.keeper.spawn("kube-proxy", proxy, node.dir.join("logs/kube-proxy.log"))?;
+    Ok(())
+}
+
+/// containerd 1.6's CRI config (schema 2). Every path is a default, made
+/// per node by the node's mounts.
+const CONTAINERD_CONFIG: &str = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "carve.local/pause:v1"
+  # No CAP_SYS_RESOURCE here: never raise a process's OOM score adjustment.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+"#;
+
+fn kubelet_config(cgroup: &str, ip: &str, ca: &Path) -> String {
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# cgroup v1 and no systemd on this machine; each node has its own cgroup root.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /{cgroup}
+failSwapOn: false
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+address: {ip}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: Webhook}}
+volumePluginDir: /var/lib/kubelet/volume-plugins
+clusterDomain: cluster.local
+clusterDNS: [{CLUSTER_DNS_IP}]
+resolvConf: /etc/resolv.conf
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+evictionHard: {{memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}}
+maxPods: 110
+"#,
+        ca = ca.display()
+    )
+}
+
+fn kube_proxy_config(node: &str, kubeconfig: &Path) -> String {
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+hostnameOverride: {node}
+clientConnection: {{kubeconfig: {kubeconfig}}}
+# carve's host-side veths are carve*: what is local works for every pool mode.
+detectLocalMode: InterfaceNamePrefix
+detectLocal: {{interfaceNamePrefix: carve}}
+# Leave the host-wide conntrack settings alone.
+conntrack: {{maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+"#,
+        kubeconfig = kubeconfig.display()
+    )
+}
+
+/// cgroup v1 hierarchies (all but the unified one), as mounted here.
+fn hierarchies() -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else { return Vec::new() };
+    let mut all: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.ends_with("unified"))
+        .collect();
+    all.sort();
+    all
+}
+
+/// `/<cgroup>/node` in every hierarchy; cpuset needs its cpus and mems set
+/// before a process may join.
+fn make_cgroup(cgroup: &str) -> Result<()> {
+    for h in hierarchies() {
+        let node = h.join(cgroup).join("node");
+        std::fs::create_dir_all(&node).with_context(|| format!("create cgroup {}", node.display()))?;
+        if h.ends_with("cpuset") {
+            for dir in [h.join(cgroup), node] {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let v = std::fs::read_to_string(h.join(f))?;
+                    std::fs::write(dir.join(f), v.trim())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every pid in `dir` and its descendants.
+fn cgroup_pids(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// Kills every process in `cgroup` (any hierarchy), then removes it.
+fn reap_cgroup(cgroup: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut pids = Vec::new();
+        for h in hierarchies() {
+            cgroup_pids(&h.join(cgroup), &mut pids);
+        }
+        if pids.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("processes {pids:?} in cgroup {cgroup} survived SIGKILL for 20s");
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut last = Ok(());
+    for h in hierarchies() {
+        // A cgroup whose last task just died can answer EBUSY for a moment.
+        for attempt in 0..50 {
+            match remove_cgroup_tree(&h.join(cgroup)) {
+                Ok(()) => break,
+                Err(e) if attempt == 49 => {
+                    last = Err(e).with_context(|| format!("remove cgroup {cgroup} in {}", h.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    last
+}
+
+/// Cleans up after clusters whose harness died without tearing down (kill -9,
+/// a crashed `carve-cluster run`): their processes, cgroups and namespaces.
+pub fn sweep_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(scratch_root()) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cl-")) || owner_alive(&dir) {
+            continue;
+        }
+        reap_cluster_dir(&dir);
+    }
+}
+
+/// Whether the process that made `dir` is still running.
+pub(crate) fn owner_alive(dir: &Path) -> bool {
+    let pid = std::fs::read_to_string(dir.join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
+    match pid {
+        Some(pid) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(),
+        // Being created right now, unless it is old.
+        None => dir
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
+            .unwrap_or(false),
+    }
+}
+
+/// Everything a dead cluster recorded: cgroups (and their processes), network
+/// namespaces, then its directory.
+pub(crate) fn reap_cluster_dir(dir: &Path) {
+    let record: Record =
+        std::fs::read(dir.join("cluster.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    for cg in &record.cgroups {
+        if let Err(e) = reap_cgroup(cg) {
+            eprintln!("carve-e2e: sweeping {}: {e:#}", dir.display());
+        }
+    }
+    for ns in &record.netns {
+        let _ = run("ip", &["netns", "del", ns]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,426 @@
+//! carve as users run it: three real nodes (kubelet, kube-proxy, containerd +
+//! runc), carve deployed from its own image with `kubectl apply -f crds/ -f
+//! manifests/`, the agent DaemonSet and the controller Deployment running as
+//! pods with real ServiceAccount tokens, and pods whose network carve-cni sets
+//! up when containerd asks. Needs root (CI has it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions, RealNode};
+use carve_e2e::netns::Netns;
+use carve_e2e::testkit::{node_images, wait_for};
+use ipnet::IpNet;
+use serde_json::Value;
+
+/// A host outside every cluster CIDR, on the underlay, for egress checks.
+const EXTERNAL_IP: &str = "10.224.0.200";
+
+fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = cluster.cp().kubectl_ok(&all).unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+/// `kubectl exec POD -- cmd...`: stdout, or the error with stderr.
+fn exec(cluster: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
+    let mut args = vec!["exec", pod, "--"];
+    args.extend_from_slice(cmd);
+    cluster.cp().kubectl_ok(&args).map_err(|e| format!("{e:#}"))
+}
+
+#[derive(Debug, Clone)]
+struct Pod {
+    name: String,
+    node: String,
+    ip: IpAddr,
+}
+
+fn demo_pods(cluster: &Cluster, selector: &str) -> Vec<Pod> {
+    let pods = kubectl_json(cluster, &["get", "pods", "-l", selector]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| Pod {
+            name: p["metadata"]["name"].as_str().unwrap().into(),
+            node: p["spec"]["nodeName"].as_str().unwrap().into(),
+            ip: p["status"]["podIP"].as_str().unwrap().parse().unwrap(),
+        })
+        .collect()
+}
+
+fn workload(name: &str, replicas: usize) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: default}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: {name}}}}}}}
+      containers:
+        - name: busybox
+          image: carve.local/busybox:v1
+          imagePullPolicy: Never
+          # A TCP server on 8080 answering with the pod's hostname.
+          command: ["sh", "-c", "while true; do hostname | nc -l -p 8080; done"]
+"#
+    )
+}
+
+/// The addresses carve-ipam holds in a node's store (`allocations.json`).
+fn store_ips(node: &RealNode) -> BTreeSet<IpAddr> {
+    let path = node.host_path("/var/lib/carve/ipam/carve/allocations.json");
+    let Ok(body) = std::fs::read(&path) else { return BTreeSet::new() };
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    v["allocations"].as_array().into_iter().flatten().filter_map(|a| a["ip"].as_str()?.parse().ok()).collect()
+}
+
+fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
+    let nncs = kubectl_json(cluster, &["get", "nnc"]);
+    nncs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let blocks = n["status"]["blocks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["cidr"].as_str()?.parse().ok())
+                .collect();
+            (n["metadata"]["name"].as_str().unwrap().to_string(), blocks)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
+    let images = node_images().expect("build the node images");
+    let cluster = Cluster::start(ClusterOptions { nodes: 3, images }).await.expect("cluster with 3 real nodes");
+    let cp = cluster.cp();
+
+    // Before carve: the runtime has no network, so kubelet keeps the Node NotReady.
+    let before = wait_for("nodes NotReady for want of a CNI network", Duration::from_secs(60), || async {
+        let nodes = kubectl_json(&cluster, &["get", "nodes"]);
+        let items = nodes["items"].as_array().cloned().unwrap_or_default();
+        let ok = items.len() == 3
+            && items.iter().all(|n| {
+                condition(n, "Ready").is_some_and(|c| {
+                    c["status"] == "False" && c["message"].as_str().unwrap_or("").contains("cni plugin not initialized")
+                })
+            });
+        if ok { Ok(items) } else { Err(format!("{nodes}")) }
+    })
+    .await;
+    for n in &before {
+        assert!(
+            condition(n, "NetworkUnavailable").is_none(),
+            "kubelet without a cloud provider sets no NetworkUnavailable: {n}"
+        );
+    }
+    for node in cluster.nodes() {
+        assert!(
+            !node.host_path("/etc/cni/net.d/10-carve.conflist").exists(),
+            "{}: no conflist before the agent",
+            node.name
+        );
+    }
+
+    // Deploy as users do.
+    cp.install_crds().unwrap();
+    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
+    cp.kubectl_ok(&["apply", "-f", "examples/overlay.yaml"]).unwrap();
+    wait_for("every node Ready with carve's network", Duration::from_secs(180), || async {
+        let nodes = kubectl_json(&cluster, &["get", "nodes"]);
+        let ready = nodes["items"].as_array().unwrap().iter().all(|n| {
+            condition(n, "Ready").is_some_and(|c| c["status"] == "True")
+                && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+        });
+        if ready {
+            Ok(())
+        } else {
+            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+            Err(format!("{agents}\n{}", cluster.nodes()[0].log_tail("kubelet", 15)))
+        }
+    })
+    .await;
+    let system = kubectl_json(&cluster, &["-n", "carve-system", "get", "pods"]);
+    for pod in system["items"].as_array().unwrap() {
+        assert_eq!(pod["spec"]["hostNetwork"], true, "{}", pod["metadata"]["name"]);
+    }
+
+    // Pods on every node, each IP inside its node's block.
+    cp.kubectl_stdin(&["apply", "-f", "-"], &workload("web", 6)).unwrap();
+    let pods = wait_for("6 pods Running on 3 nodes", Duration::from_secs(180), || async {
+        let pods = demo_pods(&cluster, "app=web");
+        let nodes: BTreeSet<_> = pods.iter().map(|p| p.node.clone()).collect();
+        if pods.len() == 6 && nodes.len() == 3 {
+            Ok(pods)
+        } else {
+            Err(cp.kubectl_ok(&["get", "pods", "-o", "wide"]).unwrap_or_default())
+        }
+    })
+    .await;
+    let blocks = node_blocks(&cluster);
+    let node_ips: BTreeSet<IpAddr> = cluster.nodes().iter().map(|n| n.ip.parse().unwrap()).collect();
+    let mut seen = BTreeSet::new();
+    for p in &pods {
+        let block = &blocks[&p.node];
+        assert!(block.iter().any(|b| b.contains(&p.ip)), "{p:?} outside {}'s blocks {block:?}", p.node);
+        assert!(IpNet::from(p.ip).addr() != IpAddr::from([0, 0, 0, 0]) && !node_ips.contains(&p.ip), "{p:?}");
+        assert!(seen.insert(p.ip), "{} handed out twice", p.ip);
+        assert!(store_ips(cluster.node(&p.node)).contains(&p.ip), "{p:?} not in its node's IPAM store");
+    }
+
+    // Pod to pod on the same node and across nodes, ICMP and TCP.
+    let a = &pods[0];
+    let same = pods.iter().find(|p| p.node == a.node && p.name != a.name).expect("two pods on one node");
+    let other = pods.iter().find(|p| p.node != a.node).unwrap();
+    for to in [same, other] {
+        let ip = to.ip.to_string();
+        let ping = exec(&cluster, &a.name, &["ping", "-c", "2", "-W", "2", &ip]);
+        assert!(ping.is_ok(), "ping {} ({}) -> {} ({}): {ping:?}", a.name, a.node, to.name, to.node);
+        let tcp = exec(&cluster, &a.name, &["sh", "-c", &format!("nc -w 3 {ip} 8080 </dev/null")]);
+        assert_eq!(tcp.as_deref().map(str::trim), Ok(to.name.as_str()), "TCP {} -> {}", a.name, to.name);
+    }
+    // Pod to another node's own address.
+    let other_node = cluster.node(&other.node);
+    let ping = exec(&cluster, &a.name, &["ping", "-c", "2", "-W", "2", &other_node.ip]);
+    assert!(ping.is_ok(), "pod {} -> node {}: {ping:?}", a.name, other_node.ip);
+
+    // Egress leaves SNAT'd to the node's address.
+    let external = Netns::new(&format!("cv{}-ext", cluster.id())).unwrap();
+    let veth = format!("cv{}x", cluster.id());
+    cluster
+        .underlay()
+        .ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &external.name])
+        .unwrap();
+    cluster.underlay().ip(&["link", "set", &veth, "master", "ul0", "up"]).unwrap();
+    external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"]).unwrap();
+    external.ip(&["link", "set", "eth0", "up"]).unwrap();
+    external.ip(&["route", "add", "default", "via", CONTROL_PLANE_IP]).unwrap();
+    let listener = external.tcp_echo_peer(SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 9000)).unwrap();
+    let answer = exec(&cluster, &a.name, &["sh", "-c", &format!("echo hi | nc -w 3 {EXTERNAL_IP} 9000")]);
+    let peer = listener.join().unwrap().unwrap();
+    let a_node = cluster.node(&a.node);
+    assert_eq!(peer.ip().to_string(), a_node.ip, "egress from {} arrives as its node's address ({answer:?})", a.name);
+
+    // The agent's own token is bound to its pod and node: it may not write
+    // another node's NodeNetworkConfig.
+    let agents =
+        kubectl_json(&cluster, &["-n", "carve-system", "get", "pods", "-l", "app.kubernetes.io/name=carve-agent"]);
+    let agent = agents["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["nodeName"] == "node-1")
+        .expect("agent on node-1");
+    let uid = agent["metadata"]["uid"].as_str().unwrap();
+    let token = agent_token(cluster.node("node-1"), uid);
+    let forbidden = cp
+        .kubectl()
+        .args([
+            "--token",
+            &token,
+            "--user",
+            "",
+            "patch",
+            "nnc",
+            "node-2",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"requestedIpCount":1}}"#,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&forbidden.stderr);
+    assert!(
+        !forbidden.status.success()
+            && stderr.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"),
+        "agent of node-1 patched node-2's NNC: {stderr}"
+    );
+    eprintln!("agent of node-1 patching node-2's NNC: {stderr}");
+
+    // Deleted pods free their addresses in the node's store.
+    cp.kubectl_ok(&["delete", "deployment", "web", "--wait=true"]).unwrap();
+    wait_for("deleted pods' IPs released", Duration::from_secs(90), || async {
+        let held: Vec<_> = pods.iter().filter(|p| store_ips(cluster.node(&p.node)).contains(&p.ip)).collect();
+        if held.is_empty() { Ok(()) } else { Err(format!("still held: {held:?}")) }
+    })
+    .await;
+
+    let problems = cluster.shutdown();
+    assert!(problems.is_empty(), "teardown: {problems:?}");
+}
+
+/// The projected ServiceAccount token kubelet mounted into pod `uid` on `node`.
+fn agent_token(node: &RealNode, uid: &str) -> String {
+    let volumes = node.host_path(&format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected"));
+    for entry in std::fs::read_dir(&volumes).unwrap_or_else(|e| panic!("{}: {e}", volumes.display())).flatten() {
+        if let Ok(token) = std::fs::read_to_string(entry.path().join("token")) {
+            return token.trim().to_string();
+        }
+    }
+    panic!("no projected token under {}", volumes.display());
+}
+
+/// What a cluster could leave on the host, to compare before and after.
+#[derive(Debug, PartialEq, Eq)]
+struct HostTrace {
+    links: BTreeSet<String>,
+    netns: BTreeSet<String>,
+    cgroups: BTreeSet<String>,
+    sysctls: Vec<String>,
+    mounts: usize,
+}
+
+fn host_trace(id: &str) -> HostTrace {
+    let names = |out: String| -> BTreeSet<String> {
+        out.lines().map(|l| l.split_whitespace().next().unwrap_or("").to_string()).collect()
+    };
+    let links = names(carve_e2e::netns::run("ip", &["-o", "link", "show"]).unwrap())
+        .into_iter()
+        .filter(|l| l.contains(id) || l.contains("ul0"))
+        .collect();
+    let netns = names(carve_e2e::netns::run("ip", &["netns", "list"]).unwrap())
+        .into_iter()
+        .filter(|n| n.contains(id))
+        .collect();
+    let cgroups = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains(&format!("carve-{id}-")))
+        .collect();
+    let sysctls = [
+        "net/ipv4/ip_forward",
+        "net/ipv4/conf/all/forwarding",
+        "net/netfilter/nf_conntrack_max",
+        "net/bridge/bridge-nf-call-iptables",
+    ]
+    .iter()
+    .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
+    .collect();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    HostTrace { links, netns, cgroups, sysctls, mounts }
+}
+
+/// Processes whose command line or cgroup mentions the cluster `id`.
+fn cluster_processes(id: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let p = e.path();
+        let cg = std::fs::read_to_string(p.join("cgroup")).unwrap_or_default();
+        let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cg.contains(&format!("carve-{id}-")) || cmd.contains(&format!("cl-{id}")) {
+            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// Run by the cleanup test below in a child test process; does nothing alone.
+#[tokio::test]
+#[ignore = "helper for the cleanup tests; needs CARVE_E2E_HELPER"]
+async fn helper_cluster_then_die() {
+    let Ok(how) = std::env::var("CARVE_E2E_HELPER") else { return };
+    let images = node_images().unwrap();
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, images }).await.unwrap();
+    // A hostNetwork pod runs without CNI: its shim and container re-parent
+    // away from containerd, as every pod's do.
+    cluster
+        .cp()
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: sleeper, namespace: default}\nspec:\n  hostNetwork: true\n  tolerations: [{operator: Exists}]\n  containers:\n  - {name: c, image: carve.local/busybox:v1, imagePullPolicy: Never, command: [sleep, '3600']}\n",
+        )
+        .unwrap();
+    cluster.cp().kubectl_ok(&["wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s"]).unwrap();
+    println!("CLUSTER_ID={}", cluster.id());
+    match how.as_str() {
+        "panic" => panic!("deliberate panic with a cluster running"),
+        _ => loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+    }
+}
+
+fn helper(how: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "helper_cluster_then_die", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("CARVE_E2E_HELPER", how)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    cmd
+}
+
+fn wait_clean(id: &str, before: &HostTrace) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (procs, trace) = (cluster_processes(id), host_trace(id));
+        if procs.is_empty() && &trace == before {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "left behind: {procs:?}\n{trace:?}\nbefore: {before:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
+    use std::io::BufRead;
+    let before = host_trace("nothing-yet");
+    // A panic: the fixture's drop tears down.
+    let out = helper("panic").output().unwrap();
+    assert!(!out.status.success(), "the helper test should fail");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = stdout
+        .lines()
+        .find_map(|l| l.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string()))
+        .expect("CLUSTER_ID");
+    wait_clean(&id, &HostTrace { ..host_trace_like(&before) });
+
+    // SIGKILL: nothing runs in the harness; the shims and the pod outlive it
+    // until the next harness start sweeps the cluster.
+    let mut child = helper("hang").spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let id =
+        lines.find_map(|l| l.ok()?.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string())).expect("CLUSTER_ID");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let survivors = cluster_processes(&id);
+    assert!(
+        survivors.iter().any(|p| p.contains("containerd-shim")),
+        "a pod's shim outlives a killed harness: {survivors:?}"
+    );
+    carve_e2e::cluster::sweep_stale_clusters();
+    wait_clean(&id, &host_trace_like(&before));
+}
+
+/// `before` with the id-specific parts empty (they were, before any cluster).
+fn host_trace_like(before: &HostTrace) -> HostTrace {
+    HostTrace {
+        links: BTreeSet::new(),
+        netns: BTreeSet::new(),
+        cgroups: BTreeSet::new(),
+        sysctls: before.sysctls.clone(),
+        mounts: before.mounts,
+    }
+}
