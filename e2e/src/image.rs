@@ -34,9 +34,9 @@ use oci_spec::image::{
     ImageConfigurationBuilder, ImageIndex, ImageIndexBuilder, ImageManifest, ImageManifestBuilder, MediaType,
     OciLayoutBuilder, Os, PlatformBuilder, RootFsBuilder,
 };
+use ring::digest::SHA256;
 use serde::Serialize;
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 
 /// The annotation containerd's importer names an image by.
 pub const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
@@ -419,18 +419,18 @@ pub struct BuiltImage {
 /// A writer that hashes and counts what passes through it.
 struct Hashing<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: ring::digest::Context,
     len: u64,
 }
 
 impl<W: Write> Hashing<W> {
     fn new(inner: W) -> Self {
-        Hashing { inner, hasher: Sha256::new(), len: 0 }
+        Hashing { inner, hasher: ring::digest::Context::new(&SHA256), len: 0 }
     }
 
     /// (`sha256:<hex>`, bytes, the writer).
     fn finish(self) -> (String, u64, W) {
-        (format!("sha256:{:x}", self.hasher.finalize()), self.len, self.inner)
+        (hex_digest(self.hasher.finish()), self.len, self.inner)
     }
 }
 
@@ -447,8 +447,22 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// `sha256:<hex>`. ring's SHA-256 is assembly: fast in debug builds too,
+/// where the tests hash archives of hundreds of MiB.
+fn hex_digest(d: ring::digest::Digest) -> String {
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 fn sha256(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
+    hex_digest(ring::digest::digest(&SHA256, data))
+}
+
+/// The digest (`sha256:<hex>`) of the file at `path`.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut hashing = Hashing::new(io::sink());
+    io::copy(&mut File::open(path).with_context(|| format!("opening {}", path.display()))?, &mut hashing)?;
+    Ok(hashing.finish().0)
 }
 
 /// JSON with every object's keys sorted: oci-spec keeps annotations and
@@ -670,7 +684,7 @@ pub fn carve_image(inputs: &Inputs) -> Result<ImageSpec> {
         layer.executable(&inputs.bin_dir.join(bin), &format!("{CARVE_BIN_DIR}/{bin}"))?;
     }
     layer.executable(&inputs.portmap, PORTMAP_PATH)?;
-    layer.executable(Path::new(NFT_PATH), NFT_PATH)?;
+    layer.file(NFT_PATH, NFT_PATH, 0o755)?;
     add_users(
         &mut layer,
         &[("root", 0, "/root", "/usr/sbin/nologin"), ("nonroot", NONROOT_ID, "/nonexistent", "/usr/sbin/nologin")],

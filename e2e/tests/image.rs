@@ -11,7 +11,6 @@
 //! containerd + ctr, and the portmap of `e2e/scripts/control-plane-bins.sh`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -22,7 +21,7 @@ use carve_e2e::image::{
     self, BUSYBOX_APPLETS, BuiltImage, CARVE_BINARIES, Compression, DEFAULT_PATH, Images, Inputs, LayerEntry, NFT_PATH,
     OciArchive, PORTMAP_PATH,
 };
-use carve_e2e::netns::run;
+use carve_e2e::netns::{Netns, run};
 use carve_e2e::process::ProcessKeeper;
 use carve_e2e::testkit::workspace_bin;
 use carve_e2e::{control_plane_bins, repo_root};
@@ -32,7 +31,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// What carve's image is built from, found (or built) once per test process.
 fn inputs() -> &'static Inputs {
@@ -79,14 +77,18 @@ fn unpacked(image: &BuiltImage) -> (OciArchive, tempfile::TempDir) {
     (archive, root)
 }
 
-/// `argv` chrooted into `root` with only `env` and the images' PATH set.
-fn chroot(root: &Path, env: &[&str], argv: &[&str]) -> anyhow::Result<String> {
-    let root = root.to_str().unwrap();
+/// `env` arguments that run `argv` chrooted into `root`, with only `vars`
+/// and the images' PATH set.
+fn chroot_args<'a>(root: &'a Path, vars: &[&'a str], argv: &[&'a str]) -> Vec<&'a str> {
     let mut all = vec!["-i", DEFAULT_PATH];
-    all.extend_from_slice(env);
-    all.extend(["chroot", root]);
+    all.extend_from_slice(vars);
+    all.extend(["chroot", root.to_str().unwrap()]);
     all.extend_from_slice(argv);
-    run("env", &all)
+    all
+}
+
+fn chroot(root: &Path, vars: &[&str], argv: &[&str]) -> anyhow::Result<String> {
+    run("env", &chroot_args(root, vars, argv))
 }
 
 fn is_executable_file(files: &BTreeMap<String, LayerEntry>, path: &str) -> bool {
@@ -413,9 +415,8 @@ fn carve_binaries_portmap_and_nft_run_from_the_unpacked_image() {
     assert!(out.starts_with("nftables v"), "{out}");
 
     // nft programs a NAT table like carve-agent's, in a network namespace of its own.
-    let table = |verb: &str| json!({verb: {"table": {"family": "ip", "name": "carve-image-test"}}});
     let batch = json!({"nftables": [
-        table("add"),
+        {"add": {"table": {"family": "ip", "name": "carve-image-test"}}},
         {"add": {"chain": {"family": "ip", "table": "carve-image-test", "name": "postrouting", "type": "nat",
             "hook": "postrouting", "prio": 100, "policy": "accept"}}},
         {"add": {"set": {"family": "ip", "table": "carve-image-test", "name": "no-masquerade",
@@ -425,15 +426,12 @@ fn carve_binaries_portmap_and_nft_run_from_the_unpacked_image() {
                 "right": {"prefix": {"addr": "10.244.1.0", "len": 24}}}},
             {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@no-masquerade"}},
             {"masquerade": null}]}}},
-        table("list"),
     ]});
     std::fs::write(root.join("tmp/batch.json"), batch.to_string()).unwrap();
-    let root_str = root.to_str().unwrap();
-    let listed = run(
-        "unshare",
-        &["--net", "env", "-i", DEFAULT_PATH, "chroot", root_str, NFT_PATH, "-j", "-f", "/tmp/batch.json"],
-    )
-    .unwrap();
+    let ns = Netns::new(&format!("img-nft-{}", std::process::id())).unwrap();
+    ns.exec("env", &chroot_args(root, &[], &[NFT_PATH, "-j", "-f", "/tmp/batch.json"])).unwrap();
+    let listed =
+        ns.exec("env", &chroot_args(root, &[], &[NFT_PATH, "-j", "list", "table", "ip", "carve-image-test"])).unwrap();
     assert!(listed.contains("\"masquerade\"") && listed.contains("no-masquerade"), "nft listed: {listed}");
 
     // Every dynamic ELF's libraries, by the loader's paths.
@@ -643,20 +641,6 @@ fn archives_import_into_containerd_under_their_names() {
 
 // --- determinism -----------------------------------------------------------
 
-fn file_sha256(path: &Path) -> String {
-    let mut file = std::fs::File::open(path).unwrap();
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    format!("{:x}", hasher.finalize())
-}
-
 /// `inputs` as hard links in `dir` (copies where linking fails), so that a
 /// rebuild of the originals while the test runs changes nothing.
 fn snapshot(inputs: &Inputs, dir: &Path) -> Inputs {
@@ -686,7 +670,8 @@ fn the_same_inputs_give_the_same_digests() {
         assert_eq!(first.name, second.name);
         assert_eq!(first.digest, second.digest, "{}", first.name);
         assert_eq!(first.size, second.size, "{}", first.name);
-        assert_eq!(file_sha256(&first.archive), file_sha256(&second.archive), "{} archive bytes", first.name);
+        let bytes = |b: &BuiltImage| image::sha256_file(&b.archive).unwrap();
+        assert_eq!(bytes(first), bytes(second), "{} archive bytes", first.name);
         let read = OciArchive::open(&first.archive).unwrap();
         assert_eq!((read.name.as_str(), read.digest.as_str()), (first.name.as_str(), first.digest.as_str()));
         assert_eq!(read.ref_name, first.name.rsplit(':').next().unwrap());

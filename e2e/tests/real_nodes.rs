@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use carve_crds::NodeNetworkConfig;
 use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions, RealNode};
 use carve_e2e::netns::Netns;
 use carve_e2e::testkit::{node_images, wait_for};
@@ -16,6 +17,11 @@ use serde_json::Value;
 
 /// A host outside every cluster CIDR, on the underlay, for egress checks.
 const EXTERNAL_IP: &str = "10.224.0.200";
+
+fn base64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
 
 fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
     let mut all = args.to_vec();
@@ -231,29 +237,34 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
         .expect("agent on node-1");
     let uid = agent["metadata"]["uid"].as_str().unwrap();
     let token = agent_token(cluster.node("node-1"), uid);
-    let forbidden = cp
-        .kubectl()
-        .args([
-            "--token",
-            &token,
-            "--user",
-            "",
-            "patch",
-            "nnc",
-            "node-2",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"requestedIpCount":1}}"#,
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&forbidden.stderr);
-    assert!(
-        !forbidden.status.success()
-            && stderr.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"),
-        "agent of node-1 patched node-2's NNC: {stderr}"
-    );
-    eprintln!("agent of node-1 patching node-2's NNC: {stderr}");
+    // Only the token (a kubeconfig's client certificate would win over it),
+    // and a bare PATCH as the agent sends it (kubectl patch would GET first,
+    // a verb the agent's RBAC does not grant).
+    let kubeconfig = cluster.dir().join("agent-token.kubeconfig");
+    let ca = std::fs::read_to_string(cp.ca_file()).unwrap();
+    let yaml = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "agent",
+        "clusters": [{"name": "local", "cluster": {"server": cp.server(), "certificate-authority-data": base64(&ca)}}],
+        "users": [{"name": "agent", "user": {"token": token}}],
+        "contexts": [{"name": "agent", "context": {"cluster": "local", "user": "agent"}}],
+    });
+    std::fs::write(&kubeconfig, serde_json::to_vec(&yaml).unwrap()).unwrap();
+    let as_agent = carve_e2e::controlplane::client_from_kubeconfig(&kubeconfig).await.unwrap();
+    let nncs: kube::Api<NodeNetworkConfig> = kube::Api::all(as_agent);
+    // The value node-1's NNC has already: a write that changes nothing but
+    // still passes authorization and admission.
+    let current = kubectl_json(&cluster, &["get", "nnc", "node-1"])["spec"]["requestedIpCount"].clone();
+    let patch = kube::api::Patch::Merge(serde_json::json!({"spec": {"requestedIpCount": current}}));
+    let pp = kube::api::PatchParams::default();
+    let own = nncs.patch("node-1", &pp, &patch).await;
+    assert!(own.is_ok(), "the agent may patch its own NNC: {own:?}");
+    let other = nncs.patch("node-2", &pp, &patch).await;
+    let message = match other {
+        Err(kube::Error::Api(status)) if status.code == 403 => status.message,
+        other => panic!("agent of node-1 patching node-2's NNC: {other:?}"),
+    };
+    assert!(message.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"), "{message}");
+    eprintln!("agent of node-1 patching node-2's NNC: 403 {message}");
 
     // Deleted pods free their addresses in the node's store.
     cp.kubectl_ok(&["delete", "deployment", "web", "--wait=true"]).unwrap();
@@ -267,15 +278,13 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
-/// The projected ServiceAccount token kubelet mounted into pod `uid` on `node`.
+/// The projected ServiceAccount token kubelet mounted into pod `uid` on
+/// `node` (a tmpfs in the node's mount namespace, so read from inside it).
 fn agent_token(node: &RealNode, uid: &str) -> String {
-    let volumes = node.host_path(&format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected"));
-    for entry in std::fs::read_dir(&volumes).unwrap_or_else(|e| panic!("{}: {e}", volumes.display())).flatten() {
-        if let Ok(token) = std::fs::read_to_string(entry.path().join("token")) {
-            return token.trim().to_string();
-        }
-    }
-    panic!("no projected token under {}", volumes.display());
+    let glob = format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected/*/token");
+    let token = node.run("sh", &["-c", &format!("cat {glob}")]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!token.trim().is_empty(), "empty token at {glob}");
+    token.trim().to_string()
 }
 
 /// What a cluster could leave on the host, to compare before and after.
