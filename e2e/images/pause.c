@@ -53,7 +53,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "pause: warning: not PID 1, orphans are not reparented here\n");
   }
   if (handle(SIGINT, on_stop, 0) < 0 || handle(SIGTERM, on_stop, 0) < 0 ||
-      0) {
+      handle(SIGCHLD, on_child, SA_NOCLDSTOP | SA_RESTART) < 0) {
     perror("pause: sigaction");
     return 1;
   }

@@ -461,13 +461,15 @@ healthzBindAddress: 127.0.0.1:10256
     )
 }
 
-/// cgroup v1 hierarchies (all but the unified one), as mounted here.
-fn hierarchies() -> Vec<PathBuf> {
+/// The cgroup hierarchies mounted here: the v1 ones, plus the unified (v2)
+/// one when `unified` (nodes join only v1, but runc also makes cgroups in
+/// the unified hierarchy, which teardown must remove).
+fn hierarchies(unified: bool) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else { return Vec::new() };
     let mut all: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join("cgroup.procs").exists() && !p.ends_with("unified"))
+        .filter(|p| p.join("cgroup.procs").exists() && (unified || !p.ends_with("unified")))
         .collect();
     all.sort();
     all
@@ -476,7 +478,7 @@ fn hierarchies() -> Vec<PathBuf> {
 /// `/<cgroup>/node` in every hierarchy; cpuset needs its cpus and mems set
 /// before a process may join.
 fn make_cgroup(cgroup: &str) -> Result<()> {
-    for h in hierarchies() {
+    for h in hierarchies(false) {
         let node = h.join(cgroup).join("node");
         std::fs::create_dir_all(&node).with_context(|| format!("create cgroup {}", node.display()))?;
         if h.ends_with("cpuset") {
@@ -522,7 +524,7 @@ fn reap_cgroup(cgroup: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut pids = Vec::new();
-        for h in hierarchies() {
+        for h in hierarchies(true) {
             cgroup_pids(&h.join(cgroup), &mut pids);
         }
         if pids.is_empty() {
@@ -537,7 +539,7 @@ fn reap_cgroup(cgroup: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut last = Ok(());
-    for h in hierarchies() {
+    for h in hierarchies(true) {
         // A cgroup whose last task just died can answer EBUSY for a moment.
         for attempt in 0..50 {
             match remove_cgroup_tree(&h.join(cgroup)) {

@@ -684,7 +684,7 @@ pub fn carve_image(inputs: &Inputs) -> Result<ImageSpec> {
         layer.executable(&inputs.bin_dir.join(bin), &format!("{CARVE_BIN_DIR}/{bin}"))?;
     }
     layer.executable(&inputs.portmap, PORTMAP_PATH)?;
-    layer.file(NFT_PATH, NFT_PATH, 0o755)?;
+    layer.executable(Path::new(NFT_PATH), NFT_PATH)?;
     add_users(
         &mut layer,
         &[("root", 0, "/root", "/usr/sbin/nologin"), ("nonroot", NONROOT_ID, "/nonexistent", "/usr/sbin/nologin")],
