@@ -329,6 +329,17 @@ impl Cluster {
         &self.id
     }
 
+    /// Takes a node away as a machine dies: its kubelet, runtime, pods and
+    /// network namespace are gone. Its Node object stays (nothing here deletes
+    /// Nodes, as in a cluster without a cloud provider); the caller deletes it.
+    pub fn remove_node(&mut self, name: &str) -> Vec<String> {
+        let Some(i) = self.nodes.iter().position(|n| n.name == name) else {
+            return vec![format!("no node {name}")];
+        };
+        let mut node = self.nodes.remove(i);
+        node.teardown()
+    }
+
     /// Tears the cluster down now, returning every problem met on the way.
     pub fn shutdown(mut self) -> Vec<String> {
         self.teardown()

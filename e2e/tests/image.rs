@@ -10,7 +10,7 @@
 //! nsenter, containerd), gcc with a static libc, busybox-static, nftables,
 //! containerd + ctr, and the portmap of `e2e/scripts/control-plane-bins.sh`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -107,35 +107,28 @@ fn assert_executable(files: &BTreeMap<String, LayerEntry>, path: &str, why: &str
 
 /// Every pod template of manifests/ (Deployments, DaemonSets), by object.
 fn pod_specs() -> Vec<(String, PodSpec)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("manifests"))
+    let files: BTreeSet<PathBuf> = std::fs::read_dir(repo_root().join("manifests"))
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension() == Some("yaml".as_ref()))
         .collect();
-    files.sort();
-    let mut specs = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).unwrap();
-            let name = format!(
-                "{} {}",
-                value["kind"].as_str().unwrap_or("?"),
-                value["metadata"]["name"].as_str().unwrap_or("?")
-            );
-            let spec = match value["kind"].as_str() {
-                Some("Deployment") => {
-                    serde_yaml::from_value::<Deployment>(value).unwrap().spec.and_then(|s| s.template.spec)
-                }
-                Some("DaemonSet") => {
-                    serde_yaml::from_value::<DaemonSet>(value).unwrap().spec.and_then(|s| s.template.spec)
-                }
-                _ => None,
-            };
-            specs.extend(spec.map(|s| (name, s)));
-        }
-    }
-    specs
+    let docs = files.iter().flat_map(|f| {
+        let text = std::fs::read_to_string(f).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect::<Vec<_>>()
+    });
+    docs.filter_map(|doc| {
+        let name = format!("{} {}", doc["kind"].as_str()?, doc["metadata"]["name"].as_str()?);
+        let template = match doc["kind"].as_str()? {
+            "Deployment" => serde_yaml::from_value::<Deployment>(doc).unwrap().spec?.template,
+            "DaemonSet" => serde_yaml::from_value::<DaemonSet>(doc).unwrap().spec?.template,
+            _ => return None,
+        };
+        Some((name, template.spec?))
+    })
+    .collect()
 }
 
 /// A flag's `[env: X=]` and `[default: Y]` from clap's `--help` text.

@@ -116,9 +116,9 @@ fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     let images = node_images().expect("build the node images");
-    let cluster = Cluster::start(ClusterOptions { nodes: 3, images }).await.expect("cluster with 3 real nodes");
-    let cp = cluster.cp();
+    let mut cluster = Cluster::start(ClusterOptions { nodes: 3, images }).await.expect("cluster with 3 real nodes");
 
+    let cp = cluster.cp();
     // Before carve: the runtime has no network, so kubelet keeps the Node NotReady.
     let before = wait_for("nodes NotReady for want of a CNI network", Duration::from_secs(60), || async {
         let nodes = kubectl_json(&cluster, &["get", "nodes"]);
@@ -258,19 +258,53 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     let pp = kube::api::PatchParams::default();
     let own = nncs.patch("node-1", &pp, &patch).await;
     assert!(own.is_ok(), "the agent may patch its own NNC: {own:?}");
-    let other = nncs.patch("node-2", &pp, &patch).await;
-    let message = match other {
+    let for_node_2 = nncs.patch("node-2", &pp, &patch).await;
+    let message = match for_node_2 {
         Err(kube::Error::Api(status)) if status.code == 403 => status.message,
         other => panic!("agent of node-1 patching node-2's NNC: {other:?}"),
     };
     assert!(message.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"), "{message}");
     eprintln!("agent of node-1 patching node-2's NNC: 403 {message}");
 
+    // A kubelet restart and a rolled agent DaemonSet leave running pods connected.
+    let connected = |what: &str| {
+        let ping = exec(&cluster, &a.name, &["ping", "-c", "2", "-W", "2", &other.ip.to_string()]);
+        assert!(ping.is_ok(), "{what}: {} -> {} across nodes: {ping:?}", a.name, other.name);
+    };
+    let node_a = cluster.node(&a.node);
+    node_a.stop_kubelet();
+    node_a.start_kubelet(&carve_e2e::control_plane_bins().unwrap()).unwrap();
+    connected("after a kubelet restart");
+    cp.kubectl_ok(&["-n", "carve-system", "rollout", "restart", "daemonset/carve-agent"]).unwrap();
+    cp.kubectl_ok(&["-n", "carve-system", "rollout", "status", "daemonset/carve-agent", "--timeout=180s"]).unwrap();
+    connected("after the agent DaemonSet rolled");
+
     // Deleted pods free their addresses in the node's store.
     cp.kubectl_ok(&["delete", "deployment", "web", "--wait=true"]).unwrap();
     wait_for("deleted pods' IPs released", Duration::from_secs(90), || async {
         let held: Vec<_> = pods.iter().filter(|p| store_ips(cluster.node(&p.node)).contains(&p.ip)).collect();
         if held.is_empty() { Ok(()) } else { Err(format!("still held: {held:?}")) }
+    })
+    .await;
+
+    // A node that is gone (kubelet stopped, namespace gone, Node deleted)
+    // gives its block back, and the others drop their route to it.
+    let gone_block = blocks["node-3"][0].to_string();
+    let has_route =
+        |node: &RealNode| node.netns().ip(&["route", "show", "proto", "202"]).unwrap_or_default().contains(&gone_block);
+    assert!(has_route(cluster.node("node-1")), "node-1 routes node-3's block {gone_block} before");
+    let problems = cluster.remove_node("node-3");
+    assert!(problems.is_empty(), "removing node-3: {problems:?}");
+    cluster.cp().kubectl_ok(&["delete", "node", "node-3"]).unwrap();
+    wait_for("node-3's block released and its routes gone", Duration::from_secs(60), || async {
+        let nnc_gone =
+            cluster.cp().kubectl_ok(&["get", "nnc", "node-3", "--ignore-not-found", "-o", "name"]).unwrap_or_default();
+        let routed: Vec<_> = cluster.nodes().iter().filter(|n| has_route(n)).map(|n| n.name.clone()).collect();
+        if nnc_gone.trim().is_empty() && routed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("nnc: {nnc_gone:?}, still routed on {routed:?}"))
+        }
     })
     .await;
 
