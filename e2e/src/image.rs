@@ -138,13 +138,8 @@ impl Layer {
     /// binaries needing one library); a different one at a taken path fails.
     pub fn add(&mut self, path: &str, entry: Entry) -> Result<&mut Self> {
         let key = layer_key(path)?;
-        let mut parent = String::new();
-        for part in key.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or_default() {
-            if !parent.is_empty() {
-                parent.push('/');
-            }
-            parent.push_str(part);
-            self.insert(parent.clone(), Entry::Directory { mode: 0o755 }, true)?;
+        for (slash, _) in key.match_indices('/') {
+            self.insert(key[..slash].to_string(), Entry::Directory { mode: 0o755 }, true)?;
         }
         self.insert(key, entry, false)?;
         Ok(self)

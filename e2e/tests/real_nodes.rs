@@ -266,14 +266,17 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     assert!(message.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"), "{message}");
     eprintln!("agent of node-1 patching node-2's NNC: 403 {message}");
 
-    // A kubelet restart and a rolled agent DaemonSet leave running pods connected.
+    // A kubelet restart and a rolled agent DaemonSet leave running pods
+    // connected (checked from a pod on another node, whose kubelet serves the exec).
     let connected = |what: &str| {
-        let ping = exec(&cluster, &a.name, &["ping", "-c", "2", "-W", "2", &other.ip.to_string()]);
-        assert!(ping.is_ok(), "{what}: {} -> {} across nodes: {ping:?}", a.name, other.name);
+        let ping = exec(&cluster, &other.name, &["ping", "-c", "2", "-W", "2", &a.ip.to_string()]);
+        assert!(ping.is_ok(), "{what}: {} ({}) -> {} ({}): {ping:?}", other.name, other.node, a.name, a.node);
     };
     let node_a = cluster.node(&a.node);
     node_a.stop_kubelet();
+    connected("while the kubelet is down");
     node_a.start_kubelet(&carve_e2e::control_plane_bins().unwrap()).unwrap();
+    cp.kubectl_ok(&["wait", "--for=condition=Ready", &format!("node/{}", a.node), "--timeout=60s"]).unwrap();
     connected("after a kubelet restart");
     cp.kubectl_ok(&["-n", "carve-system", "rollout", "restart", "daemonset/carve-agent"]).unwrap();
     cp.kubectl_ok(&["-n", "carve-system", "rollout", "status", "daemonset/carve-agent", "--timeout=180s"]).unwrap();

@@ -39,18 +39,17 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let tag = args.tag.unwrap_or_else(default_tag);
-    let mut inputs = match (&args.bin_dir, &args.portmap) {
-        (Some(bin_dir), Some(portmap)) => {
-            Inputs { bin_dir: bin_dir.clone(), portmap: portmap.clone(), tag, compression: Compression::None }
+    let mut inputs = match (args.bin_dir, args.portmap) {
+        (Some(bin_dir), Some(portmap)) => Inputs { bin_dir, portmap, tag, compression: Compression::None },
+        (bin_dir, portmap) => {
+            let release = Inputs::release(&tag)?;
+            Inputs {
+                bin_dir: bin_dir.unwrap_or(release.bin_dir),
+                portmap: portmap.unwrap_or(release.portmap),
+                ..release
+            }
         }
-        _ => Inputs::release(&tag)?,
     };
-    if let Some(dir) = args.bin_dir {
-        inputs.bin_dir = dir;
-    }
-    if let Some(portmap) = args.portmap {
-        inputs.portmap = portmap;
-    }
     if args.gzip {
         inputs.compression = Compression::Gzip;
     }
