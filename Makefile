@@ -99,6 +99,7 @@ bench: bins
 	$(CARGO) build -q --release -p carve-controller
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
 	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-cni
+	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-pods
 
 clean:
 	$(CARGO) clean

@@ -3,7 +3,8 @@
 # cache outside the repo: etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, and for real nodes kubelet and kube-proxy; cnitool
 # (current, and v1.1.2: the libcni containerd 1.6/1.7 embed) and the reference
-# CNI plugins. A second run finds the binaries and returns at once.
+# CNI plugins; containerd 2 (daemon, runc shim and ctr) for nodes that run it
+# instead of Debian's 1.6. A second run finds the binaries and returns at once.
 #
 # Prints the bin dir on stdout; progress goes to stderr.
 set -euo pipefail
@@ -17,6 +18,9 @@ PLUGINS_VERSION="${CARVE_CNI_PLUGINS_VERSION:-v1.9.1}"
 CACHE="${CARVE_CACHE:-$HOME/.cache/carve}"
 BIN="$CACHE/controlplane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-cni-$CNI_VERSION/bin"
 PLUGINS="$CACHE/cni-plugins-$PLUGINS_VERSION"
+# containerd 2.x for real nodes that run it (libcni >= 1.2: CNI 1.1.0, STATUS).
+CONTAINERD2_VERSION="${CARVE_CONTAINERD2_VERSION:-v2.1.4}"
+CONTAINERD2="$CACHE/containerd-$CONTAINERD2_VERSION"
 
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 
@@ -123,8 +127,45 @@ build_cni_plugins() {
   ln -sfn "$PLUGINS" "$BIN/cni-plugins"
 }
 
+# containerd refuses `go install` (its go.mod has exclude directives) and its
+# module zip carries no vendor tree: build its module source as the main module.
+# The runc shim and ctr come from the same source; nodes on containerd 2 point
+# their runtime at this shim (runtime_path), not at Debian's 1.6 one on PATH.
+build_containerd2() {
+  local cmd missing=()
+  for cmd in containerd containerd-shim-runc-v2 ctr; do
+    [[ -x "$CONTAINERD2/$cmd" ]] || missing+=("$cmd")
+  done
+  if ((${#missing[@]})); then
+    local src="$work/containerd-$CONTAINERD2_VERSION"
+    if [[ ! -f "$src/go.mod" ]]; then
+      local dir
+      dir="$(go mod download -json "github.com/containerd/containerd/v2@$CONTAINERD2_VERSION" |
+        sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+      rm -rf "$src.tmp"
+      # The module cache is read-only; the build writes go.sum.
+      cp -r "$dir" "$src.tmp"
+      chmod -R u+w "$src.tmp"
+      rm -rf "$src.tmp/vendor"
+      mv "$src.tmp" "$src"
+    fi
+    local tags="no_btrfs urfave_cli_no_docs"
+    local ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=${CONTAINERD2_VERSION#v}"
+    mkdir -p "$CONTAINERD2"
+    for cmd in "${missing[@]}"; do
+      log "building $cmd $CONTAINERD2_VERSION (cold: minutes)"
+      local t="$tags"
+      [[ $cmd == containerd-shim-runc-v2 ]] && t+=" no_grpc"
+      (cd "$src" && go build -mod=mod -trimpath -tags "$t" -ldflags "$ldflags" -o "$CONTAINERD2/$cmd.tmp" "./cmd/$cmd")
+      mv "$CONTAINERD2/$cmd.tmp" "$CONTAINERD2/$cmd"
+    done
+  fi
+  ln -sfn "$CONTAINERD2" "$BIN/containerd2"
+}
+
 build_etcd
 build_kubernetes
 build_cnitool
 build_cni_plugins
+build_containerd2
 echo "$BIN"

@@ -12,6 +12,11 @@
 //!                                                                  containerd, kubelet, kube-proxy
 //! ```
 //!
+//! Each node runs Debian's containerd 1.6 (libcni 1.1.2: CNI results up to
+//! 1.0.0) unless [`ClusterOptions::runtimes`] gives it containerd 2
+//! ([`Runtime::Containerd2`], built by `control-plane-bins.sh`; libcni 1.2+:
+//! CNI 1.1.0 and the STATUS verb), so one cluster can mix both.
+//!
 //! Node IPs follow AKS (the first four addresses of a subnet are Azure's).
 //! Every kubelet authenticates as `system:node:<name>` with its own client
 //! certificate, so the Node authorizer and NodeRestriction apply; kube-proxy
@@ -53,6 +58,40 @@ pub struct ClusterOptions {
     pub nodes: usize,
     /// OCI image archives every node's containerd imports before its kubelet starts.
     pub images: Vec<PathBuf>,
+    /// The container runtime of node `i` (0-based) at `runtimes[i]`; nodes
+    /// past the end of the list (all of them, by default) run Debian's
+    /// containerd 1.6.
+    pub runtimes: Vec<Runtime>,
+}
+
+/// A node's container runtime; runc (Debian's) under either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// Debian's containerd 1.6 and its runc shim, from PATH (config schema 2).
+    #[default]
+    Containerd16,
+    /// containerd 2 with its own runc shim and ctr, from the control plane's
+    /// bin dir (`containerd2/`, pinned by `CONTAINERD2_VERSION` in
+    /// `control-plane-bins.sh`; config schema 3).
+    Containerd2,
+}
+
+impl Runtime {
+    /// The containerd (and `ctr`) binaries, given the control plane's bin dir.
+    fn binary(self, bins: &Path, name: &str) -> PathBuf {
+        match self {
+            Runtime::Containerd16 => PathBuf::from(name),
+            Runtime::Containerd2 => bins.join("containerd2").join(name),
+        }
+    }
+
+    /// The CRI config file for this runtime.
+    fn config(self, bins: &Path) -> String {
+        match self {
+            Runtime::Containerd16 => CONTAINERD_CONFIG.to_string(),
+            Runtime::Containerd2 => containerd2_config(&bins.join("containerd2/containerd-shim-runc-v2")),
+        }
+    }
 }
 
 /// What a cluster created, for cleanup by a later process when this one is killed.
@@ -66,6 +105,9 @@ struct Record {
 pub struct RealNode {
     pub name: String,
     pub ip: String,
+    pub runtime: Runtime,
+    /// The `ctr` that matches the node's containerd.
+    ctr: PathBuf,
     dir: PathBuf,
     cgroup: String,
     netns: Option<Netns>,
@@ -117,6 +159,11 @@ impl RealNode {
             return self.dir.join("etc-upper").join(rest);
         }
         self.dir.join("root").join(path.trim_start_matches('/'))
+    }
+
+    /// Runs `ctr args` (the client that matches the node's containerd) on the node.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        self.run(&self.ctr.display().to_string(), args)
     }
 
     pub fn log_tail(&self, daemon: &str, lines: usize) -> String {
@@ -198,7 +245,8 @@ impl Cluster {
         cluster.cp = Some(cp);
 
         for i in 0..opts.nodes {
-            let node = cluster.create_node(i, &bins)?;
+            let runtime = opts.runtimes.get(i).copied().unwrap_or_default();
+            let node = cluster.create_node(i, &bins, runtime)?;
             cluster.nodes.push(node);
         }
         // Nodes boot in parallel: containerd and the image imports take the time.
@@ -229,7 +277,7 @@ impl Cluster {
     }
 
     /// Network, cgroups and config files of node `i`; nothing runs yet.
-    fn create_node(&mut self, i: usize, bins: &Path) -> Result<RealNode> {
+    fn create_node(&mut self, i: usize, bins: &Path, runtime: Runtime) -> Result<RealNode> {
         let name = format!("node-{}", i + 1);
         let ip = node_ip(i);
         let dir = self.dir.join(&name);
@@ -266,7 +314,7 @@ impl Cluster {
         std::fs::rename(kubelet_kc, dir.join("kubelet.kubeconfig"))?;
         let proxy_kc = cp.write_kubeconfig(&format!("kube-proxy-{name}"), &server, "system:kube-proxy", None)?;
         std::fs::rename(proxy_kc, dir.join("kube-proxy.kubeconfig"))?;
-        std::fs::write(dir.join("containerd.toml"), CONTAINERD_CONFIG)?;
+        std::fs::write(dir.join("containerd.toml"), runtime.config(bins))?;
         std::fs::write(dir.join("kubelet-config.yaml"), kubelet_config(&cgroup, &ip, &cp.ca_file()))?;
         std::fs::write(dir.join("kube-proxy.yaml"), kube_proxy_config(&name, &dir.join("kube-proxy.kubeconfig")))?;
 
@@ -282,7 +330,8 @@ impl Cluster {
             .arg(&dir)
             .arg(&cgroup);
         let holder = keeper.spawn("holder", holder, dir.join("logs/holder.log"))?;
-        Ok(RealNode { name, ip, dir, cgroup, netns: Some(netns), keeper, holder })
+        let ctr = runtime.binary(bins, "ctr");
+        Ok(RealNode { name, ip, runtime, ctr, dir, cgroup, netns: Some(netns), keeper, holder })
     }
 
     async fn wait_nodes_registered(&self) -> Result<()> {
@@ -382,18 +431,18 @@ fn boot_node(node: &RealNode, bins: &Path, images: &[PathBuf]) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut containerd = node.daemon(Path::new("containerd"));
+    let mut containerd = node.daemon(&node.runtime.binary(bins, "containerd"));
     containerd.arg("--config").arg(node.dir.join("containerd.toml"));
     node.keeper.spawn("containerd", containerd, node.dir.join("logs/containerd.log"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while node.run("ctr", &["version"]).is_err() {
+    while node.ctr(&["version"]).is_err() {
         if Instant::now() > deadline {
             bail!("{}: containerd did not start: {}", node.name, node.log_tail("containerd", 20));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     for image in images {
-        node.run("ctr", &["-n", "k8s.io", "images", "import", &image.display().to_string()])
+        node.ctr(&["-n", "k8s.io", "images", "import", &image.display().to_string()])
             .with_context(|| format!("import {} on {}", image.display(), node.name))?;
     }
     node.start_kubelet(bins)?;
@@ -421,6 +470,34 @@ const CONTAINERD_CONFIG: &str = r#"version = 2
     bin_dir = "/opt/cni/bin"
     conf_dir = "/etc/cni/net.d"
 "#;
+
+/// containerd 2's CRI config (schema 3): the same choices as 1.6's, split
+/// over the images and runtime plugins; the runc runtime uses containerd 2's
+/// own shim (Debian's 1.6 shim is the one on PATH).
+fn containerd2_config(shim: &Path) -> String {
+    format!(
+        r#"version = 3
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = '{PAUSE_IMAGE}'
+[plugins.'io.containerd.cri.v1.runtime']
+  # No CAP_SYS_RESOURCE here: never raise a process's OOM score adjustment.
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = 'runc'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = 'io.containerd.runc.v2'
+      runtime_path = '{shim}'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['/opt/cni/bin']
+    conf_dir = '/etc/cni/net.d'
+"#,
+        shim = shim.display()
+    )
+}
 
 fn kubelet_config(cgroup: &str, ip: &str, ca: &Path) -> String {
     format!(

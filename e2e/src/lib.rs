@@ -8,6 +8,7 @@
 //! - [`pki`]: the throwaway certificates the control plane needs.
 //! - [`testkit`]: polling, builders and the workspace's binaries for tests.
 
+pub mod bench;
 pub mod cluster;
 pub mod controlplane;
 pub mod image;

@@ -116,7 +116,9 @@ fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     let images = node_images().expect("build the node images");
-    let mut cluster = Cluster::start(ClusterOptions { nodes: 3, images }).await.expect("cluster with 3 real nodes");
+    let mut cluster = Cluster::start(ClusterOptions { nodes: 3, images, ..Default::default() })
+        .await
+        .expect("cluster with 3 real nodes");
 
     let cp = cluster.cp();
     // Before carve: the runtime has no network, so kubelet keeps the Node NotReady.
@@ -362,7 +364,12 @@ fn host_trace(id: &str) -> HostTrace {
     .iter()
     .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
     .collect();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    // Only this cluster's: another test's cluster may be starting meanwhile.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("cv{id}")) || l.contains(&format!("cl-{id}")))
+        .count();
     HostTrace { links, netns, cgroups, sysctls, mounts }
 }
 
@@ -387,7 +394,7 @@ fn cluster_processes(id: &str) -> Vec<String> {
 async fn helper_cluster_then_die() {
     let Ok(how) = std::env::var("CARVE_E2E_HELPER") else { return };
     let images = node_images().unwrap();
-    let cluster = Cluster::start(ClusterOptions { nodes: 1, images }).await.unwrap();
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, images, ..Default::default() }).await.unwrap();
     // A hostNetwork pod runs without CNI: its shim and container re-parent
     // away from containerd, as every pod's do.
     cluster
@@ -431,6 +438,7 @@ fn wait_clean(id: &str, before: &HostTrace) {
 #[test]
 fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
     use std::io::BufRead;
+    // Before any cluster: nothing of an unused id, and the host's sysctls.
     let before = host_trace("nothing-yet");
     // A panic: the fixture's drop tears down.
     let out = helper("panic").output().unwrap();
@@ -440,7 +448,7 @@ fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
         .lines()
         .find_map(|l| l.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string()))
         .expect("CLUSTER_ID");
-    wait_clean(&id, &HostTrace { ..host_trace_like(&before) });
+    wait_clean(&id, &before);
 
     // SIGKILL: nothing runs in the harness; the shims and the pod outlive it
     // until the next harness start sweeps the cluster.
@@ -457,16 +465,5 @@ fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
         "a pod's shim outlives a killed harness: {survivors:?}"
     );
     carve_e2e::cluster::sweep_stale_clusters();
-    wait_clean(&id, &host_trace_like(&before));
-}
-
-/// `before` with the id-specific parts empty (they were, before any cluster).
-fn host_trace_like(before: &HostTrace) -> HostTrace {
-    HostTrace {
-        links: BTreeSet::new(),
-        netns: BTreeSet::new(),
-        cgroups: BTreeSet::new(),
-        sysctls: before.sysctls.clone(),
-        mounts: before.mounts,
-    }
+    wait_clean(&id, &before);
 }

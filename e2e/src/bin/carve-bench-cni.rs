@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
 use carve_e2e::ControlPlane;
+use carve_e2e::bench::{ms, percentile, proc_status_mib};
 use carve_e2e::netns::Netns;
 use carve_e2e::testkit::{node, node_agent};
 use clap::Parser;
@@ -92,15 +93,6 @@ fn invoke(c: &Contender, command: &str, container: &str, netns: &Path) -> Result
         );
     }
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
@@ -205,12 +197,6 @@ fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
-fn vm_field(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn agent_rss(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
     let peers = args.peers;
     let ns = Netns::new(&format!("bench-{}-agent", std::process::id()))?;
@@ -261,15 +247,15 @@ async fn agent_rss(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
     let fdb = ns.exec("bridge", &["fdb", "show", "dev", "carve.vxlan"])?.lines().count();
     // A few resyncs after programming, so steady-state allocations count too.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let hwm = vm_field(pid, "VmHWM:").context("reading VmHWM")?;
-    let rss = vm_field(pid, "VmRSS:").unwrap_or(0);
+    let hwm = proc_status_mib(pid, "VmHWM:").context("reading VmHWM")?;
+    let rss = proc_status_mib(pid, "VmRSS:").unwrap_or(0.0);
     println!("\ncarve-agent (release) on a node with {peers} Overlay peers, dataplane in a netns");
     println!("  programmed {routes} routes and {fdb} FDB entries {programmed:.2?} after start");
     println!(
         "  peak RSS (VmHWM) {:.1} MiB, RSS now {:.1} MiB (target < 24 MiB: {})",
-        hwm as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        if hwm < 24 * 1024 { "met" } else { "MISSED" }
+        hwm,
+        rss,
+        if hwm < 24.0 { "met" } else { "MISSED" }
     );
     cp.stop_process("agent");
     Ok(())

@@ -655,13 +655,6 @@ fn carve_binary() -> PathBuf {
     carve_e2e::repo_root().join("target/release/carve-controller")
 }
 
-/// A `/proc/<pid>/status` memory field (VmHWM = peak RSS, VmRSS = now) in MiB.
-fn proc_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// CPU seconds (user + system) a process has used; /proc counts in USER_HZ = 100 ticks a second.
 fn cpu_secs(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -876,7 +869,7 @@ async fn run(c: Contender, n: usize, args: &Args, opts: &Options, progress: Arc<
     let pid =
         start_contender(&cp, &client, c, &mut tasks, args.concurrency, raw_errors.clone(), &mut start_notes).await?;
     let startup_secs = started.elapsed().as_secs_f64();
-    let idle_rss = pid.and_then(|p| proc_mib(p, "VmRSS:"));
+    let idle_rss = pid.and_then(|p| carve_e2e::bench::proc_status_mib(p, "VmRSS:"));
     let peak_fds = Arc::new(AtomicUsize::new(0));
     if let Some(pid) = pid {
         tasks.spawn(sample_fds(pid, peak_fds.clone()));
@@ -924,7 +917,7 @@ async fn run(c: Contender, n: usize, args: &Args, opts: &Options, progress: Arc<
     }
     notes.append(&mut start_notes);
 
-    let rss_mib = pid.and_then(|p| proc_mib(p, "VmHWM:"));
+    let rss_mib = pid.and_then(|p| carve_e2e::bench::proc_status_mib(p, "VmHWM:"));
     let mut writes = write_tally(&client).await.unwrap_or_default();
     for (k, v) in before {
         if let Some(w) = writes.get_mut(&k) {

@@ -95,7 +95,7 @@ async fn start(nodes: usize, images: &Path) -> Result<Running> {
         return Ok(Running::ControlPlane(ControlPlane::start().await?));
     }
     let images = image_archives(images)?;
-    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images }).await?))
+    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images, ..Default::default() }).await?))
 }
 
 async fn run(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {

@@ -1,0 +1,217 @@
+//! One conflist, two runtimes: a cluster whose node-1 runs Debian's containerd
+//! 1.6 (libcni 1.1.2, CNI results up to 1.0.0) and node-2 containerd 2
+//! (libcni 1.2+: picks 1.1.0 from the conflist's `cniVersions`, and asks the
+//! plugin's STATUS for node readiness). carve deployed from its manifests
+//! networks a pod on each, at the version each runtime chose, and tears both
+//! down. Needs root (CI has it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode, Runtime};
+use carve_e2e::testkit::{node_images, wait_for};
+use ipnet::IpNet;
+use serde_json::Value;
+
+fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = cluster.cp().kubectl_ok(&all).unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+/// `kubectl exec POD -- cmd...`: stdout, or the error with stderr.
+fn exec(cluster: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
+    let mut args = vec!["exec", pod, "--"];
+    args.extend_from_slice(cmd);
+    cluster.cp().kubectl_ok(&args).map_err(|e| format!("{e:#}"))
+}
+
+/// The addresses carve-ipam holds in a node's store (`allocations.json`).
+fn store_ips(node: &RealNode) -> BTreeSet<IpAddr> {
+    let path = node.host_path("/var/lib/carve/ipam/carve/allocations.json");
+    let Ok(body) = std::fs::read(&path) else { return BTreeSet::new() };
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    v["allocations"].as_array().into_iter().flatten().filter_map(|a| a["ip"].as_str()?.parse().ok()).collect()
+}
+
+fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
+    let nncs = kubectl_json(cluster, &["get", "nnc"]);
+    nncs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let blocks = n["status"]["blocks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["cidr"].as_str()?.parse().ok())
+                .collect();
+            (n["metadata"]["name"].as_str().unwrap().to_string(), blocks)
+        })
+        .collect()
+}
+
+/// The results libcni cached on `node` (`/var/lib/cni/results/<network>-<container>-<if>`)
+/// whose interfaces hold `ip`: (file name, the result's cniVersion).
+fn cached_results(node: &RealNode, ip: IpAddr) -> Vec<(String, String)> {
+    let dir = node.host_path("/var/lib/cni/results");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Ok(body) = std::fs::read(e.path()) else { continue };
+        let Ok(cache) = serde_json::from_slice::<Value>(&body) else { continue };
+        let result = &cache["result"];
+        let holds =
+            result["ips"].as_array().into_iter().flatten().any(|i| {
+                i["address"].as_str().and_then(|a| a.parse::<IpNet>().ok()).is_some_and(|net| net.addr() == ip)
+            });
+        if holds {
+            let version = result["cniVersion"].as_str().unwrap_or("").to_string();
+            found.push((e.file_name().to_string_lossy().into_owned(), version));
+        }
+    }
+    found
+}
+
+fn pod_on(name: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: runtimes}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+    - name: busybox
+      image: carve.local/busybox:v1
+      imagePullPolicy: Never
+      command: ["sleep", "3600"]
+"#
+    )
+}
+
+#[derive(Debug)]
+struct Pod {
+    name: String,
+    node: String,
+    ip: IpAddr,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1() {
+    let images = node_images().expect("build the node images");
+    let opts = ClusterOptions { nodes: 2, images, runtimes: vec![Runtime::Containerd16, Runtime::Containerd2] };
+    let cluster = Cluster::start(opts).await.expect("cluster with a containerd 1.6 and a containerd 2 node");
+    let cp = cluster.cp();
+    assert_eq!(cluster.node("node-1").runtime, Runtime::Containerd16);
+    assert_eq!(cluster.node("node-2").runtime, Runtime::Containerd2);
+    let runtime_version = |node: &str| {
+        cp.kubectl_ok(&["get", "node", node, "-o", "jsonpath={.status.nodeInfo.containerRuntimeVersion}"]).unwrap()
+    };
+    let (v1, v2) = (runtime_version("node-1"), runtime_version("node-2"));
+    assert!(v1.starts_with("containerd://1.6."), "node-1 runs Debian's containerd 1.6: {v1}");
+    assert!(v2.starts_with("containerd://2"), "node-2 runs containerd 2: {v2}");
+    eprintln!("node-1: {v1}, node-2: {v2}");
+
+    // Deploy as users do.
+    cp.install_crds().unwrap();
+    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
+    cp.kubectl_ok(&["apply", "-f", "examples/overlay.yaml"]).unwrap();
+    wait_for("both nodes Ready with carve's network", Duration::from_secs(180), || async {
+        let nodes = kubectl_json(&cluster, &["get", "nodes"]);
+        let items = nodes["items"].as_array().unwrap();
+        let ready = items.len() == 2
+            && items.iter().all(|n| {
+                condition(n, "Ready").is_some_and(|c| c["status"] == "True")
+                    && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+            });
+        if ready {
+            Ok(())
+        } else {
+            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+            let tails: Vec<String> =
+                cluster.nodes().iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail("kubelet", 8))).collect();
+            Err(format!("{agents}\n{}", tails.join("\n")))
+        }
+    })
+    .await;
+    let conflist = std::fs::read_to_string(cluster.node("node-2").host_path("/etc/cni/net.d/10-carve.conflist"))
+        .expect("the agent's conflist on node-2");
+    let conflist: Value = serde_json::from_str(&conflist).unwrap();
+    assert_eq!(conflist["cniVersion"], "1.0.0", "{conflist}");
+    assert!(conflist["cniVersions"].as_array().unwrap().iter().any(|v| v == "1.1.0"), "{conflist}");
+
+    // A pod on each node, each IP inside its node's block and in its store.
+    for (name, node) in [("rt-1", "node-1"), ("rt-2", "node-2")] {
+        cp.kubectl_stdin(&["apply", "-f", "-"], &pod_on(name, node)).unwrap();
+    }
+    let pods = wait_for("a pod Running on each node", Duration::from_secs(120), || async {
+        let list = kubectl_json(&cluster, &["get", "pods", "-l", "app=runtimes"]);
+        let running: Vec<Pod> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+            .map(|p| Pod {
+                name: p["metadata"]["name"].as_str().unwrap().into(),
+                node: p["spec"]["nodeName"].as_str().unwrap().into(),
+                ip: p["status"]["podIP"].as_str().unwrap().parse().unwrap(),
+            })
+            .collect();
+        if running.len() == 2 {
+            Ok(running)
+        } else {
+            let events = cp.kubectl_ok(&["get", "events", "--field-selector", "type=Warning"]).unwrap_or_default();
+            Err(format!("{}\n{events}", cp.kubectl_ok(&["get", "pods", "-o", "wide"]).unwrap_or_default()))
+        }
+    })
+    .await;
+    let blocks = node_blocks(&cluster);
+    for p in &pods {
+        assert_eq!(p.node, if p.name == "rt-1" { "node-1" } else { "node-2" }, "{p:?}");
+        let block = &blocks[&p.node];
+        assert!(block.iter().any(|b| b.contains(&p.ip)), "{p:?} outside {}'s blocks {block:?}", p.node);
+        assert!(store_ips(cluster.node(&p.node)).contains(&p.ip), "{p:?} not in its node's IPAM store");
+    }
+    assert_ne!(pods[0].ip, pods[1].ip);
+
+    // Across the nodes, both ways (each exec served by that node's runtime).
+    for (from, to) in [(&pods[0], &pods[1]), (&pods[1], &pods[0])] {
+        let ping = exec(&cluster, &from.name, &["ping", "-c", "2", "-W", "2", &to.ip.to_string()]);
+        assert!(ping.is_ok(), "ping {} ({}) -> {} ({}): {ping:?}", from.name, from.node, to.name, to.node);
+    }
+
+    // The version each runtime asked for, as its libcni cached the ADD result.
+    for p in &pods {
+        let want = if p.node == "node-1" { "1.0.0" } else { "1.1.0" };
+        let cached = cached_results(cluster.node(&p.node), p.ip);
+        assert_eq!(cached.len(), 1, "{p:?}: one cached result holds its IP: {cached:?}");
+        assert_eq!(cached[0].1, want, "{p:?}: {:?} cached {cached:?}", cluster.node(&p.node).runtime);
+        eprintln!("{} on {}: cached result {} at cniVersion {}", p.name, p.node, cached[0].0, cached[0].1);
+    }
+
+    // Deleting the pods runs DEL on both runtimes: gone (not stuck
+    // Terminating), results uncached, addresses back in the stores.
+    cp.kubectl_ok(&["delete", "pod", "rt-1", "rt-2", "--wait=true", "--timeout=60s"]).unwrap();
+    wait_for("both pods gone and their IPs released", Duration::from_secs(60), || async {
+        let left = cp.kubectl_ok(&["get", "pods", "-l", "app=runtimes", "-o", "name"]).unwrap_or_default();
+        let held: Vec<_> = pods.iter().filter(|p| store_ips(cluster.node(&p.node)).contains(&p.ip)).collect();
+        let cached: Vec<_> = pods.iter().filter(|p| !cached_results(cluster.node(&p.node), p.ip).is_empty()).collect();
+        if left.trim().is_empty() && held.is_empty() && cached.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("pods: {left:?}, IPs still held: {held:?}, results still cached: {cached:?}"))
+        }
+    })
+    .await;
+
+    let problems = cluster.shutdown();
+    assert!(problems.is_empty(), "teardown: {problems:?}");
+}
