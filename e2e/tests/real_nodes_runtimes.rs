@@ -147,6 +147,11 @@ async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1()
     let conflist: Value = serde_json::from_str(&conflist).unwrap();
     assert_eq!(conflist["cniVersion"], "1.0.0", "{conflist}");
     assert!(conflist["cniVersions"].as_array().unwrap().iter().any(|v| v == "1.1.0"), "{conflist}");
+    // containerd 2 asks the plugin's STATUS (its log carries carve-cni's
+    // stderr); 1.6's libcni has no such verb.
+    let asked_status = |node: &str| cluster.node(node).log_tail("containerd", usize::MAX).contains(r#""STATUS""#);
+    assert!(asked_status("node-2"), "containerd 2 called carve-cni STATUS");
+    assert!(!asked_status("node-1"), "containerd 1.6 never calls STATUS");
 
     // A pod on each node, each IP inside its node's block and in its store.
     for (name, node) in [("rt-1", "node-1"), ("rt-2", "node-2")] {
