@@ -50,8 +50,12 @@ pub fn without_test_env(cmd: &mut Command) -> &mut Command {
 pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
     static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> (a
+    // benchmark binary) → target/<profile>/<name>
+    let mut profile_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
     let bin = profile_dir.join(name);
     let mut built = BUILT.lock().expect("build lock");
     let package_dir = crate::repo_root().join(package.trim_start_matches("carve-"));

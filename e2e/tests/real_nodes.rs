@@ -4,7 +4,7 @@
 //! pods with real ServiceAccount tokens, and pods whose network carve-cni sets
 //! up when containerd asks. Needs root (CI has it).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -13,7 +13,9 @@ use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions, RealNode};
 use carve_e2e::netns::Netns;
 use carve_e2e::testkit::{node_images, wait_for};
 use ipnet::IpNet;
-use serde_json::Value;
+
+mod real_nodes_support;
+use real_nodes_support::{condition, exec, kubectl_json, node_blocks, store_ips};
 
 /// A host outside every cluster CIDR, on the underlay, for egress checks.
 const EXTERNAL_IP: &str = "10.224.0.200";
@@ -21,24 +23,6 @@ const EXTERNAL_IP: &str = "10.224.0.200";
 fn base64(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
-}
-
-fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let out = cluster.cp().kubectl_ok(&all).unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
-    serde_json::from_str(&out).unwrap()
-}
-
-fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
-}
-
-/// `kubectl exec POD -- cmd...`: stdout, or the error with stderr.
-fn exec(cluster: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
-    let mut args = vec!["exec", pod, "--"];
-    args.extend_from_slice(cmd);
-    cluster.cp().kubectl_ok(&args).map_err(|e| format!("{e:#}"))
 }
 
 #[derive(Debug, Clone)]
@@ -85,32 +69,6 @@ spec:
           command: ["sh", "-c", "while true; do hostname | nc -l -p 8080; done"]
 "#
     )
-}
-
-/// The addresses carve-ipam holds in a node's store (`allocations.json`).
-fn store_ips(node: &RealNode) -> BTreeSet<IpAddr> {
-    let path = node.host_path("/var/lib/carve/ipam/carve/allocations.json");
-    let Ok(body) = std::fs::read(&path) else { return BTreeSet::new() };
-    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-    v["allocations"].as_array().into_iter().flatten().filter_map(|a| a["ip"].as_str()?.parse().ok()).collect()
-}
-
-fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
-    let nncs = kubectl_json(cluster, &["get", "nnc"]);
-    nncs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            let blocks = n["status"]["blocks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b["cidr"].as_str()?.parse().ok())
-                .collect();
-            (n["metadata"]["name"].as_str().unwrap().to_string(), blocks)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +247,46 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     wait_for("deleted pods' IPs released", Duration::from_secs(90), || async {
         let held: Vec<_> = pods.iter().filter(|p| store_ips(cluster.node(&p.node)).contains(&p.ip)).collect();
         if held.is_empty() { Ok(()) } else { Err(format!("still held: {held:?}")) }
+    })
+    .await;
+
+    // The controller pod holding the Lease is killed: the other replica takes
+    // over (and handles the node removal below).
+    let holder = |cp: &carve_e2e::ControlPlane| {
+        cp.kubectl_ok(&[
+            "-n",
+            "carve-system",
+            "get",
+            "lease",
+            "carve-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap_or_default()
+    };
+    let leader = holder(cp);
+    assert!(leader.starts_with("carve-controller-"), "the Lease names a controller pod: {leader:?}");
+    let controllers =
+        kubectl_json(&cluster, &["-n", "carve-system", "get", "pods", "-l", "app.kubernetes.io/name=carve-controller"]);
+    let standby: Vec<String> = controllers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .filter(|n| *n != leader)
+        .collect();
+    assert_eq!(standby.len(), 1, "two replicas, one standby: {standby:?}");
+    // Deleted as a drain or a node failure does; the Lease is not released,
+    // so the standby waits out its duration.
+    cp.kubectl_ok(&["-n", "carve-system", "delete", "pod", &leader, "--wait=false"]).unwrap();
+    wait_for("the standby controller to take the Lease", Duration::from_secs(90), || async {
+        let now = holder(cluster.cp());
+        if now == standby[0] {
+            Ok(())
+        } else {
+            let pods = cluster.cp().kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+            Err(format!("holder {now:?}, killed {leader}, standby {standby:?}\n{pods}"))
+        }
     })
     .await;
 
