@@ -210,7 +210,7 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     });
     std::fs::write(&kubeconfig, serde_json::to_vec(&yaml).unwrap()).unwrap();
     let as_agent = carve_e2e::controlplane::client_from_kubeconfig(&kubeconfig).await.unwrap();
-    let nncs: kube::Api<NodeNetworkConfig> = kube::Api::all(as_agent);
+    let nncs: kube::Api<NodeNetworkConfig> = kube::Api::all(as_agent.clone());
     // The value node-1's NNC has already: a write that changes nothing but
     // still passes authorization and admission.
     let current = kubectl_json(&cluster, &["get", "nnc", "node-1"])["spec"]["requestedIpCount"].clone();
@@ -225,6 +225,16 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     };
     assert!(message.contains("carve-agent on node node-1 may not write NodeNetworkConfig node-2"), "{message}");
     eprintln!("agent of node-1 patching node-2's NNC: 403 {message}");
+    // Nor another node's condition (the agent's RBAC allows nodes/status patch).
+    let node_api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(as_agent);
+    let condition = kube::api::Patch::Strategic(serde_json::json!({"status": {"conditions": [{
+        "type": "NetworkUnavailable", "status": "True", "reason": "Forged", "message": "written by node-1's agent"
+    }]}}));
+    let message = match node_api.patch_status("node-2", &pp, &condition).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => status.message,
+        other => panic!("agent of node-1 writing node-2's condition: {other:?}"),
+    };
+    assert!(message.contains("carve-agent on node node-1 may not write Node node-2"), "{message}");
 
     // A kubelet restart and a rolled agent DaemonSet leave running pods
     // connected (checked from a pod on another node, whose kubelet serves the exec).
@@ -284,7 +294,8 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
         if now == standby[0] {
             Ok(())
         } else {
-            let pods = cluster.cp().kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+            let pods =
+                cluster.cp().kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
             Err(format!("holder {now:?}, killed {leader}, standby {standby:?}\n{pods}"))
         }
     })

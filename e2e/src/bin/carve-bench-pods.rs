@@ -195,6 +195,18 @@ async fn main() -> Result<()> {
             // containerd reloads its CNI config asynchronously after the rename.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let times = start_pods(&pods, &nodes, args.pods_per_node, &format!("{contender}{round}")).await?;
+            // Every pod really got its address from the contender under test.
+            let want = if bridge { "10.85." } else { "10.244." };
+            let list = pods.list(&ListParams::default().labels("bench=pods")).await?;
+            let strays: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                .filter(|ip| !ip.starts_with(want))
+                .collect();
+            if !strays.is_empty() {
+                bail!("{contender} round: pods outside {want}x: {strays:?}");
+            }
             let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
             println!(
                 "round {} {contender:>6}: {total} pods create → Running  median {:.0} ms  p99 {:.0} ms",
