@@ -1,6 +1,9 @@
 //! Helpers the real-node tests share: kubectl as JSON, `kubectl exec`, a
 //! node's blocks and its IPAM store.
 
+// Each test binary uses a subset of them.
+#![allow(dead_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
