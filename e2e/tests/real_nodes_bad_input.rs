@@ -59,9 +59,14 @@ async fn an_exhausted_pool_keeps_a_node_not_ready_until_it_grows_and_a_broken_co
         ])
         .unwrap();
     assert!(events.contains("PoolExhausted"), "the exhausted Node carries the Event: {events}");
-    let node = kubectl_json(&cluster, &["get", "node", without]);
-    let network = condition(&node, "NetworkUnavailable").expect("the agent reports why the network is down");
-    assert_eq!(network["status"], "True", "{network}");
+    wait_for("the agent reports why the network is down", Duration::from_secs(60), || async {
+        let node = kubectl_json(&cluster, &["get", "node", without]);
+        match condition(&node, "NetworkUnavailable") {
+            Some(c) if c["status"] == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     assert!(
         !cluster.node(without).host_path("/etc/cni/net.d/10-carve.conflist").exists(),
         "{without} has no block, so no conflist"
