@@ -289,9 +289,24 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     // Deleted as a drain or a node failure does; the Lease is not released,
     // so the standby waits out its duration.
     cp.kubectl_ok(&["-n", "carve-system", "delete", "pod", &leader, "--wait=false"]).unwrap();
-    wait_for("the standby controller to take the Lease", Duration::from_secs(90), || async {
+    // The standby, or the replacement the ReplicaSet starts, whichever asks
+    // first once the Lease has expired.
+    wait_for("another controller replica to take the Lease", Duration::from_secs(90), || async {
         let now = holder(cluster.cp());
-        if now == standby[0] {
+        let running = cluster
+            .cp()
+            .kubectl_ok(&[
+                "-n",
+                "carve-system",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=carve-controller",
+                "-o",
+                "name",
+            ])
+            .unwrap_or_default();
+        if !now.is_empty() && now != leader && running.contains(&format!("pod/{now}")) {
             Ok(())
         } else {
             let pods =
