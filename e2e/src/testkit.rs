@@ -191,6 +191,10 @@ fn build_node_images() -> Result<Vec<PathBuf>> {
     let out = profile_dir.join("carve-images");
     let stripped = out.join("bin");
     std::fs::create_dir_all(&stripped)?;
+    // Test processes build at once (a test and the helper process it runs):
+    // one at a time, or one reads a binary the other is rewriting.
+    let lock = std::fs::File::create(out.join(".lock"))?;
+    lock.lock()?;
     for bin in CARVE_BINARIES {
         let status = Command::new("strip")
             .arg("--strip-debug")
