@@ -45,7 +45,7 @@ pub const CONTROL_PLANE_IP: &str = "10.224.0.1";
 /// Cluster DNS address kubelets hand to pods (CoreDNS, when deployed).
 pub const CLUSTER_DNS_IP: &str = "10.96.0.10";
 /// The pause image containerd runs as every pod's sandbox.
-pub const PAUSE_IMAGE: &str = "carve.local/pause:v1";
+pub use crate::image::PAUSE_IMAGE;
 
 /// Node `i` (0-based) gets 10.224.0.(4+i), as AKS numbers its nodes.
 pub fn node_ip(i: usize) -> String {
@@ -88,7 +88,7 @@ impl Runtime {
     /// The CRI config file for this runtime.
     fn config(self, bins: &Path) -> String {
         match self {
-            Runtime::Containerd16 => CONTAINERD_CONFIG.to_string(),
+            Runtime::Containerd16 => CONTAINERD_CONFIG.replace("@PAUSE_IMAGE@", PAUSE_IMAGE),
             Runtime::Containerd2 => containerd2_config(&bins.join("containerd2/containerd-shim-runc-v2")),
         }
     }
@@ -456,7 +456,7 @@ fn boot_node(node: &RealNode, bins: &Path, images: &[PathBuf]) -> Result<()> {
 /// per node by the node's mounts.
 const CONTAINERD_CONFIG: &str = r#"version = 2
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "carve.local/pause:v1"
+  sandbox_image = "@PAUSE_IMAGE@"
   # No CAP_SYS_RESOURCE here: never raise a process's OOM score adjustment.
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]

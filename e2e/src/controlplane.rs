@@ -1,4 +1,8 @@
-//! A real local Kubernetes control plane: etcd + kube-apiserver on loopback.
+//! A real local Kubernetes control plane: etcd + kube-apiserver on loopback
+//! (the fast tiers), or — with [`Options::netns`] — inside the real-node
+//! cluster's underlay namespace, adding kube-controller-manager and
+//! kube-scheduler and reached from the host through a loopback forwarder
+//! (see [`crate::cluster`]).
 //!
 //! ```text
 //!   ControlPlane::start()
@@ -10,7 +14,8 @@
 //!   drop(ControlPlane)   → SIGTERM/SIGKILL children, remove the temp dir
 //! ```
 //!
-//! Flags follow controller-runtime's envtest; nothing listens beyond 127.0.0.1.
+//! Flags follow controller-runtime's envtest; on the host nothing listens
+//! beyond 127.0.0.1.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
