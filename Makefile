@@ -12,7 +12,7 @@ help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures"
-	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes"
+	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
 	@echo "make release       release binaries in target/release/"
@@ -66,8 +66,10 @@ FORCE:
 # containerd nodes on an isolated underlay (10.224.0.4, .5, ...), every node
 # importing the images `make image` builds. Needs root.
 NODES ?= 0
+# Each node's containerd, in node order: containerd1.6 (default) or containerd2.
+RUNTIMES ?=
 cluster-up: $(CLUSTER) $(if $(filter-out 0,$(NODES)),image)
-	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) up
+	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) up
 
 cluster-down: $(CLUSTER)
 	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; rm -f target/e2e/controller.pid; fi

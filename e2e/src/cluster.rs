@@ -76,6 +76,27 @@ pub enum Runtime {
     Containerd2,
 }
 
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Runtime::Containerd16 => "containerd1.6",
+            Runtime::Containerd2 => "containerd2",
+        })
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+
+    /// `containerd1.6` or `containerd2` (as `carve-cluster --runtimes` takes them).
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Runtime::Containerd16, Runtime::Containerd2]
+            .into_iter()
+            .find(|r| r.to_string() == s.trim())
+            .ok_or_else(|| format!("unknown runtime {s:?}: use containerd1.6 (Debian's) or containerd2"))
+    }
+}
+
 impl Runtime {
     /// The containerd (and `ctr`) binaries, given the control plane's bin dir.
     fn binary(self, bins: &Path, name: &str) -> PathBuf {

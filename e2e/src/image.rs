@@ -57,9 +57,9 @@ pub const NFT_PATH: &str = "/usr/sbin/nft";
 /// Debian's static busybox (package busybox-static).
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 /// Applets the tests' pods use; building the busybox image fails without one.
-pub const BUSYBOX_APPLETS: [&str; 19] = [
+pub const BUSYBOX_APPLETS: [&str; 20] = [
     "sh", "ping", "wget", "nc", "ip", "sleep", "cat", "ls", "hostname", "ifconfig", "route", "echo", "true", "httpd",
-    "mkdir", "ps", "kill", "grep", "sed",
+    "mkdir", "ps", "kill", "grep", "sed", "netstat",
 ];
 /// The PATH of every image (Debian's default).
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -9,66 +9,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use carve_crds::NodeNetworkConfig;
-use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions, RealNode};
-use carve_e2e::netns::Netns;
+use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode};
 use carve_e2e::testkit::{node_images, wait_for};
 use ipnet::IpNet;
 
 mod real_nodes_support;
-use real_nodes_support::{condition, exec, kubectl_json, node_blocks, store_ips};
-
-/// A host outside every cluster CIDR, on the underlay, for egress checks.
-const EXTERNAL_IP: &str = "10.224.0.200";
+use real_nodes_support::{
+    EXTERNAL_IP, HOSTNAME_PORT, arrives_from, condition, deploy_carve, example, exec, external_host, kubectl_json,
+    node_blocks, run_workload, store_ips,
+};
 
 fn base64(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
-}
-
-#[derive(Debug, Clone)]
-struct Pod {
-    name: String,
-    node: String,
-    ip: IpAddr,
-}
-
-fn demo_pods(cluster: &Cluster, selector: &str) -> Vec<Pod> {
-    let pods = kubectl_json(cluster, &["get", "pods", "-l", selector]);
-    pods["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null())
-        .map(|p| Pod {
-            name: p["metadata"]["name"].as_str().unwrap().into(),
-            node: p["spec"]["nodeName"].as_str().unwrap().into(),
-            ip: p["status"]["podIP"].as_str().unwrap().parse().unwrap(),
-        })
-        .collect()
-}
-
-fn workload(name: &str, replicas: usize) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: default}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-        - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: {name}}}}}}}
-      containers:
-        - name: busybox
-          image: carve.local/busybox:v1
-          imagePullPolicy: Never
-          # A TCP server on 8080 answering with the pod's hostname.
-          command: ["sh", "-c", "while true; do hostname | nc -l -p 8080; done"]
-"#
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,40 +60,14 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     }
 
     // Deploy as users do.
-    cp.install_crds().unwrap();
-    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
-    cp.kubectl_ok(&["apply", "-f", "examples/overlay.yaml"]).unwrap();
-    wait_for("every node Ready with carve's network", Duration::from_secs(180), || async {
-        let nodes = kubectl_json(&cluster, &["get", "nodes"]);
-        let ready = nodes["items"].as_array().unwrap().iter().all(|n| {
-            condition(n, "Ready").is_some_and(|c| c["status"] == "True")
-                && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
-        });
-        if ready {
-            Ok(())
-        } else {
-            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
-            Err(format!("{agents}\n{}", cluster.nodes()[0].log_tail("kubelet", 15)))
-        }
-    })
-    .await;
+    deploy_carve(&cluster, &example("overlay.yaml")).await;
     let system = kubectl_json(&cluster, &["-n", "carve-system", "get", "pods"]);
     for pod in system["items"].as_array().unwrap() {
         assert_eq!(pod["spec"]["hostNetwork"], true, "{}", pod["metadata"]["name"]);
     }
 
     // Pods on every node, each IP inside its node's block.
-    cp.kubectl_stdin(&["apply", "-f", "-"], &workload("web", 6)).unwrap();
-    let pods = wait_for("6 pods Running on 3 nodes", Duration::from_secs(180), || async {
-        let pods = demo_pods(&cluster, "app=web");
-        let nodes: BTreeSet<_> = pods.iter().map(|p| p.node.clone()).collect();
-        if pods.len() == 6 && nodes.len() == 3 {
-            Ok(pods)
-        } else {
-            Err(cp.kubectl_ok(&["get", "pods", "-o", "wide"]).unwrap_or_default())
-        }
-    })
-    .await;
+    let pods = run_workload(&cluster, "web", 6).await;
     let blocks = node_blocks(&cluster);
     let node_ips: BTreeSet<IpAddr> = cluster.nodes().iter().map(|n| n.ip.parse().unwrap()).collect();
     let mut seen = BTreeSet::new();
@@ -160,8 +87,16 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
         let ip = to.ip.to_string();
         let ping = exec(&cluster, &a.name, &["ping", "-c", "2", "-W", "2", &ip]);
         assert!(ping.is_ok(), "ping {} ({}) -> {} ({}): {ping:?}", a.name, a.node, to.name, to.node);
-        let tcp = exec(&cluster, &a.name, &["sh", "-c", &format!("nc -w 3 {ip} 8080 </dev/null")]);
+        let tcp = exec(&cluster, &a.name, &["sh", "-c", &format!("nc -w 3 {ip} {HOSTNAME_PORT} </dev/null")]);
         assert_eq!(tcp.as_deref().map(str::trim), Ok(to.name.as_str()), "TCP {} -> {}", a.name, to.name);
+        // Pod to pod is never SNAT'd, across the overlay either.
+        assert_eq!(
+            arrives_from(&cluster, a, to.ip),
+            Ok(a.ip),
+            "{} -> {} arrives from the pod's own IP",
+            a.name,
+            to.name
+        );
     }
     // Pod to another node's own address.
     let other_node = cluster.node(&other.node);
@@ -169,16 +104,7 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     assert!(ping.is_ok(), "pod {} -> node {}: {ping:?}", a.name, other_node.ip);
 
     // Egress leaves SNAT'd to the node's address.
-    let external = Netns::new(&format!("cv{}-ext", cluster.id())).unwrap();
-    let veth = format!("cv{}x", cluster.id());
-    cluster
-        .underlay()
-        .ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &external.name])
-        .unwrap();
-    cluster.underlay().ip(&["link", "set", &veth, "master", "ul0", "up"]).unwrap();
-    external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"]).unwrap();
-    external.ip(&["link", "set", "eth0", "up"]).unwrap();
-    external.ip(&["route", "add", "default", "via", CONTROL_PLANE_IP]).unwrap();
+    let external = external_host(&cluster);
     let listener = external.tcp_echo_peer(SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 9000)).unwrap();
     let answer = exec(&cluster, &a.name, &["sh", "-c", &format!("echo hi | nc -w 3 {EXTERNAL_IP} 9000")]);
     let peer = listener.join().unwrap().unwrap();

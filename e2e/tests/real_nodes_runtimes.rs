@@ -5,38 +5,14 @@
 //! networks a pod on each, at the version each runtime chose, and tears both
 //! down. Needs root (CI has it).
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode, Runtime};
+use carve_e2e::cluster::{Cluster, ClusterOptions, Runtime};
 use carve_e2e::testkit::{node_images, wait_for};
-use ipnet::IpNet;
 use serde_json::Value;
 
 mod real_nodes_support;
-use real_nodes_support::{condition, exec, kubectl_json, node_blocks, store_ips};
-
-/// The results libcni cached on `node` (`/var/lib/cni/results/<network>-<container>-<if>`)
-/// whose interfaces hold `ip`: (file name, the result's cniVersion).
-fn cached_results(node: &RealNode, ip: IpAddr) -> Vec<(String, String)> {
-    let dir = node.host_path("/var/lib/cni/results");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let Ok(body) = std::fs::read(e.path()) else { continue };
-        let Ok(cache) = serde_json::from_slice::<Value>(&body) else { continue };
-        let result = &cache["result"];
-        let holds =
-            result["ips"].as_array().into_iter().flatten().any(|i| {
-                i["address"].as_str().and_then(|a| a.parse::<IpNet>().ok()).is_some_and(|net| net.addr() == ip)
-            });
-        if holds {
-            let version = result["cniVersion"].as_str().unwrap_or("").to_string();
-            found.push((e.file_name().to_string_lossy().into_owned(), version));
-        }
-    }
-    found
-}
+use real_nodes_support::{cached_results, deploy_carve, example, exec, node_blocks, running_pods, store_ips};
 
 fn pod_on(name: &str, node: &str) -> String {
     format!(
@@ -53,13 +29,6 @@ spec:
       command: ["sleep", "3600"]
 "#
     )
-}
-
-#[derive(Debug)]
-struct Pod {
-    name: String,
-    node: String,
-    ip: IpAddr,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,27 +48,7 @@ async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1()
     eprintln!("node-1: {v1}, node-2: {v2}");
 
     // Deploy as users do.
-    cp.install_crds().unwrap();
-    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
-    cp.kubectl_ok(&["apply", "-f", "examples/overlay.yaml"]).unwrap();
-    wait_for("both nodes Ready with carve's network", Duration::from_secs(180), || async {
-        let nodes = kubectl_json(&cluster, &["get", "nodes"]);
-        let items = nodes["items"].as_array().unwrap();
-        let ready = items.len() == 2
-            && items.iter().all(|n| {
-                condition(n, "Ready").is_some_and(|c| c["status"] == "True")
-                    && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
-            });
-        if ready {
-            Ok(())
-        } else {
-            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
-            let tails: Vec<String> =
-                cluster.nodes().iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail("kubelet", 8))).collect();
-            Err(format!("{agents}\n{}", tails.join("\n")))
-        }
-    })
-    .await;
+    deploy_carve(&cluster, &example("overlay.yaml")).await;
     let conflist = std::fs::read_to_string(cluster.node("node-2").host_path("/etc/cni/net.d/10-carve.conflist"))
         .expect("the agent's conflist on node-2");
     let conflist: Value = serde_json::from_str(&conflist).unwrap();
@@ -116,18 +65,7 @@ async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1()
         cp.kubectl_stdin(&["apply", "-f", "-"], &pod_on(name, node)).unwrap();
     }
     let pods = wait_for("a pod Running on each node", Duration::from_secs(120), || async {
-        let list = kubectl_json(&cluster, &["get", "pods", "-l", "app=runtimes"]);
-        let running: Vec<Pod> = list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
-            .map(|p| Pod {
-                name: p["metadata"]["name"].as_str().unwrap().into(),
-                node: p["spec"]["nodeName"].as_str().unwrap().into(),
-                ip: p["status"]["podIP"].as_str().unwrap().parse().unwrap(),
-            })
-            .collect();
+        let running = running_pods(&cluster, "app=runtimes");
         if running.len() == 2 {
             Ok(running)
         } else {

@@ -7,7 +7,8 @@
 //! kube-apiserver on loopback; `--nodes N` adds kube-controller-manager,
 //! kube-scheduler and N kubelet + kube-proxy + containerd nodes on an
 //! isolated underlay (see `carve_e2e::cluster`), importing the OCI archives
-//! in `--images` (what `make image` writes) into every node.
+//! in `--images` (what `make image` writes) into every node. `--runtimes`
+//! picks each node's containerd (Debian's 1.6 by default, or 2).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use carve_e2e::ControlPlane;
-use carve_e2e::cluster::{Cluster, ClusterOptions};
+use carve_e2e::cluster::{Cluster, ClusterOptions, Runtime};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -34,6 +35,10 @@ struct Cli {
     /// Folder of OCI image archives every node imports (`make image`).
     #[arg(long, global = true, default_value = "target/images")]
     images: PathBuf,
+    /// Container runtime of each node in order, comma-separated:
+    /// `containerd1.6` (Debian's, for nodes past the list) or `containerd2`.
+    #[arg(long, global = true, value_delimiter = ',')]
+    runtimes: Vec<Runtime>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -46,6 +51,15 @@ enum Cmd {
     Down,
     /// Run in the foreground until Ctrl-C.
     Run,
+}
+
+/// `--runtimes` as `up` passes it on to `run`.
+fn runtime_args(runtimes: &[Runtime]) -> Vec<String> {
+    if runtimes.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<String> = runtimes.iter().map(Runtime::to_string).collect();
+    vec!["--runtimes".into(), names.join(",")]
 }
 
 fn pid_file(kubeconfig: &Path) -> PathBuf {
@@ -90,19 +104,19 @@ fn image_archives(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(archives)
 }
 
-async fn start(nodes: usize, images: &Path) -> Result<Running> {
+async fn start(nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<Running> {
     if nodes == 0 {
         return Ok(Running::ControlPlane(ControlPlane::start().await?));
     }
     let images = image_archives(images)?;
-    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images, ..Default::default() }).await?))
+    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images, runtimes: runtimes.to_vec() }).await?))
 }
 
-async fn run(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
+async fn run(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let running = tokio::select! {
-        r = start(nodes, images) => r?,
+        r = start(nodes, images, runtimes) => r?,
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     };
@@ -117,7 +131,7 @@ async fn run(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
     println!("data in {}", cp.dir().display());
     if let Running::Cluster(c) = &running {
         for n in c.nodes() {
-            println!("node {} at {} (files in {})", n.name, n.ip, n.dir().display());
+            println!("node {} at {} on {:?} (files in {})", n.name, n.ip, n.runtime, n.dir().display());
         }
     }
     tokio::select! {
@@ -130,7 +144,7 @@ async fn run(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
     Ok(())
 }
 
-fn up(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
+fn up(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<()> {
     if let Some(pid) = running_pid(kubeconfig) {
         println!("already running (pid {pid}); kubeconfig at {}", kubeconfig.display());
         return Ok(());
@@ -148,6 +162,7 @@ fn up(kubeconfig: &Path, nodes: usize, images: &Path) -> Result<()> {
         .arg(nodes.to_string())
         .arg("--images")
         .arg(images)
+        .args(runtime_args(runtimes))
         .arg("run")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -205,12 +220,13 @@ fn down(kubeconfig: &Path) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images),
+        Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images, &cli.runtimes),
         Cmd::Down => down(&cli.kubeconfig),
         Cmd::Run => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(
             &cli.kubeconfig,
             cli.nodes,
             &cli.images,
+            &cli.runtimes,
         )),
     }
 }

@@ -1,13 +1,17 @@
-//! Helpers the real-node tests share: kubectl as JSON, `kubectl exec`, a
-//! node's blocks and its IPAM store.
+//! Helpers the real-node tests share: kubectl as JSON, `kubectl exec`,
+//! deploying carve and a workload, a node's blocks and its IPAM store, a host
+//! outside the cluster, and where a connection arrives from.
 
 // Each test binary uses a subset of them.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::Duration;
 
-use carve_e2e::cluster::{Cluster, RealNode};
+use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, RealNode};
+use carve_e2e::netns::Netns;
+use carve_e2e::testkit::wait_for;
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -53,4 +57,191 @@ pub fn node_blocks(cluster: &Cluster) -> BTreeMap<String, Vec<IpNet>> {
             (n["metadata"]["name"].as_str().unwrap().to_string(), blocks)
         })
         .collect()
+}
+
+/// A running pod: its node and addresses (`podIPs`, the primary first).
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ip: IpAddr,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The Running pods (not being deleted) matching `selector`.
+pub fn running_pods(cluster: &Cluster, selector: &str) -> Vec<Pod> {
+    let pods = kubectl_json(cluster, &["get", "pods", "-l", selector]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["status"]["phase"] == "Running"
+                && p["metadata"]["deletionTimestamp"].is_null()
+                && p["status"]["podIP"].is_string()
+        })
+        .map(|p| Pod {
+            name: p["metadata"]["name"].as_str().unwrap().into(),
+            node: p["spec"]["nodeName"].as_str().unwrap().into(),
+            ip: p["status"]["podIP"].as_str().unwrap().parse().unwrap(),
+            ips: p["status"]["podIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["ip"].as_str()?.parse().ok())
+                .collect(),
+        })
+        .collect()
+}
+
+/// TCP port where a [`workload`] pod answers with its hostname.
+pub const HOSTNAME_PORT: u16 = 8080;
+/// TCP port where a [`workload`] pod answers with its `netstat -tn`: the
+/// connection as the pod sees it, so the client's address as it arrived.
+pub const PEER_PORT: u16 = 8081;
+
+/// A Deployment of busybox pods spread over the nodes, serving [`HOSTNAME_PORT`]
+/// and [`PEER_PORT`].
+pub fn workload(name: &str, replicas: usize) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: default}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: {name}}}}}}}
+      containers:
+        - name: busybox
+          image: carve.local/busybox:v1
+          imagePullPolicy: Never
+          command: ["sh", "-c", "nc -ll -p {PEER_PORT} -e netstat -tn & while true; do hostname | nc -l -p {HOSTNAME_PORT}; done"]
+"#
+    )
+}
+
+/// Applies `workload(name, replicas)` and waits until that many pods run, on every node.
+pub async fn run_workload(cluster: &Cluster, name: &str, replicas: usize) -> Vec<Pod> {
+    let cp = cluster.cp();
+    cp.kubectl_stdin(&["apply", "-f", "-"], &workload(name, replicas)).unwrap();
+    let nodes = cluster.nodes().len();
+    wait_for(&format!("{replicas} {name} pods Running on {nodes} nodes"), Duration::from_secs(180), || async {
+        let pods = running_pods(cluster, &format!("app={name}"));
+        let on: BTreeSet<_> = pods.iter().map(|p| p.node.clone()).collect();
+        if pods.len() == replicas && on.len() == nodes {
+            Ok(pods)
+        } else {
+            let events = cp.kubectl_ok(&["get", "events", "--field-selector", "type=Warning"]).unwrap_or_default();
+            Err(format!("{}\n{events}", cp.kubectl_ok(&["get", "pods", "-o", "wide"]).unwrap_or_default()))
+        }
+    })
+    .await
+}
+
+/// Deploys carve as users do (CRDs, manifests, then `pool`, a PodCIDR's YAML)
+/// and waits until every node is Ready on carve's network.
+pub async fn deploy_carve(cluster: &Cluster, pool: &str) {
+    let cp = cluster.cp();
+    cp.install_crds().unwrap();
+    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
+    cp.kubectl_stdin(&["apply", "-f", "-"], pool).unwrap();
+    let nodes = cluster.nodes().len();
+    wait_for("every node Ready with carve's network", Duration::from_secs(180), || async {
+        let list = kubectl_json(cluster, &["get", "nodes"]);
+        let items = list["items"].as_array().unwrap();
+        let ready = items.len() == nodes
+            && items.iter().all(|n| {
+                condition(n, "Ready").is_some_and(|c| c["status"] == "True")
+                    && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+            });
+        if ready {
+            Ok(())
+        } else {
+            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+            let tails: Vec<String> =
+                cluster.nodes().iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail("kubelet", 8))).collect();
+            Err(format!("{agents}\n{}", tails.join("\n")))
+        }
+    })
+    .await;
+}
+
+/// A host outside every cluster CIDR, on the underlay, for egress checks.
+pub const EXTERNAL_IP: &str = "10.224.0.200";
+
+/// A network namespace holding [`EXTERNAL_IP`] on the cluster's underlay
+/// (its default route is the control plane, which forwards nothing).
+pub fn external_host(cluster: &Cluster) -> Netns {
+    let external = Netns::new(&format!("cv{}-ext", cluster.id())).unwrap();
+    let veth = format!("cv{}x", cluster.id());
+    cluster
+        .underlay()
+        .ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &external.name])
+        .unwrap();
+    cluster.underlay().ip(&["link", "set", &veth, "master", "ul0", "up"]).unwrap();
+    external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"]).unwrap();
+    external.ip(&["link", "set", "eth0", "up"]).unwrap();
+    external.ip(&["route", "add", "default", "via", CONTROL_PLANE_IP]).unwrap();
+    external
+}
+
+/// The address a TCP connection from pod `from` to `to` arrives from, as
+/// `to`'s pod sees it (its [`PEER_PORT`] answers with `netstat -tn`).
+pub fn arrives_from(cluster: &Cluster, from: &Pod, to: IpAddr) -> Result<IpAddr, String> {
+    let target = match to {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6.to_string(),
+    };
+    let out = exec(cluster, &from.name, &["sh", "-c", &format!("nc -w 3 {target} {PEER_PORT} </dev/null")])?;
+    peer_of(&out, PEER_PORT).ok_or_else(|| format!("no connection to port {PEER_PORT} in {out:?}"))
+}
+
+/// In `netstat -tn` output, the foreign address of a connection to local `port`.
+fn peer_of(netstat: &str, port: u16) -> Option<IpAddr> {
+    let strip = |addr: &str| -> Option<IpAddr> {
+        let (ip, _) = addr.rsplit_once(':')?;
+        let ip: IpAddr = ip.parse().ok()?;
+        Some(match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        })
+    };
+    netstat.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        let (local, foreign) = (cols.get(3)?, cols.get(4)?);
+        if local.ends_with(&format!(":{port}")) && !l.contains("LISTEN") { strip(foreign) } else { None }
+    })
+}
+
+/// The YAML of `examples/<name>`.
+pub fn example(name: &str) -> String {
+    let path = carve_e2e::controlplane::repo_root().join("examples").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The results libcni cached on `node` (`/var/lib/cni/results/<network>-<container>-<if>`)
+/// whose interfaces hold `ip`: (file name, the result's cniVersion).
+pub fn cached_results(node: &RealNode, ip: IpAddr) -> Vec<(String, String)> {
+    let dir = node.host_path("/var/lib/cni/results");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Ok(body) = std::fs::read(e.path()) else { continue };
+        let Ok(cache) = serde_json::from_slice::<Value>(&body) else { continue };
+        let result = &cache["result"];
+        let holds =
+            result["ips"].as_array().into_iter().flatten().any(|i| {
+                i["address"].as_str().and_then(|a| a.parse::<IpNet>().ok()).is_some_and(|net| net.addr() == ip)
+            });
+        if holds {
+            let version = result["cniVersion"].as_str().unwrap_or("").to_string();
+            found.push((e.file_name().to_string_lossy().into_owned(), version));
+        }
+    }
+    found
 }
