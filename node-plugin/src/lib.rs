@@ -5,11 +5,13 @@
 //!                          │                               carve-cni (veth, routes)
 //!                          └─▶ VXLAN / routes / nftables SNAT, CNI conflist
 //! ```
-#![forbid(unsafe_code)]
+// Unsafe only where netlink.rs forks and sends (each block says why).
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod cni;
 pub mod dataplane;
 pub mod ipam;
+pub mod netlink;
 pub mod podnet;
 pub mod state;

@@ -1,6 +1,6 @@
-//! The pod's network plumbing, through netlink (rtnetlink): a veth pair, the
-//! pod address as /32 (IPv6 /128), a default route via a link-local gateway
-//! and the host route back.
+//! The pod's network plumbing, through netlink ([`crate::netlink`]): a veth
+//! pair, the pod address as /32 (IPv6 /128), a default route via a
+//! link-local gateway and the host route back.
 //!
 //! ```text
 //!   pod netns                              host (node) netns
@@ -15,62 +15,45 @@
 //! on the host, which routes it on (Calico's and Azure transparent mode's
 //! scheme). Forwarding between interfaces is the agent's business.
 //!
-//! Namespaces: everything inside the pod happens on a dedicated OS thread
-//! that `setns`es into the pod netns and never goes back (it ends); the
-//! calling thread stays in the host netns. No tokio worker ever switches.
+//! Cost, and why it is shaped so (kernel 6.x, measured by `make bench-cni`):
+//! - ADD creates the veth in the host namespace with its peer placed in the
+//!   pod's, in one RTM_NEWLINK: moving a link between
+//!   namespaces afterwards costs an RCU grace period and barrier (12–20 ms).
+//! - DEL: RTM_DELLINK unlists the link and flushes its routes and neighbours
+//!   in well under a millisecond, then blocks its caller in the kernel's
+//!   `rcu_barrier` (16–24 ms) before returning. [`delete_host_veth`] lets a
+//!   forked child wait that out: it returns once the link, its routes and its
+//!   neighbour entries are gone from the host's tables — all a runtime can
+//!   observe of a finished delete — and a new ADD of the same attachment
+//!   (same veth name) succeeds at once. If they are not gone within
+//!   [`DETACHED_DELETE_WAIT`], it waits for the child, as a synchronous delete would.
 
 use std::fs::File;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressFlags};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::NeighbourState;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
-use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::LinkFlags;
+use nix::sys::wait::{WaitPidFlag, waitpid};
+
+use crate::netlink::{self, Netlink, NetlinkError, format_mac, mac_of, route, route_parts};
 
 /// The pod's IPv4 next hop, answered by the host veth.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The pod's IPv6 next hop, answered by the host veth.
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// How long a detached delete may take to unlist the link before DEL waits for it.
+pub const DETACHED_DELETE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
     #[error("network namespace {path}: {source}")]
     Netns { path: PathBuf, source: std::io::Error },
-    #[error("{action}: {source}")]
-    Netlink { action: String, source: rtnetlink::Error },
-    #[error("{0}")]
-    Io(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error("{0}")]
     Check(String),
-}
-
-impl PodNetError {
-    /// True when the netlink error is `errno`.
-    pub fn is_errno(&self, errno: i32) -> bool {
-        matches!(self, PodNetError::Netlink { source, .. } if nl_errno(source) == Some(errno))
-    }
-}
-
-fn nl_errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
-
-const ENODEV: i32 = nix::libc::ENODEV;
-const EEXIST: i32 = nix::libc::EEXIST;
-const ENOENT: i32 = nix::libc::ENOENT;
-
-fn nl(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PodNetError {
-    let action = action.into();
-    move |source| PodNetError::Netlink { action, source }
 }
 
 /// The host-side veth name: "carve" + 10 hex digits of a hash of container id + ifname (15 chars).
@@ -101,318 +84,175 @@ pub struct PodNetInfo {
     pub pod_mac: String,
 }
 
-pub fn format_mac(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-/// Runs `f` with a netlink handle on a fresh current-thread runtime, in the
-/// calling thread's netns.
-fn with_handle<T, F, Fut>(f: F) -> Result<T, PodNetError>
-where
-    F: FnOnce(Handle) -> Fut,
-    Fut: Future<Output = Result<T, PodNetError>>,
-{
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| PodNetError::Io(format!("starting the netlink runtime: {e}")))?;
-    rt.block_on(async move {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| PodNetError::Io(format!("opening a netlink socket: {e}")))?;
-        let task = tokio::spawn(conn);
-        let out = f(handle).await;
-        task.abort();
-        out
-    })
-}
-
 fn open_netns(path: &Path) -> Result<File, PodNetError> {
-    File::open(path).map_err(|source| PodNetError::Netns { path: path.to_path_buf(), source })
+    netlink::open_netns(path).map_err(|source| PodNetError::Netns { path: path.to_path_buf(), source })
 }
 
-/// Runs `f` (with a netlink handle) inside the netns at `path`, on a dedicated
-/// OS thread that enters it and ends afterwards.
-fn in_netns<T, F, Fut>(path: &Path, f: F) -> Result<T, PodNetError>
-where
-    T: Send,
-    F: FnOnce(Handle) -> Fut + Send,
-    Fut: Future<Output = Result<T, PodNetError>>,
-{
-    let ns = open_netns(path)?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| PodNetError::Netns { path: path.to_path_buf(), source: std::io::Error::from(e) })?;
-            with_handle(f)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(PodNetError::Io(format!("netns thread for {} panicked", path.display()))))
-    })
+fn gateway(ip: &IpAddr) -> IpAddr {
+    if ip.is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() }
 }
 
-async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, PodNetError> {
-    match h.link().get().match_name(name.to_owned()).execute().try_next().await {
-        Ok(l) => Ok(l),
-        Err(e) if nl_errno(&e) == Some(ENODEV) => Ok(None),
-        Err(e) => Err(nl(format!("looking up link {name}"))(e)),
-    }
+fn host_len(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
 }
 
-fn mac_of(link: &LinkMessage) -> Vec<u8> {
-    link.attributes
-        .iter()
-        .find_map(|a| if let LinkAttribute::Address(m) = a { Some(m.clone()) } else { None })
-        .unwrap_or_default()
-}
-
-fn host_route(ip: IpAddr, index: u32) -> RouteMessage {
-    let len = if ip.is_ipv4() { 32 } else { 128 };
-    RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(ip, len)
-        .expect("address family matches")
-        .output_interface(index)
-        .scope(RouteScope::Link)
-        .build()
-}
-
-fn default_route(gw: IpAddr, index: u32) -> RouteMessage {
-    let any: IpAddr = if gw.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-    RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(any, 0)
-        .expect("address family matches")
-        .gateway(gw)
-        .expect("address family matches")
-        .output_interface(index)
-        .build()
-}
-
-async fn add_route(h: &Handle, msg: RouteMessage, what: String) -> Result<(), PodNetError> {
-    match h.route().add(msg).execute().await {
-        Err(e) if nl_errno(&e) == Some(EEXIST) => Ok(()),
-        r => r.map_err(nl(what)),
-    }
-}
-
-/// Pod side, run inside the pod netns: veth (host end moved out), address, routes, neighbour.
-async fn pod_side(h: Handle, spec: &PodNetSpec, host_ns: &File) -> Result<PodNetInfo, PodNetError> {
-    let ifname = &spec.ifname;
-    if link_by_name(&h, ifname).await?.is_some() {
-        return Err(PodNetError::Check(format!("interface {ifname} already exists in {}", spec.netns.display())));
-    }
-    h.link()
-        .add(LinkVeth::new(ifname, &spec.host_ifname).mtu(spec.mtu).build())
-        .execute()
-        .await
-        .map_err(nl(format!("creating veth {ifname} <-> {}", spec.host_ifname)))?;
-    let result = async {
-        let host = link_by_name(&h, &spec.host_ifname)
-            .await?
-            .ok_or_else(|| PodNetError::Check(format!("veth peer {} vanished", spec.host_ifname)))?;
-        let host_mac = mac_of(&host);
-        h.link()
-            .set(LinkUnspec::new_with_index(host.header.index).mtu(spec.mtu).build())
-            .execute()
-            .await
-            .map_err(nl(format!("setting MTU {} on {}", spec.mtu, spec.host_ifname)))?;
-        h.link()
-            .set(LinkUnspec::new_with_index(host.header.index).setns_by_fd(host_ns.as_raw_fd()).build())
-            .execute()
-            .await
-            .map_err(nl(format!("moving {} to the host netns", spec.host_ifname)))?;
-        let pod =
-            link_by_name(&h, ifname).await?.ok_or_else(|| PodNetError::Check(format!("veth {ifname} vanished")))?;
-        let index = pod.header.index;
-        h.link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("setting {ifname} up")))?;
-        for ip in &spec.ips {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            let mut req = h.address().add(index, *ip, len);
-            if ip.is_ipv6() {
-                req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-            }
-            req.execute().await.map_err(nl(format!("adding {ip}/{len} to {ifname}")))?;
-        }
-        let mut families_done = Vec::new();
-        for ip in &spec.ips {
-            let gw: IpAddr = if ip.is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
-            if families_done.contains(&gw) {
-                continue;
-            }
-            families_done.push(gw);
-            if gw.is_ipv4() {
-                add_route(&h, host_route(gw, index), format!("adding route {gw}/32 dev {ifname}")).await?;
-            }
-            match h
-                .neighbours()
-                .add(index, gw)
-                .link_layer_address(&host_mac)
-                .state(NeighbourState::Permanent)
-                .execute()
-                .await
-            {
-                Err(e) if nl_errno(&e) == Some(EEXIST) => {}
-                r => r.map_err(nl(format!("adding neighbour {gw} on {ifname}")))?,
-            }
-            add_route(&h, default_route(gw, index), format!("adding default route via {gw} dev {ifname}")).await?;
-        }
-        Ok(PodNetInfo { host_mac: format_mac(&host_mac), pod_mac: format_mac(&mac_of(&pod)) })
-    }
-    .await;
-    if result.is_err() {
-        // Roll back: deleting either end removes both (the host end may have moved already).
-        if let Ok(Some(l)) = link_by_name(&h, ifname).await {
-            let _ = h.link().del(l.header.index).execute().await;
-        }
-    }
-    result
-}
-
-/// Host side, in the calling thread's netns: host veth up, route and neighbour per pod IP.
-async fn host_side(h: Handle, spec: &PodNetSpec, pod_mac: &[u8]) -> Result<(), PodNetError> {
-    let name = &spec.host_ifname;
-    let link = link_by_name(&h, name)
-        .await?
-        .ok_or_else(|| PodNetError::Check(format!("host veth {name} not found after the move")))?;
-    let index = link.header.index;
-    h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("setting {name} up")))?;
-    for ip in &spec.ips {
-        add_route(&h, host_route(*ip, index), format!("adding host route {ip} dev {name}")).await?;
-        match h
-            .neighbours()
-            .add(index, *ip)
-            .link_layer_address(pod_mac)
-            .state(NeighbourState::Permanent)
-            .execute()
-            .await
-        {
-            Err(e) if nl_errno(&e) == Some(EEXIST) => {}
-            r => r.map_err(nl(format!("adding neighbour {ip} on {name}")))?,
-        }
-    }
-    Ok(())
-}
-
-fn parse_mac(s: &str) -> Vec<u8> {
-    s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect()
-}
-
-/// Deletes the host veth `name` in the calling thread's netns; Ok when it is already gone.
-pub fn delete_host_veth(name: &str) -> Result<(), PodNetError> {
-    with_handle(|h| async move {
-        let Some(link) = link_by_name(&h, name).await? else { return Ok(()) };
-        match h.link().del(link.header.index).execute().await {
-            Err(e) if matches!(nl_errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(()),
-            r => r.map_err(nl(format!("deleting host veth {name}"))),
-        }
-    })
+fn unspecified(v4: bool) -> IpAddr {
+    if v4 { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }
 }
 
 /// Builds the pod's interface, addresses and routes and the host side. On
 /// failure, whatever was created is removed again.
 pub fn setup(spec: &PodNetSpec) -> Result<PodNetInfo, PodNetError> {
-    // Validate before mutating: both namespaces open, a leftover host veth of
-    // this same attachment (same hashed name) is removed first.
-    let host_ns = File::open("/proc/self/ns/net")
-        .map_err(|source| PodNetError::Netns { path: "/proc/self/ns/net".into(), source })?;
-    open_netns(&spec.netns)?;
-    delete_host_veth(&spec.host_ifname)?;
-    let info = in_netns(&spec.netns, |h| async { pod_side(h, spec, &host_ns).await })?;
-    let pod_mac = parse_mac(&info.pod_mac);
-    if let Err(e) = with_handle(|h| async { host_side(h, spec, &pod_mac).await }) {
-        let _ = delete_host_veth(&spec.host_ifname);
-        return Err(e);
+    let pod_ns = open_netns(&spec.netns)?;
+    let mut host = Netlink::open()?;
+    let mut pod = Netlink::open_in(&pod_ns)?;
+    let (ifname, host_ifname) = (&spec.ifname, &spec.host_ifname);
+    if pod.link_by_name(ifname)?.is_some() {
+        return Err(PodNetError::Check(format!("interface {ifname} already exists in {}", spec.netns.display())));
     }
-    Ok(info)
-}
-
-fn route_matches(r: &RouteMessage, dst: IpAddr, len: u8, gw: Option<IpAddr>, oif: u32) -> bool {
-    let mut d = None;
-    let mut g = None;
-    let mut o = None;
-    for a in &r.attributes {
-        match a {
-            RouteAttribute::Destination(RouteAddress::Inet(x)) => d = Some(IpAddr::V4(*x)),
-            RouteAttribute::Destination(RouteAddress::Inet6(x)) => d = Some(IpAddr::V6(*x)),
-            RouteAttribute::Gateway(RouteAddress::Inet(x)) => g = Some(IpAddr::V4(*x)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(x)) => g = Some(IpAddr::V6(*x)),
-            RouteAttribute::Oif(i) => o = Some(*i),
-            _ => {}
+    // A leftover host veth of this same attachment (same hashed name) goes first.
+    if let Some(old) = host.link_by_name(host_ifname)? {
+        host.del_link(old.header.index, host_ifname)?;
+    }
+    host.add_link(
+        netlink::veth_pair(host_ifname, ifname, &pod_ns, spec.mtu),
+        &format!("veth {host_ifname} <-> {ifname} in {}", spec.netns.display()),
+    )?;
+    let result = configure(&mut host, &mut pod, spec);
+    if result.is_err() {
+        // Deleting the host end removes both.
+        if let Ok(Some(l)) = host.link_by_name(host_ifname) {
+            let _ = host.del_link(l.header.index, host_ifname);
         }
     }
-    let d = d.unwrap_or(if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() });
-    r.header.destination_prefix_length == len && d == dst && g == gw && o == Some(oif)
+    result
 }
 
-async fn routes(h: &Handle, v4: bool) -> Result<Vec<RouteMessage>, PodNetError> {
-    let msg = if v4 {
-        RouteMessageBuilder::<Ipv4Addr>::new().build()
-    } else {
-        RouteMessageBuilder::<Ipv6Addr>::new().build()
+fn configure(host: &mut Netlink, pod: &mut Netlink, spec: &PodNetSpec) -> Result<PodNetInfo, PodNetError> {
+    let (ifname, host_ifname) = (&spec.ifname, &spec.host_ifname);
+    let host_link =
+        host.link_by_name(host_ifname)?.ok_or_else(|| PodNetError::Check(format!("veth {host_ifname} vanished")))?;
+    let pod_link = pod.link_by_name(ifname)?.ok_or_else(|| PodNetError::Check(format!("veth {ifname} vanished")))?;
+    let (host_index, host_mac) = (host_link.header.index, mac_of(&host_link));
+    let (pod_index, pod_mac) = (pod_link.header.index, mac_of(&pod_link));
+    pod.set_up(pod_index, ifname)?;
+    for ip in &spec.ips {
+        pod.add_address(pod_index, *ip, host_len(ip))?;
+    }
+    let mut families_done = Vec::new();
+    for ip in &spec.ips {
+        let gw = gateway(ip);
+        if families_done.contains(&gw) {
+            continue;
+        }
+        families_done.push(gw);
+        if gw.is_ipv4() {
+            pod.add_route(route(gw, 32, None, pod_index), &format!("{gw}/32 dev {ifname}"))?;
+        }
+        pod.set_neighbour(pod_index, gw, &host_mac)?;
+        pod.add_route(route(unspecified(gw.is_ipv4()), 0, Some(gw), pod_index), &format!("default via {gw}"))?;
+    }
+    for ip in &spec.ips {
+        let len = host_len(ip);
+        host.add_route(route(*ip, len, None, host_index), &format!("{ip}/{len} dev {host_ifname}"))?;
+        host.set_neighbour(host_index, *ip, &pod_mac)?;
+    }
+    Ok(PodNetInfo { host_mac: format_mac(&host_mac), pod_mac: format_mac(&pod_mac) })
+}
+
+/// How [`delete_host_veth`] deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delete {
+    /// RTM_DELLINK from this process, returning when the kernel does.
+    Synchronous,
+    /// RTM_DELLINK from a forked child; returns once the link, its routes and
+    /// neighbours are gone (falls back to waiting for the child). Only a
+    /// single-threaded process forks; others delete synchronously.
+    Detached,
+}
+
+/// Deletes the host veth `name` in the calling thread's netns (the pod's end
+/// goes with it); Ok when it is already gone.
+pub fn delete_host_veth(name: &str, how: Delete) -> Result<(), PodNetError> {
+    let mut nl = Netlink::open()?;
+    let Some(link) = nl.link_by_name(name)? else { return Ok(()) };
+    let index = link.header.index;
+    if how == Delete::Synchronous {
+        return Ok(nl.del_link(index, name)?);
+    }
+    let Some(child) = netlink::send_from_child(RouteNetlinkMessage::DelLink(netlink::del_link(index)))? else {
+        return Ok(nl.del_link(index, name)?);
     };
-    h.route().get(msg).execute().try_collect().await.map_err(nl("listing routes"))
+    let deadline = Instant::now() + DETACHED_DELETE_WAIT;
+    loop {
+        if gone(&mut nl, index)? {
+            // Reaped now if it is done already; else re-parented when this process exits.
+            let _ = waitpid(child, Some(WaitPidFlag::WNOHANG));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = waitpid(child, None);
+            if gone(&mut nl, index)? {
+                return Ok(());
+            }
+            return Err(PodNetError::Check(format!("host veth {name} still present after its delete")));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Whether link `index` is gone with every route and neighbour entry on it.
+fn gone(nl: &mut Netlink, index: u32) -> Result<bool, PodNetError> {
+    if nl.link_by_index(index)?.is_some() {
+        return Ok(false);
+    }
+    for v4 in [true, false] {
+        if nl.routes(v4)?.iter().any(|r| route_parts(r).3 == Some(index)) {
+            return Ok(false);
+        }
+    }
+    Ok(nl.neighbours(index)?.is_empty())
 }
 
 /// CHECK: the pod interface has every address and the default route(s); the
 /// host veth exists, is up and routes every pod address.
 pub fn check(spec: &PodNetSpec) -> Result<(), PodNetError> {
-    in_netns(&spec.netns, |h| async move {
-        let ifname = &spec.ifname;
-        let link = link_by_name(&h, ifname)
-            .await?
-            .ok_or_else(|| PodNetError::Check(format!("interface {ifname} missing in {}", spec.netns.display())))?;
-        let index = link.header.index;
-        let have: Vec<(IpAddr, u8)> = h
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(nl(format!("listing addresses of {ifname}")))?
-            .into_iter()
-            .filter(|m| m.header.index == index)
-            .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some((*ip, m.header.prefix_len)),
-                    _ => None,
-                })
-            })
-            .collect();
-        for ip in &spec.ips {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            if !have.contains(&(*ip, len)) {
-                return Err(PodNetError::Check(format!("address {ip}/{len} missing on {ifname}")));
-            }
-            let gw: IpAddr = if ip.is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
-            let any: IpAddr = if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-            if !routes(&h, ip.is_ipv4()).await?.iter().any(|r| route_matches(r, any, 0, Some(gw), index)) {
-                return Err(PodNetError::Check(format!("default route via {gw} dev {ifname} missing")));
-            }
+    let pod_ns = open_netns(&spec.netns)?;
+    let mut pod = Netlink::open_in(&pod_ns)?;
+    let ifname = &spec.ifname;
+    let link = pod
+        .link_by_name(ifname)?
+        .ok_or_else(|| PodNetError::Check(format!("interface {ifname} missing in {}", spec.netns.display())))?;
+    let index = link.header.index;
+    let have = pod.addresses(index)?;
+    for ip in &spec.ips {
+        let len = host_len(ip);
+        if !have.contains(&(*ip, len)) {
+            return Err(PodNetError::Check(format!("address {ip}/{len} missing on {ifname}")));
         }
-        Ok(())
-    })?;
-    with_handle(|h| async move {
-        let name = &spec.host_ifname;
-        let link =
-            link_by_name(&h, name).await?.ok_or_else(|| PodNetError::Check(format!("host veth {name} missing")))?;
-        if !link.header.flags.contains(LinkFlags::Up) {
-            return Err(PodNetError::Check(format!("host veth {name} is down")));
+        let gw = gateway(ip);
+        let default = |r: &_| {
+            let (dst, len, g, oif) = route_parts(r);
+            dst.is_none_or(|d| d.is_unspecified()) && len == 0 && g == Some(gw) && oif == Some(index)
+        };
+        if !pod.routes(ip.is_ipv4())?.iter().any(default) {
+            return Err(PodNetError::Check(format!("default route via {gw} dev {ifname} missing")));
         }
-        for ip in &spec.ips {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            if !routes(&h, ip.is_ipv4()).await?.iter().any(|r| route_matches(r, *ip, len, None, link.header.index)) {
-                return Err(PodNetError::Check(format!("host route {ip}/{len} dev {name} missing")));
-            }
+    }
+    let mut host = Netlink::open()?;
+    let name = &spec.host_ifname;
+    let link = host.link_by_name(name)?.ok_or_else(|| PodNetError::Check(format!("host veth {name} missing")))?;
+    if !link.header.flags.contains(LinkFlags::Up) {
+        return Err(PodNetError::Check(format!("host veth {name} is down")));
+    }
+    for ip in &spec.ips {
+        let len = host_len(ip);
+        let host_route = |r: &_| route_parts(r) == (Some(*ip), len, None, Some(link.header.index));
+        if !host.routes(ip.is_ipv4())?.iter().any(host_route) {
+            return Err(PodNetError::Check(format!("host route {ip}/{len} dev {name} missing")));
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -429,8 +269,4 @@ mod tests {
         assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
     }
 
-    #[test]
-    fn mac_round_trip() {
-        assert_eq!(parse_mac(&format_mac(&[0xee, 1, 2, 3, 4, 0xff])), vec![0xee, 1, 2, 3, 4, 0xff]);
-    }
 }

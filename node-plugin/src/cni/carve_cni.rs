@@ -1,15 +1,18 @@
 //! carve-cni: the main plugin. IP from the IPAM plugin of `ipam.type`
-//! (normally carve-ipam), then the pod's veth, /32 address and routes
-//! ([`crate::podnet`]).
+//! (normally carve-ipam, then run in this process: the spec lets a plugin
+//! choose how it delegates, and it saves an exec and a second read of the
+//! store per call; any other type is exec'd from CNI_PATH as libcni would),
+//! then the pod's veth, /32 address and routes ([`crate::podnet`]).
 //!
 //! Config: `name`, `type`, `ipam` (delegated as is), optional `stateFile`
 //! (node state file for the MTU; else `ipam.stateFile`, else the default;
 //! `CARVE_STATE_FILE` overrides), optional `mtu` (overrides the state's),
-//! `logLevel`, `logFile`.
+//! optional `syncDelete` (`true`, or `CARVE_CNI_SYNC_DELETE=1`: DEL waits for
+//! the kernel's whole link delete itself, see [`crate::podnet`]), `logLevel`, `logFile`.
 //!
 //! ```text
 //!  ADD:   IPAM ADD ─▶ podnet::setup ─(fails)─▶ IPAM DEL (roll back)
-//!  DEL:   delete host veth (gone = fine) ─▶ IPAM DEL (always)
+//!  DEL:   delete host veth (gone = fine; detached unless syncDelete) ─▶ IPAM DEL (always)
 //!  CHECK: podnet::check (address, routes) ─▶ IPAM CHECK
 //!  STATUS: node state file readable (else 50) ─▶ IPAM STATUS;  GC ─▶ IPAM GC
 //! ```
@@ -22,10 +25,62 @@ use serde_json::Value;
 
 use super::delegate;
 use super::{CniError, CniResult, Command, Interface, IpConfig, Plugin, Request, Route, code};
-use crate::ipam::{read_state, state_file_path};
-use crate::podnet::{self, GATEWAY_V4, GATEWAY_V6, PodNetSpec};
+use crate::ipam::{CarveIpam, read_state, state_file_path};
+use crate::podnet::{self, Delete, GATEWAY_V4, GATEWAY_V6, PodNetSpec};
 
 pub struct CarveCni;
+
+/// Environment variable that makes DEL delete synchronously (like `syncDelete`).
+pub const SYNC_DELETE_ENV: &str = "CARVE_CNI_SYNC_DELETE";
+
+/// The IPAM plugin of `ipam.type`: carve-ipam in this process, anything else exec'd.
+enum Ipam {
+    InProcess,
+    Exec(PathBuf),
+}
+
+impl Ipam {
+    fn of(req: &Request) -> Result<Ipam, CniError> {
+        let kind = ipam_type(req)?;
+        if kind == CarveIpam::NAME {
+            return Ok(Ipam::InProcess);
+        }
+        delegate::find_in_path(&kind, &req.env.path).map(Ipam::Exec)
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Ipam::InProcess => CarveIpam::NAME.to_string(),
+            Ipam::Exec(path) => path.display().to_string(),
+        }
+    }
+
+    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        match self {
+            Ipam::InProcess => CarveIpam.add(req),
+            Ipam::Exec(path) => delegate::ipam_add(path, &req.raw),
+        }
+    }
+
+    fn run(&self, command: Command, req: &Request) -> Result<(), CniError> {
+        match self {
+            Ipam::InProcess => match command {
+                Command::Del => CarveIpam.del(req),
+                Command::Check => CarveIpam.check(req),
+                Command::Status => CarveIpam.status(req),
+                Command::Gc => CarveIpam.gc(req),
+                other => Err(CniError::internal(format!("IPAM {} is not delegated", other.as_str()))),
+            },
+            Ipam::Exec(path) => delegate::exec(path, command, &req.raw).map(drop),
+        }
+    }
+}
+
+fn delete_mode(req: &Request) -> Delete {
+    let configured = req.conf.other.get("syncDelete").and_then(Value::as_bool).unwrap_or(false);
+    let env = std::env::var(SYNC_DELETE_ENV).is_ok_and(|v| v == "1" || v == "true");
+    if configured || env { Delete::Synchronous } else { Delete::Detached }
+}
 
 fn ipam_type(req: &Request) -> Result<String, CniError> {
     req.conf
@@ -34,10 +89,6 @@ fn ipam_type(req: &Request) -> Result<String, CniError> {
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "network configuration has no ipam.type"))
-}
-
-fn ipam_binary(req: &Request) -> Result<PathBuf, CniError> {
-    delegate::find_in_path(&ipam_type(req)?, &req.env.path)
 }
 
 fn state_file(req: &Request) -> PathBuf {
@@ -74,7 +125,7 @@ impl Plugin for CarveCni {
 
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         // Validate before anything is allocated or created.
-        let ipam = ipam_binary(req)?;
+        let ipam = Ipam::of(req)?;
         let netns = netns(req)?;
         if !netns.exists() {
             return Err(CniError::new(code::INVALID_ENV, format!("CNI_NETNS {} does not exist", netns.display())));
@@ -86,10 +137,10 @@ impl Plugin for CarveCni {
         if !(576..=65535).contains(&mtu) {
             return Err(CniError::new(code::INVALID_CONFIG, format!("MTU {mtu} is out of range 576..65535")));
         }
-        let allocated = delegate::ipam_add(&ipam, &req.raw)?;
+        let allocated = ipam.add(req)?;
         let ips: Vec<IpAddr> = allocated.ips.iter().map(|c| c.address.addr()).collect();
         let rollback = |e: CniError| {
-            if let Err(d) = delegate::exec(&ipam, Command::Del, &req.raw) {
+            if let Err(d) = ipam.run(Command::Del, req) {
                 tracing::error!("rolling back the IPAM allocation after a failed ADD: {d}");
             }
             e
@@ -97,7 +148,7 @@ impl Plugin for CarveCni {
         if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1 || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1 {
             return Err(rollback(CniError::new(
                 code::INVALID_CONFIG,
-                format!("IPAM {} returned more than one address per family: {ips:?}", ipam.display()),
+                format!("IPAM {} returned more than one address per family: {ips:?}", ipam.name()),
             )));
         }
         let spec = spec(req, ips.clone(), mtu).map_err(rollback)?;
@@ -140,12 +191,12 @@ impl Plugin for CarveCni {
         // Best effort: keep going, report every failure; the address is released in any case.
         let mut errors = Vec::new();
         let host = podnet::host_veth_name(&req.env.container_id, &req.env.ifname);
-        if let Err(e) = podnet::delete_host_veth(&host) {
+        if let Err(e) = podnet::delete_host_veth(&host, delete_mode(req)) {
             errors.push(format!("deleting host veth {host}: {e}"));
         }
-        match ipam_binary(req) {
+        match Ipam::of(req) {
             Ok(ipam) => {
-                if let Err(e) = delegate::exec(&ipam, Command::Del, &req.raw) {
+                if let Err(e) = ipam.run(Command::Del, req) {
                     errors.push(e.msg);
                 }
             }
@@ -168,19 +219,16 @@ impl Plugin for CarveCni {
         let spec = spec(req, ips, 0)?;
         podnet::check(&spec)
             .map_err(|e| CniError::internal(format!("CHECK {} in {}: {e}", spec.ifname, spec.netns.display())))?;
-        delegate::exec(&ipam_binary(req)?, Command::Check, &req.raw)?;
-        Ok(())
+        Ipam::of(req)?.run(Command::Check, req)
     }
 
     fn status(&self, req: &Request) -> Result<(), CniError> {
         read_state(&state_file(req), code::NOT_AVAILABLE)?;
-        let ipam = ipam_binary(req).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
-        delegate::exec(&ipam, Command::Status, &req.raw)?;
-        Ok(())
+        let ipam = Ipam::of(req).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
+        ipam.run(Command::Status, req)
     }
 
     fn gc(&self, req: &Request) -> Result<(), CniError> {
-        delegate::exec(&ipam_binary(req)?, Command::Gc, &req.raw)?;
-        Ok(())
+        Ipam::of(req)?.run(Command::Gc, req)
     }
 }

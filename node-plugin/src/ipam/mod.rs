@@ -113,7 +113,7 @@ fn resolve(req: &Request) -> Result<Resolved, CniError> {
 fn store_err(e: StoreError) -> CniError {
     let code = match e {
         StoreError::Io { .. } => code::IO_FAILURE,
-        StoreError::Corrupt { .. } => code::INTERNAL,
+        StoreError::Corrupt { .. } | StoreError::TooNew { .. } => code::INTERNAL,
         StoreError::Busy { .. } => code::TRY_AGAIN_LATER,
     };
     CniError::new(code, e.to_string())
