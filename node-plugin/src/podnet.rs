@@ -183,6 +183,7 @@ pub fn delete_host_veth(name: &str, how: Delete) -> Result<(), PodNetError> {
     let Some(child) = netlink::send_from_child(RouteNetlinkMessage::DelLink(netlink::del_link(index)))? else {
         return Ok(nl.del_link(index, name)?);
     };
+    tracing::debug!(link = name, child = child.as_raw(), "deleting the host veth from a child (detached)");
     let deadline = Instant::now() + DETACHED_DELETE_WAIT;
     loop {
         if gone(&mut nl, index)? {
@@ -268,5 +269,4 @@ mod tests {
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
     }
-
 }

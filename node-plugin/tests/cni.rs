@@ -459,3 +459,75 @@ fn cni_version_flag_rejects_versions_carve_cni_does_not_speak() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("NODE_NAME"), "{err}");
 }
+
+/// What a runtime can observe of `ip` and the host veth `host_veth` on the node
+/// and in the pod: links, routes, neighbour entries, the store.
+fn observable(node: &Node, pod: &NetNs, host_veth: &str, ip: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+    if links.contains(host_veth) {
+        seen.push(format!("link {host_veth}"));
+    }
+    for family in ["-4", "-6"] {
+        for table in [["route", "show"], ["neigh", "show"]] {
+            let out = node.ns.exec(&["ip", family, table[0], table[1]]);
+            seen.extend(out.lines().filter(|l| l.contains(ip) || l.contains(host_veth)).map(str::to_string));
+        }
+    }
+    if pod.try_exec(&["ip", "link", "show", "eth0"]) {
+        seen.push("eth0 in the pod".into());
+    }
+    seen.extend(stored(&node.data).into_iter().map(|(ip, c, _)| format!("stored {ip} for {c}")));
+    seen
+}
+
+/// Live processes running `exe`.
+fn processes_of(exe: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == Path::new(exe)))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn del_returns_with_veth_routes_and_neighbours_gone_and_the_same_add_works_at_once() {
+    let node = Node::new("10.79.9.0/24", "10.79.9.1", "1.0.0", false);
+    let pod = NetNs::new("pod");
+    let log = node.dirs.root.path().join("direct.log");
+    let mut after_del = Vec::new();
+    // The default (the kernel's post-delete wait left to a child) and
+    // syncDelete must look the same to a runtime.
+    for sync in [false, true] {
+        let mut conf = node.plugin_conf("1.0.0");
+        conf["syncDelete"] = sync.into();
+        conf["logLevel"] = "debug".into();
+        conf["logFile"] = log.display().to_string().into();
+        let id = format!("fast-{sync}");
+        let host_veth = carve_node_plugin::podnet::host_veth_name(&id, "eth0");
+        let detached = || std::fs::read_to_string(&log).unwrap_or_default().matches("(detached)").count();
+        let detached_before = detached();
+        for round in 0..10 {
+            let (code, out) = node.direct("ADD", &id, &pod.path(), &conf);
+            assert_eq!(code, 0, "ADD {round} (sync {sync}): {out}");
+            let ip = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+            assert!(!observable(&node, &pod, &host_veth, &ip).is_empty(), "ADD wired nothing");
+            let (code, out) = node.direct("DEL", &id, &pod.path(), &conf);
+            assert_eq!(code, 0, "DEL {round} (sync {sync}): {out}");
+            // Checked at once: DEL's return means done.
+            let seen = observable(&node, &pod, &host_veth, &ip);
+            assert!(seen.is_empty(), "right after DEL {round} (sync {sync}): {seen:?}");
+            after_del.push((sync, seen));
+        }
+        let detached = detached() - detached_before;
+        let want = if sync { 0 } else { 10 };
+        assert_eq!(detached, want, "detached deletes with syncDelete {sync} (the default leaves the wait to a child)");
+    }
+    assert!(after_del.iter().all(|(_, seen)| seen.is_empty()));
+    // A second later nothing lingers: no plugin process, no carve link.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(processes_of(CNI).is_empty(), "carve-cni processes still running: {:?}", processes_of(CNI));
+    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("carve"), "{links}");
+}

@@ -93,11 +93,12 @@ fn block_exhaustion_is_an_error_naming_the_block() {
 }
 
 #[test]
-fn hundred_parallel_adds_get_distinct_addresses() {
+fn two_hundred_concurrent_adds_get_distinct_addresses_and_concurrent_dels_free_them() {
     let net = Net::new("10.77.3.0/24", "10.77.3.1");
     let conf = net.conf("1.1.0");
+    // Waiters block on the store's flock (woken in turn), none polls.
     let children: Vec<_> =
-        (0..100).map(|i| spawn_plugin(IPAM, "ADD", &format!("par-{i}"), "eth0", "/x", &conf)).collect();
+        (0..200).map(|i| spawn_plugin(IPAM, "ADD", &format!("par-{i}"), "eth0", "/x", &conf)).collect();
     let mut ips = BTreeSet::new();
     for child in children {
         let (code, out) = parse_output(&child.wait_with_output().unwrap());
@@ -106,9 +107,36 @@ fn hundred_parallel_adds_get_distinct_addresses() {
         assert!(ip.octets()[3] >= 2 && ip.octets()[3] < 255, "{ip} is reserved");
         ips.insert(ip);
     }
-    assert_eq!(ips.len(), 100);
+    assert_eq!(ips.len(), 200);
     let on_disk: BTreeSet<Ipv4Addr> = stored(&net.data()).iter().map(|(ip, _, _)| ip.parse().unwrap()).collect();
     assert_eq!(on_disk, ips);
+    let children: Vec<_> =
+        (0..200).map(|i| spawn_plugin(IPAM, "DEL", &format!("par-{i}"), "eth0", "/x", &conf)).collect();
+    for child in children {
+        let (code, out) = parse_output(&child.wait_with_output().unwrap());
+        assert_eq!(code, 0, "{out}");
+    }
+    assert!(stored(&net.data()).is_empty(), "{:?}", stored(&net.data()));
+}
+
+#[test]
+fn an_address_held_in_a_previous_boot_is_free_again() {
+    let net = Net::new("10.77.6.0/24", "10.77.6.1");
+    let (code, first) = net.add("before-reboot");
+    assert_eq!(code, 0, "{first}");
+    let file = net.data().join("allocations.json");
+    let mut store: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(store["version"], 2);
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(store["allocations"][0]["bootId"], this_boot.trim(), "entries name the boot they were made in");
+    // The same store as a reboot would leave it: the entry names another boot.
+    store["allocations"][0]["bootId"] = "00000000-0000-0000-0000-000000000000".into();
+    std::fs::write(&file, store.to_string()).unwrap();
+    let (code, second) = net.add("after-reboot");
+    assert_eq!(code, 0, "{second}");
+    assert_eq!(address(&second), address(&first), "the stale address is the lowest free one again");
+    let held: Vec<String> = stored(&net.data()).into_iter().map(|(_, c, _)| c).collect();
+    assert_eq!(held, ["after-reboot"], "the previous boot's entry is gone, not kept next to the new one");
 }
 
 #[test]
