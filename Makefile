@@ -6,12 +6,13 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench clean dist image
+.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures"
+	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
 	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
@@ -100,6 +101,12 @@ bench: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-controlplane
 	$(CARGO) build -q --release -p carve-controller
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
+	@$(MAKE) --no-print-directory bench-cni
+
+# The CNI plugins alone: ADD/DEL against bridge + host-local, syscall counts
+# (with strace), 200 concurrent IPAM calls, sizes, then pod create -> Running
+# on real nodes with each plugin.
+bench-cni: bins
 	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-cni
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-pods
 

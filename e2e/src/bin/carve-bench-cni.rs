@@ -1,16 +1,21 @@
 //! Figures for the node plugins. No assertions: it prints figures next to the targets.
 //!
 //! ```text
-//!   1. CNI ADD + DEL round trip, carve-cni + carve-ipam vs the reference bridge + host-local
+//!   1. CNI ADD and DEL, carve-cni + carve-ipam vs the reference bridge + host-local
 //!      one "node" netns, one "pod" netns reused; every plugin run directly (CNI_* env vars,
 //!      config on stdin, no cnitool) from a thread that entered the node netns; per iteration
-//!      a fresh container id, ADD then DEL, timed together; contenders interleaved
-//!   2. carve-agent peak RSS (VmHWM) once it has programmed a node with N Overlay peers
+//!      a fresh container id, ADD then DEL, each timed and the pair; contenders interleaved;
+//!      both data dirs in the same temp dir (one filesystem)
+//!   2. execve and fsync per ADD and per DEL (strace -f, a few calls each)
+//!   3. 200 concurrent IPAM ADDs (then DELs) on one store: carve-ipam vs host-local, wall time
+//!   4. the plugin binaries' sizes
+//!   5. carve-agent peak RSS (VmHWM) once it has programmed a node with N Overlay peers
 //!      (local control plane, NodeNetworkConfigs written by the bench, agent with --netns)
 //! ```
 //!
+//! Ends with `cni round trip: carve <median> ms, bridge+host-local <median> ms, ratio <r>`.
 //! `carve-bench-cni [--iterations 200] [--peers 50] [--reference-dir /usr/lib/cni]`.
-//! Needs root and `cargo build --release -p carve-node-plugin` first (`make bench` does it).
+//! Needs root and `cargo build --release -p carve-node-plugin` first (`make bench-cni` does it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,12 +68,34 @@ struct Contender {
     plugin: PathBuf,
     cni_path: PathBuf,
     conf: Value,
-    times: Vec<Duration>,
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    both: Vec<Duration>,
 }
 
 /// Runs one plugin invocation; fails with its output when it fails.
 fn invoke(c: &Contender, command: &str, container: &str, netns: &Path) -> Result<()> {
-    let mut child = Command::new(&c.plugin)
+    invoke_with(c, &c.plugin, None, command, container, netns)
+}
+
+/// [`invoke`] of `plugin` (the contender's, or its IPAM alone), under `wrapper` (e.g. strace) if given.
+fn invoke_with(
+    c: &Contender,
+    plugin: &Path,
+    wrapper: Option<&[&str]>,
+    command: &str,
+    container: &str,
+    netns: &Path,
+) -> Result<()> {
+    let mut cmd = match wrapper {
+        Some(w) => {
+            let mut cmd = Command::new(w[0]);
+            cmd.args(&w[1..]).arg(plugin);
+            cmd
+        }
+        None => Command::new(plugin),
+    };
+    let mut child = cmd
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)
@@ -81,6 +108,7 @@ fn invoke(c: &Contender, command: &str, container: &str, netns: &Path) -> Result
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", c.plugin.display()))?;
+    // A delegated IPAM plugin gets the same network config on stdin.
     child.stdin.take().context("stdin")?.write_all(c.conf.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
@@ -95,7 +123,78 @@ fn invoke(c: &Contender, command: &str, container: &str, netns: &Path) -> Result
     Ok(())
 }
 
-fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
+/// The IPAM plugin of a contender.
+fn ipam_plugin(c: &Contender) -> PathBuf {
+    c.cni_path.join(c.conf["ipam"]["type"].as_str().unwrap_or_default())
+}
+
+fn row(label: &str, times: &mut [Duration]) -> (f64, f64) {
+    times.sort();
+    let (median, p99) = (ms(percentile(times, 0.5)), ms(percentile(times, 0.99)));
+    println!("  {label:<58} {median:>10.2} {p99:>10.2}");
+    (median, p99)
+}
+
+/// execve and fsync-family calls per invocation of `command`, from `strace -f` over `n` calls.
+fn syscall_counts(c: &Contender, command_pairs: usize, pod: &Path, tmp: &Path) -> Result<[(f64, f64); 2]> {
+    let mut out = [(0.0, 0.0); 2];
+    for (slot, command) in ["ADD", "DEL"].iter().enumerate() {
+        let mut execs = 0;
+        let mut syncs = 0;
+        for i in 0..command_pairs {
+            let id = format!("strace-{i}");
+            let log = tmp.join(format!("strace-{command}-{i}.txt"));
+            let log_arg = log.display().to_string();
+            let wrapper = ["strace", "-f", "-qq", "-e", "trace=execve,fsync,fdatasync,syncfs", "-o", &log_arg];
+            let (trace_add, trace_del) = if *command == "ADD" { (Some(&wrapper[..]), None) } else { (None, Some(&wrapper[..])) };
+            invoke_with(c, &c.plugin, trace_add, "ADD", &id, pod)?;
+            invoke_with(c, &c.plugin, trace_del, "DEL", &id, pod)?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            execs += text.lines().filter(|l| l.contains("execve(") && !l.contains("strace")).count();
+            syncs += text.lines().filter(|l| l.contains("sync(") || l.contains("fsync(") || l.contains("fdatasync(")).count();
+        }
+        out[slot] = (execs as f64 / command_pairs as f64, syncs as f64 / command_pairs as f64);
+    }
+    Ok(out)
+}
+
+/// Wall time for `n` concurrent IPAM ADDs on one store, then as many DELs.
+fn concurrent_ipam(c: &Contender, n: usize, pod: &Path) -> Result<(Duration, Duration)> {
+    let plugin = ipam_plugin(c);
+    let mut times = [Duration::ZERO; 2];
+    for (slot, command) in ["ADD", "DEL"].iter().enumerate() {
+        let start = Instant::now();
+        let children: Vec<std::thread::JoinHandle<Result<()>>> = (0..n)
+            .map(|i| {
+                let (c, plugin, pod, command) = (c.clone_light(), plugin.clone(), pod.to_path_buf(), command.to_string());
+                std::thread::spawn(move || invoke_with(&c, &plugin, None, &command, &format!("many-{i}"), &pod))
+            })
+            .collect();
+        for child in children {
+            child.join().map_err(|_| anyhow::anyhow!("IPAM thread panicked"))??;
+        }
+        times[slot] = start.elapsed();
+    }
+    Ok((times[0], times[1]))
+}
+
+impl Contender {
+    /// The contender without its figures (for the concurrent runs' threads).
+    fn clone_light(&self) -> Contender {
+        Contender {
+            label: self.label.clone(),
+            plugin: self.plugin.clone(),
+            cni_path: self.cni_path.clone(),
+            conf: self.conf.clone(),
+            add: Vec::new(),
+            del: Vec::new(),
+            both: Vec::new(),
+        }
+    }
+}
+
+/// Runs the CNI figures; returns the summary line printed last.
+fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<String> {
     let prefix = format!("bench-{}", std::process::id());
     let node_ns = Netns::new(&format!("{prefix}-node"))?;
     let pod_ns = Netns::new(&format!("{prefix}-pod"))?;
@@ -123,7 +222,9 @@ fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
             "cniVersion": version, "name": "carvebench", "type": "carve-cni", "stateFile": state,
             "ipam": { "type": "carve-ipam", "stateFile": state, "dataDir": tmp.join("carve-ipam") },
         }),
-        times: Vec::new(),
+        add: Vec::new(),
+        del: Vec::new(),
+        both: Vec::new(),
     };
     let reference = Contender {
         label: format!("bridge + host-local ({})", args.reference_dir.display()),
@@ -135,7 +236,9 @@ fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
             "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.97.0.0/24" }]],
                       "dataDir": tmp.join("host-local") },
         }),
-        times: Vec::new(),
+        add: Vec::new(),
+        del: Vec::new(),
+        both: Vec::new(),
     };
     let version_of = |p: &Path| {
         Command::new(p)
@@ -150,7 +253,9 @@ fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
 
     let iterations = args.iterations;
     let pod_path = pod_ns.path();
-    let mut contenders = node_ns.run_in(move || -> Result<Vec<Contender>> {
+    let tmp_dir = tmp.to_path_buf();
+    let strace = Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
+    let (mut contenders, counts, concurrent) = node_ns.run_in(move || -> Result<_> {
         let mut cs = vec![carve, reference];
         // Warm-up (page cache, first bridge creation), not timed.
         for c in &cs {
@@ -165,36 +270,89 @@ fn cni_round_trips(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
                 let id = format!("bench-{i:06}");
                 let t = Instant::now();
                 invoke(c, "ADD", &id, &pod_path)?;
+                let added = t.elapsed();
                 invoke(c, "DEL", &id, &pod_path)?;
-                c.times.push(t.elapsed());
+                let both = t.elapsed();
+                c.add.push(added);
+                c.del.push(both - added);
+                c.both.push(both);
             }
         }
-        Ok(cs)
+        let mut counts = Vec::new();
+        if strace {
+            for c in &cs {
+                counts.push(syscall_counts(c, 3, &pod_path, &tmp_dir)?);
+            }
+        }
+        let mut concurrent = Vec::new();
+        for c in &cs {
+            concurrent.push(concurrent_ipam(c, 200, &pod_path)?);
+        }
+        Ok((cs, counts, concurrent))
     })??;
 
     println!(
-        "\nCNI ADD + DEL round trip, {iterations} iterations each, interleaved, cniVersion {version}, plugins run directly"
+        "\nCNI ADD and DEL, {iterations} iterations each, interleaved, cniVersion {version}, plugins run directly"
     );
-    println!("  {:<52} {:>10} {:>10} {:>10}", "contender", "median ms", "p99 ms", "mean ms");
+    println!("  {:<58} {:>10} {:>10}", "contender", "median ms", "p99 ms");
+    let mut figures = Vec::new();
     for c in contenders.iter_mut() {
-        c.times.sort();
-        let mean = c.times.iter().sum::<Duration>() / c.times.len() as u32;
+        let label = c.label.clone();
+        let add = row(&format!("{label}: ADD"), &mut c.add);
+        let del = row(&format!("{label}: DEL"), &mut c.del);
+        let both = row(&format!("{label}: ADD + DEL"), &mut c.both);
+        figures.push([add, del, both]);
+    }
+    let (carve_f, ref_f) = (figures[0], figures[1]);
+    for (i, what) in ["ADD", "DEL", "ADD + DEL"].iter().enumerate() {
         println!(
-            "  {:<52} {:>10.2} {:>10.2} {:>10.2}",
-            c.label,
-            ms(percentile(&c.times, 0.5)),
-            ms(percentile(&c.times, 0.99)),
-            ms(mean)
+            "  ratio carve/reference {what:<9}: median {:.2}x, p99 {:.2}x",
+            carve_f[i].0 / ref_f[i].0,
+            carve_f[i].1 / ref_f[i].1
         );
     }
-    let (c, r) = (&contenders[0].times, &contenders[1].times);
-    let ratio_median = percentile(c, 0.5).as_secs_f64() / percentile(r, 0.5).as_secs_f64();
-    let ratio_p99 = percentile(c, 0.99).as_secs_f64() / percentile(r, 0.99).as_secs_f64();
+    let (ratio_median, ratio_p99) = (carve_f[2].0 / ref_f[2].0, carve_f[2].1 / ref_f[2].1);
     println!(
-        "  ratio carve/reference: median {ratio_median:.2}x, p99 {ratio_p99:.2}x (target <= 0.5x: {})",
-        if ratio_median <= 0.5 { "met" } else { "MISSED" }
+        "  target ADD + DEL median <= 0.3x: {}, p99 <= 0.5x: {}",
+        if ratio_median <= 0.3 { "met" } else { "MISSED" },
+        if ratio_p99 <= 0.5 { "met" } else { "MISSED" }
     );
-    Ok(())
+
+    if counts.is_empty() {
+        println!("\nexecve / fsync per call: strace is not installed (apt-get install strace); skipped");
+    } else {
+        println!("\nexecve / fsync per call (strace -f, 3 calls each; the plugin's own execve included)");
+        for (c, [add, del]) in contenders.iter().zip(&counts) {
+            println!(
+                "  {:<58} ADD {:.0} execve {:.0} fsync   DEL {:.0} execve {:.0} fsync",
+                c.label, add.0, add.1, del.0, del.1
+            );
+        }
+    }
+
+    println!("\n200 concurrent IPAM ADDs on one store, then 200 concurrent DELs (wall time)");
+    for (c, (add, del)) in contenders.iter().zip(&concurrent) {
+        println!("  {:<58} ADD {:>8.1} ms   DEL {:>8.1} ms", ipam_plugin(c).display(), ms(*add), ms(*del));
+    }
+    let (ca, ra) = (concurrent[0].0.as_secs_f64(), concurrent[1].0.as_secs_f64());
+    println!("  ratio carve-ipam/host-local ADD {:.2}x", ca / ra);
+
+    println!("\nplugin binaries");
+    for c in &contenders {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1048576.0).unwrap_or(0.0);
+        println!(
+            "  {:<58} {} {:.1} MiB, {} {:.1} MiB",
+            c.label,
+            c.plugin.file_name().unwrap().to_string_lossy(),
+            size(&c.plugin),
+            ipam_plugin(c).file_name().unwrap().to_string_lossy(),
+            size(&ipam_plugin(c))
+        );
+    }
+    Ok(format!(
+        "cni round trip: carve {:.2} ms, bridge+host-local {:.2} ms, ratio {ratio_median:.2}",
+        carve_f[2].0, ref_f[2].0
+    ))
 }
 
 async fn agent_rss(args: &Args, carve_dir: &Path, tmp: &Path) -> Result<()> {
@@ -281,9 +439,10 @@ async fn main() -> Result<()> {
     let tmp = TempDir(std::env::temp_dir().join(format!("carve-bench-cni-{}", std::process::id())));
     std::fs::create_dir_all(&tmp.0)?;
     println!("carve-bench-cni: carve plugins from {}", carve_dir.display());
-    cni_round_trips(&args, &carve_dir, &tmp.0)?;
+    let summary = cni_round_trips(&args, &carve_dir, &tmp.0)?;
     if !args.skip_agent {
         agent_rss(&args, &carve_dir, &tmp.0).await?;
     }
+    println!("\n{summary}");
     Ok(())
 }
