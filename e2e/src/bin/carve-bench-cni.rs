@@ -146,12 +146,16 @@ fn syscall_counts(c: &Contender, command_pairs: usize, pod: &Path, tmp: &Path) -
             let log = tmp.join(format!("strace-{command}-{i}.txt"));
             let log_arg = log.display().to_string();
             let wrapper = ["strace", "-f", "-qq", "-e", "trace=execve,fsync,fdatasync,syncfs", "-o", &log_arg];
-            let (trace_add, trace_del) = if *command == "ADD" { (Some(&wrapper[..]), None) } else { (None, Some(&wrapper[..])) };
+            let (trace_add, trace_del) =
+                if *command == "ADD" { (Some(&wrapper[..]), None) } else { (None, Some(&wrapper[..])) };
             invoke_with(c, &c.plugin, trace_add, "ADD", &id, pod)?;
             invoke_with(c, &c.plugin, trace_del, "DEL", &id, pod)?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             execs += text.lines().filter(|l| l.contains("execve(") && !l.contains("strace")).count();
-            syncs += text.lines().filter(|l| l.contains("sync(") || l.contains("fsync(") || l.contains("fdatasync(")).count();
+            syncs += text
+                .lines()
+                .filter(|l| l.contains("sync(") || l.contains("fsync(") || l.contains("fdatasync("))
+                .count();
         }
         out[slot] = (execs as f64 / command_pairs as f64, syncs as f64 / command_pairs as f64);
     }
@@ -166,7 +170,8 @@ fn concurrent_ipam(c: &Contender, n: usize, pod: &Path) -> Result<(Duration, Dur
         let start = Instant::now();
         let children: Vec<std::thread::JoinHandle<Result<()>>> = (0..n)
             .map(|i| {
-                let (c, plugin, pod, command) = (c.clone_light(), plugin.clone(), pod.to_path_buf(), command.to_string());
+                let (c, plugin, pod, command) =
+                    (c.clone_light(), plugin.clone(), pod.to_path_buf(), command.to_string());
                 std::thread::spawn(move || invoke_with(&c, &plugin, None, &command, &format!("many-{i}"), &pod))
             })
             .collect();
