@@ -1,11 +1,11 @@
 //! Named network namespaces for the dataplane tests and benchmarks: created
 //! with `ip netns add`, deleted on drop (also on panic), and a way to run Rust
-//! code (sockets) inside one from a dedicated thread (`setns` on that thread
-//! only, so the test process itself never moves).
+//! code (sockets) inside one ([`within`]: carve's one namespace helper,
+//! `carve_node_plugin::netlink::in_netns`; only the calling thread moves, and
+//! back). A socket stays in the namespace it was created in.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -63,15 +63,12 @@ impl Netns {
         (0..tries).any(|_| self.exec("ping", &["-c", "1", "-W", "1", dst]).is_ok())
     }
 
-    /// Runs `f` on a new thread that has entered this namespace.
+    /// Runs `f` on a new thread inside this namespace.
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = self.path();
-        std::thread::spawn(move || -> Result<T> {
-            enter(&path)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        std::thread::spawn(move || within(&path, f))
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 
     /// A TCP listener on `addr` inside this namespace, answering one
@@ -81,7 +78,7 @@ impl Netns {
         let path = self.path();
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || -> Result<SocketAddr> {
-            let bound = enter(&path).and_then(|()| TcpListener::bind(addr).context("bind"));
+            let bound = within(&path, || TcpListener::bind(addr).context("bind")).and_then(|r| r);
             let listener = match bound {
                 Ok(l) => {
                     let _ = tx.send(Ok(()));
@@ -156,8 +153,9 @@ impl TcpForwarder {
                 let Ok(client) = conn else { continue };
                 let ns = ns.clone();
                 std::thread::spawn(move || {
-                    let upstream = enter(&ns)
-                        .and_then(|()| TcpStream::connect_timeout(&target, Duration::from_secs(5)).context("connect"));
+                    let upstream =
+                        within(&ns, || TcpStream::connect_timeout(&target, Duration::from_secs(5)).context("connect"))
+                            .and_then(|r| r);
                     if let Ok(upstream) = upstream {
                         splice(client, upstream);
                     }
@@ -200,21 +198,10 @@ impl Drop for Netns {
     }
 }
 
-unsafe extern "C" {
-    fn setns(fd: i32, nstype: i32) -> i32;
-}
-
-const CLONE_NEWNET: i32 = 0x4000_0000;
-
-/// Moves the calling thread into the network namespace at `path`.
-pub fn enter(path: &std::path::Path) -> Result<()> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: setns on a valid fd we own; it changes only this thread's network namespace.
-    let rc = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };
-    if rc != 0 {
-        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
+/// Runs `f` with the calling thread in the network namespace at `path`, then back.
+pub fn within<T>(path: &std::path::Path, f: impl FnOnce() -> T) -> Result<T> {
+    let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    carve_node_plugin::netlink::in_netns(&ns, f).with_context(|| format!("entering {}", path.display()))
 }
 
 /// Runs `program args`, returning stdout; fails with stderr.

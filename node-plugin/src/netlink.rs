@@ -116,8 +116,9 @@ impl Netlink {
         (self.seq, bytes)
     }
 
-    /// Sends `msg` and collects the replies until the ACK (or the end of a dump).
-    fn request(
+    /// Sends `msg` (with `NLM_F_REQUEST` and `flags`) and collects the
+    /// replies: until the ACK, the end of a dump, or the one answer of a plain GET.
+    pub fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
@@ -160,7 +161,13 @@ impl Netlink {
         }
     }
 
-    fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16, action: impl Fn() -> String) -> Result<(), NetlinkError> {
+    /// Sends `msg` asking for an ACK; Ok once the kernel has done it.
+    pub fn ack(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        action: impl Fn() -> String,
+    ) -> Result<(), NetlinkError> {
         self.request(msg, NLM_F_ACK | flags, action).map(drop)
     }
 
@@ -287,8 +294,7 @@ impl Netlink {
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index => {
                     n.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                        NeighbourAttribute::Destination(d) => neighbour_ip(d),
                         _ => None,
                     })
                 }
@@ -332,6 +338,29 @@ fn single_threaded() -> bool {
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim() == "1")))
         .unwrap_or(false)
+}
+
+/// An IP address out of a route attribute.
+pub fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
+        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+        _ => None,
+    }
+}
+
+/// An IP address out of a neighbour or FDB attribute (FDB dumps carry it as raw bytes).
+pub fn neighbour_ip(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The MAC address a link reports.
@@ -423,15 +452,10 @@ pub fn route(dst: IpAddr, len: u8, gw: Option<IpAddr>, index: u32) -> RouteMessa
 /// What a route says: destination (unspecified for a default route), prefix length, gateway, output link.
 pub fn route_parts(r: &RouteMessage) -> (Option<IpAddr>, u8, Option<IpAddr>, Option<u32>) {
     let (mut dst, mut gw, mut oif) = (None, None, None);
-    let ip = |a: &RouteAddress| match a {
-        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
-        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
-        _ => None,
-    };
     for a in &r.attributes {
         match a {
-            RouteAttribute::Destination(d) => dst = ip(d),
-            RouteAttribute::Gateway(g) => gw = ip(g),
+            RouteAttribute::Destination(d) => dst = route_ip(d),
+            RouteAttribute::Gateway(g) => gw = route_ip(g),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }

@@ -13,7 +13,6 @@ use carve_node_plugin::dataplane::netlink::Netlink;
 use carve_node_plugin::dataplane::plan::{self, OverlayConfig, Peer, vtep_mac};
 use carve_node_plugin::dataplane::{self, Applied, DataplaneError};
 use carve_node_plugin::state::NodeState;
-use nix::sched::CloneFlags;
 use serde_json::Value;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -54,29 +53,18 @@ impl Netns {
         if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out).unwrap() }
     }
 
-    /// Runs `f` on a fresh thread that entered this namespace (never on a tokio worker).
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let fd = std::fs::File::open(&path).unwrap();
-                nix::sched::setns(fd, CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
+    /// Runs `f` with this thread in the namespace (and back afterwards).
+    fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
+        let fd = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        carve_node_plugin::netlink::in_netns(&fd, f).unwrap()
     }
 
     /// Plans and applies the dataplane inside the namespace.
     fn apply(&self, state: &NodeState, peers: &[Peer], overlay: &OverlayConfig) -> Result<Applied, DataplaneError> {
         let desired = plan::plan(state, peers, overlay).unwrap();
         self.enter(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let nl = Netlink::open()?;
-                dataplane::apply(&nl, &desired, &overlay.device, std::path::Path::new("/proc/sys")).await
-            })
+            let mut nl = Netlink::open()?;
+            dataplane::apply(&mut nl, &desired, &overlay.device, std::path::Path::new("/proc/sys"))
         })
     }
 }

@@ -26,12 +26,8 @@ use plan::{Changes, Desired, Family, FdbEntry, Neighbour, Route};
 pub enum DataplaneError {
     #[error("opening a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
-    #[error("{action}: {source}")]
-    Netlink {
-        action: String,
-        #[source]
-        source: rtnetlink::Error,
-    },
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
     #[error("{0}")]
     Conflict(String),
     #[error("entering network namespace {}: {source}", path.display())]
@@ -89,8 +85,8 @@ fn ensure_forwarding(desired: &Desired, proc_sys: &std::path::Path) -> Result<()
 /// after a failed step and reports every failure; the next call retries.
 /// `vxlan_device` is the overlay device name, removed when `desired` has none;
 /// the forwarding sysctls are found under `proc_sys`.
-pub async fn apply(
-    nl: &Netlink,
+pub fn apply(
+    nl: &mut Netlink,
     desired: &Desired,
     vxlan_device: &str,
     proc_sys: &std::path::Path,
@@ -101,18 +97,18 @@ pub async fn apply(
     let mut vxlan_removed = false;
     let vxlan = match &desired.vxlan {
         Some(dev) => {
-            let index = nl.ensure_vxlan(dev).await?;
-            nl.ensure_addresses(dev, index).await?;
+            let index = nl.ensure_vxlan(dev)?;
+            nl.ensure_addresses(dev, index)?;
             Some((dev.name.as_str(), index))
         }
         None => {
-            vxlan_removed = nl.remove_vxlan(vxlan_device).await?;
+            vxlan_removed = nl.remove_vxlan(vxlan_device)?;
             None
         }
     };
 
     // Routes: drop stale ones first, add the missing ones last (after their neighbours exist).
-    let observed = nl.carve_routes(vxlan).await?;
+    let observed = nl.carve_routes(vxlan)?;
     let want: BTreeSet<&Route> = desired.routes.iter().collect();
     let have: BTreeSet<&Route> = observed.iter().filter_map(|(r, _)| r.as_ref()).collect();
     let mut routes = Changes {
@@ -128,7 +124,7 @@ pub async fn apply(
             gateway: std::net::Ipv4Addr::UNSPECIFIED.into(),
             onlink_device: Some("(unrecognised carve route)".into()),
         });
-        match nl.delete_route(&shown, msg).await {
+        match nl.delete_carve_route(&shown, msg) {
             Ok(()) => routes.remove.push(shown),
             Err(e) => errors.push(e),
         }
@@ -137,40 +133,38 @@ pub async fn apply(
     let mut neighbours = Changes { add: vec![], remove: vec![] };
     let mut fdb = Changes { add: vec![], remove: vec![] };
     if let Some((name, index)) = vxlan {
-        let have_fdb = nl.fdb(index).await?;
+        let have_fdb = nl.fdb(index)?;
         let keys: Vec<FdbEntry> = have_fdb.iter().map(|(k, _)| k.clone()).collect();
         fdb = plan::diff(&desired.fdb, &keys);
         for (key, msg) in have_fdb.into_iter().filter(|(k, _)| fdb.remove.contains(k)) {
-            if let Err(e) =
-                nl.delete_neighbour(format!("FDB entry {} dst {} on {name}", key.mac, key.destination), msg).await
+            if let Err(e) = nl.delete_neighbour(format!("FDB entry {} dst {} on {name}", key.mac, key.destination), msg)
             {
                 errors.push(e);
             }
         }
         for entry in &fdb.add {
-            if let Err(e) = nl.add_fdb(name, index, entry).await {
+            if let Err(e) = nl.add_fdb(name, index, entry) {
                 errors.push(e);
             }
         }
 
-        let have_neigh = nl.neighbours(index).await?;
+        let have_neigh = nl.neighbour_entries(index)?;
         let keys: Vec<Neighbour> = have_neigh.iter().map(|(k, _)| k.clone()).collect();
         neighbours = plan::diff(&desired.neighbours, &keys);
         for (key, msg) in have_neigh.into_iter().filter(|(k, _)| neighbours.remove.contains(k)) {
-            if let Err(e) = nl.delete_neighbour(format!("neighbour {} lladdr {} on {name}", key.ip, key.mac), msg).await
-            {
+            if let Err(e) = nl.delete_neighbour(format!("neighbour {} lladdr {} on {name}", key.ip, key.mac), msg) {
                 errors.push(e);
             }
         }
         for n in &neighbours.add {
-            if let Err(e) = nl.add_neighbour(name, index, n).await {
+            if let Err(e) = nl.add_neighbour(name, index, n) {
                 errors.push(e);
             }
         }
     }
 
     for route in &routes.add {
-        if let Err(e) = nl.add_route(route, vxlan.map(|(_, i)| i)).await {
+        if let Err(e) = nl.add_carve_route(route, vxlan.map(|(_, i)| i)) {
             errors.push(e);
         }
     }

@@ -1,44 +1,29 @@
-//! The netlink edge: reads what the kernel holds and applies the difference to
-//! [`Desired`](super::plan::Desired). Typed rtnetlink requests only; no `ip`.
+//! The dataplane's netlink edge: reads what the kernel holds and applies the
+//! difference to [`Desired`](super::plan::Desired). Typed requests on the one
+//! synchronous socket of [`crate::netlink`] (these are more of its methods);
+//! no `ip`.
 //!
-//! The socket is opened once, in the network namespace of the thread that
-//! calls [`Netlink::open`]; every later request goes through it, so the
-//! namespace is fixed for the socket's life whichever thread polls it.
+//! The socket belongs to the network namespace it was opened in, so the
+//! namespace is fixed for the socket's life whichever thread uses it.
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
-use netlink_packet_route::AddressFamily;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol};
-use nix::errno::Errno;
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::DataplaneError;
 use super::plan::{FdbEntry, Mac, Neighbour, ROUTE_PROTOCOL, Route, VxlanDevice};
+use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_ip, route_ip};
+
+pub use crate::netlink::Netlink;
 
 const RT_TABLE_MAIN: u32 = 254;
-
-/// A netlink socket bound to one network namespace.
-pub struct Netlink {
-    handle: Handle,
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<Errno> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(Errno::from_raw(-m.raw_code())),
-        _ => None,
-    }
-}
-
-fn failed(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
-    let action = action.into();
-    move |source| DataplaneError::Netlink { action, source }
-}
 
 /// NUD_PERMANENT is a bit: `bridge fdb add … permanent` reports it with NUD_NOARP (0xc0).
 fn is_permanent(state: NeighbourState) -> bool {
@@ -47,28 +32,6 @@ fn is_permanent(state: NeighbourState) -> bool {
 
 fn mac_of(bytes: &[u8]) -> Option<Mac> {
     <[u8; 6]>::try_from(bytes).ok().map(Mac)
-}
-
-fn ip_of_neigh(a: &NeighbourAddress) -> Option<IpAddr> {
-    match a {
-        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        // FDB dumps (AF_BRIDGE) carry the remote's address as raw bytes.
-        NeighbourAddress::Other(b) => match b.len() {
-            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
-            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn ip_of_route(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
 }
 
 /// What a VXLAN link reports about itself.
@@ -116,46 +79,64 @@ fn vxlan_info(link: &LinkMessage) -> VxlanInfo {
     info
 }
 
-impl Netlink {
-    /// Opens a netlink socket in the calling thread's network namespace. Call
-    /// it inside a tokio runtime (the connection task is spawned on it).
-    pub fn open() -> Result<Self, DataplaneError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(DataplaneError::Socket)?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
-    }
+/// The VXLAN device `dev` as an RTM_NEWLINK: up, learning off, its MAC and MTU.
+fn vxlan_link(dev: &VxlanDevice) -> LinkMessage {
+    let mut data = vec![InfoVxlan::Id(dev.vni), InfoVxlan::Port(dev.port), InfoVxlan::Learning(false)];
+    data.push(match dev.local {
+        IpAddr::V4(v4) => InfoVxlan::Local(v4),
+        IpAddr::V6(v6) => InfoVxlan::Local6(v6),
+    });
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes.push(LinkAttribute::IfName(dev.name.clone()));
+    msg.attributes.push(LinkAttribute::Mtu(dev.mtu));
+    msg.attributes.push(LinkAttribute::Address(dev.mac.0.to_vec()));
+    msg.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Vxlan), LinkInfo::Data(InfoData::Vxlan(data))]));
+    msg
+}
 
+/// A carve route (protocol [`ROUTE_PROTOCOL`]) as an RTM_NEWROUTE.
+fn route_message(route: &Route, vxlan_index: Option<u32>) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    let dst = route.destination;
+    msg.header.address_family = if dst.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    msg.header.destination_prefix_length = dst.prefix_len();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    let addr = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => netlink_packet_route::route::RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => netlink_packet_route::route::RouteAddress::Inet6(v6),
+    };
+    msg.attributes.push(RouteAttribute::Destination(addr(dst.network())));
+    msg.attributes.push(RouteAttribute::Gateway(addr(route.gateway)));
+    if let Some(index) = vxlan_index {
+        msg.attributes.push(RouteAttribute::Oif(index));
+        msg.header.flags.insert(RouteFlags::Onlink);
+    }
+    msg
+}
+
+impl Netlink {
     /// The link called `name`, if any.
-    pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
-        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
-            Ok(link) => Ok(link),
-            Err(e) if errno(&e) == Some(Errno::ENODEV) => Ok(None),
-            Err(e) => Err(failed(format!("looking up link {name}"))(e)),
-        }
+    pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
+        Ok(self.link_by_name(name)?)
     }
 
     /// MTU of the link holding address `ip` (the underlay), if any link does.
-    pub async fn mtu_of_address(&self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
-        let addrs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_address_filter(ip)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(failed(format!("looking up the link holding {ip}")))?;
-        let Some(index) = addrs.first().map(|a| a.header.index) else { return Ok(None) };
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-            .map_err(failed(format!("reading link {index} (holds {ip})")))?;
-        Ok(link.and_then(|l| {
+    pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
+        let Some(index) = self.address_messages()?.into_iter().find_map(|a| {
+            a.attributes
+                .iter()
+                .any(|at| matches!(at, AddressAttribute::Address(x) if *x == ip))
+                .then_some(a.header.index)
+        }) else {
+            return Ok(None);
+        };
+        Ok(self.link_by_index(index)?.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Mtu(m) => Some(*m),
                 _ => None,
@@ -163,25 +144,40 @@ impl Netlink {
         }))
     }
 
+    fn address_messages(&mut self) -> Result<Vec<AddressMessage>, DataplaneError> {
+        let replies = self.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP, || {
+            "listing addresses".into()
+        })?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => Some(a),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Deletes the VXLAN device `name` when it exists (VNet mode, or a device
     /// that cannot be changed in place). Only VXLAN links are touched.
-    pub async fn remove_vxlan(&self, name: &str) -> Result<bool, DataplaneError> {
-        let Some(link) = self.link(name).await? else { return Ok(false) };
+    pub fn remove_vxlan(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        let Some(link) = self.link(name)? else { return Ok(false) };
         if !vxlan_info(&link).is_vxlan {
             return Ok(false);
         }
-        match self.handle.link().del(link.header.index).execute().await {
+        let mut msg = LinkMessage::default();
+        msg.header.index = link.header.index;
+        match self.ack(RouteNetlinkMessage::DelLink(msg), 0, || format!("deleting VXLAN device {name}")) {
             Ok(()) => Ok(true),
-            Err(e) if errno(&e) == Some(Errno::ENODEV) => Ok(false),
-            Err(e) => Err(failed(format!("deleting VXLAN device {name}"))(e)),
+            Err(e) if e.errno() == Some(ENODEV) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Makes the VXLAN device match `dev` (recreating it when VNI, port or local
     /// address differ, which the kernel cannot change in place) and returns its index.
-    pub async fn ensure_vxlan(&self, dev: &VxlanDevice) -> Result<u32, DataplaneError> {
+    pub fn ensure_vxlan(&mut self, dev: &VxlanDevice) -> Result<u32, DataplaneError> {
         let name = &dev.name;
-        if let Some(link) = self.link(name).await? {
+        if let Some(link) = self.link(name)? {
             let info = vxlan_info(&link);
             let index = link.header.index;
             if !info.is_vxlan {
@@ -195,36 +191,26 @@ impl Netlink {
                 && info.learning == Some(false)
             {
                 if info.mac != Some(dev.mac) || info.mtu != Some(dev.mtu) || !info.up {
-                    let msg = LinkUnspec::new_with_index(index).address(dev.mac.0.to_vec()).mtu(dev.mtu).up().build();
-                    self.handle
-                        .link()
-                        .set(msg)
-                        .execute()
-                        .await
-                        .map_err(failed(format!("setting MAC {}, MTU {} and up on {name}", dev.mac, dev.mtu)))?;
+                    let mut msg = LinkMessage::default();
+                    msg.header.index = index;
+                    msg.header.flags = LinkFlags::Up;
+                    msg.header.change_mask = LinkFlags::Up;
+                    msg.attributes.push(LinkAttribute::Address(dev.mac.0.to_vec()));
+                    msg.attributes.push(LinkAttribute::Mtu(dev.mtu));
+                    self.set_link(msg, &format!("setting MAC {}, MTU {} and up on {name}", dev.mac, dev.mtu))?;
                 }
                 return Ok(index);
             }
             tracing::info!(device = %name, "VXLAN device settings changed; recreating it");
-            self.remove_vxlan(name).await?;
+            self.remove_vxlan(name)?;
         }
-        let builder = LinkVxlan::new(name, dev.vni).port(dev.port).learning(false);
-        let builder = match dev.local {
-            IpAddr::V4(v4) => builder.local(v4),
-            IpAddr::V6(v6) => builder.local6(v6),
-        };
-        let msg = builder.mtu(dev.mtu).address(dev.mac.0.to_vec()).up().build();
-        match self.handle.link().add(msg).execute().await {
+        let what = || format!("creating VXLAN device {name} (VNI {}, port {}, local {})", dev.vni, dev.port, dev.local);
+        match self.ack(RouteNetlinkMessage::NewLink(vxlan_link(dev)), NLM_F_CREATE | NLM_F_EXCL, what) {
             Ok(()) => {}
-            Err(e) if errno(&e) == Some(Errno::EEXIST) => {}
-            Err(e) => {
-                return Err(failed(format!(
-                    "creating VXLAN device {name} (VNI {}, port {}, local {})",
-                    dev.vni, dev.port, dev.local
-                ))(e));
-            }
+            Err(e) if e.errno() == Some(EEXIST) => {}
+            Err(e) => return Err(e.into()),
         }
-        let link = self.link(name).await?.ok_or_else(|| {
+        let link = self.link(name)?.ok_or_else(|| {
             DataplaneError::Conflict(format!("VXLAN device {name} vanished right after it was created"))
         })?;
         Ok(link.header.index)
@@ -232,18 +218,9 @@ impl Netlink {
 
     /// Makes the global addresses of link `index` exactly `want` (the VTEP
     /// addresses); link-local ones are left alone.
-    pub async fn ensure_addresses(&self, dev: &VxlanDevice, index: u32) -> Result<(), DataplaneError> {
-        let have: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(failed(format!("listing addresses of {}", dev.name)))?;
+    pub fn ensure_addresses(&mut self, dev: &VxlanDevice, index: u32) -> Result<(), DataplaneError> {
         let mut present = Vec::new();
-        for msg in have {
+        for msg in self.address_messages()?.into_iter().filter(|m| m.header.index == index) {
             if msg.header.scope == AddressScope::Link {
                 continue;
             }
@@ -254,23 +231,16 @@ impl Netlink {
                 continue;
             };
             let net = ipnet::IpNet::new(ip, msg.header.prefix_len).ok();
-            if net.is_some_and(|n| dev.addresses.contains(&n)) {
-                present.push(net.unwrap_or_else(|| ipnet::IpNet::from(ip)));
+            if let Some(n) = net.filter(|n| dev.addresses.contains(n)) {
+                present.push(n);
             } else {
-                self.handle
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(failed(format!("removing stale address {ip} from {}", dev.name)))?;
+                self.ack(RouteNetlinkMessage::DelAddress(msg), 0, || {
+                    format!("removing stale address {ip} from {}", dev.name)
+                })?;
             }
         }
         for net in dev.addresses.iter().filter(|n| !present.contains(n)) {
-            match self.handle.address().add(index, net.addr(), net.prefix_len()).execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(Errno::EEXIST) => {}
-                Err(e) => return Err(failed(format!("adding address {net} to {}", dev.name))(e)),
-            }
+            self.add_address(index, net.addr(), net.prefix_len())?;
         }
         Ok(())
     }
@@ -278,19 +248,13 @@ impl Netlink {
     /// Routes in the main table carrying carve's protocol number, with the
     /// message to delete each (`None`: a shape carve never installs, so stale).
     /// `vxlan` names the device whose routes are onlink.
-    pub async fn carve_routes(
-        &self,
+    pub fn carve_routes(
+        &mut self,
         vxlan: Option<(&str, u32)>,
     ) -> Result<Vec<(Option<Route>, RouteMessage)>, DataplaneError> {
         let mut out = Vec::new();
-        let filters = [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ];
-        for filter in filters {
-            let msgs: Vec<RouteMessage> =
-                self.handle.route().get(filter).execute().try_collect().await.map_err(failed("listing routes"))?;
-            for msg in msgs {
+        for v4 in [true, false] {
+            for msg in self.routes(v4)? {
                 if u8::from(msg.header.protocol) != ROUTE_PROTOCOL {
                     continue;
                 }
@@ -298,8 +262,8 @@ impl Netlink {
                 let (mut dest, mut gateway, mut oif) = (None, None, None);
                 for attr in &msg.attributes {
                     match attr {
-                        RouteAttribute::Destination(a) => dest = ip_of_route(a),
-                        RouteAttribute::Gateway(a) => gateway = ip_of_route(a),
+                        RouteAttribute::Destination(a) => dest = route_ip(a),
+                        RouteAttribute::Gateway(a) => gateway = route_ip(a),
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         RouteAttribute::Table(t) => table = *t,
                         _ => {}
@@ -329,127 +293,124 @@ impl Netlink {
         Ok(out)
     }
 
-    pub async fn delete_route(&self, route: &Route, msg: RouteMessage) -> Result<(), DataplaneError> {
-        match self.handle.route().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(errno(&e), Some(Errno::ESRCH | Errno::ENOENT)) => Ok(()),
-            Err(e) => Err(failed(format!("removing route {route}"))(e)),
+    pub fn delete_carve_route(&mut self, route: &Route, msg: RouteMessage) -> Result<(), DataplaneError> {
+        match self.ack(RouteNetlinkMessage::DelRoute(msg), 0, || format!("removing route {route}")) {
+            Err(e) if matches!(e.errno(), Some(ESRCH) | Some(ENOENT)) => Ok(()),
+            r => Ok(r?),
         }
     }
 
-    pub async fn add_route(&self, route: &Route, vxlan_index: Option<u32>) -> Result<(), DataplaneError> {
-        let what = || format!("adding route {route}");
-        let mut builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(route.destination.network(), route.destination.prefix_len())
-            .map_err(|e| DataplaneError::Conflict(format!("{}: {e}", what())))?
-            .gateway(route.gateway)
-            .map_err(|e| DataplaneError::Conflict(format!("{}: {e}", what())))?
-            .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
-        if route.onlink_device.is_some() {
-            let Some(index) = vxlan_index else {
-                return Err(DataplaneError::Conflict(format!("{}: the VXLAN device is missing", what())));
-            };
-            builder = builder.output_interface(index).onlink();
-        }
-        match self.handle.route().add(builder.build()).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if errno(&e) == Some(Errno::EEXIST) => {
+    pub fn add_carve_route(&mut self, route: &Route, vxlan_index: Option<u32>) -> Result<(), DataplaneError> {
+        let index = match (&route.onlink_device, vxlan_index) {
+            (Some(_), Some(i)) => Some(i),
+            (Some(_), None) => {
+                return Err(DataplaneError::Conflict(format!("adding route {route}: the VXLAN device is missing")));
+            }
+            (None, _) => None,
+        };
+        let msg = RouteNetlinkMessage::NewRoute(route_message(route, index));
+        match self.ack(msg, NLM_F_CREATE | NLM_F_EXCL, || format!("adding route {route}")) {
+            Err(e) if e.errno() == Some(EEXIST) => {
                 tracing::warn!(route = %route, "a route to this destination that carve does not own exists; left alone");
                 Ok(())
             }
-            Err(e) => Err(failed(what())(e)),
+            r => Ok(r?),
         }
     }
 
-    async fn neighbours_of(
-        &self,
+    fn neighbours_of(
+        &mut self,
         family: AddressFamily,
         index: u32,
         what: &str,
     ) -> Result<Vec<NeighbourMessage>, DataplaneError> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(failed(format!("listing {what}")))?;
-        Ok(msgs.into_iter().filter(|m| m.header.ifindex == index && is_permanent(m.header.state)).collect())
-    }
-
-    /// Permanent neighbour entries on link `index`.
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Neighbour, NeighbourMessage)>, DataplaneError> {
-        let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            for msg in self.neighbours_of(family, index, "neighbour entries").await? {
-                let ip = msg.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(d) => ip_of_neigh(d),
-                    _ => None,
-                });
-                let mac = msg.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(l) => mac_of(l),
-                    _ => None,
-                });
-                if let (Some(ip), Some(mac)) = (ip, mac) {
-                    out.push((Neighbour { ip, mac }, msg));
+        let mut filter = NeighbourMessage::default();
+        filter.header.family = family;
+        let replies =
+            self.request(RouteNetlinkMessage::GetNeighbour(filter), NLM_F_DUMP, || format!("listing {what}"))?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index && is_permanent(n.header.state) => {
+                    Some(n)
                 }
-            }
-        }
-        Ok(out)
+                _ => None,
+            })
+            .collect())
     }
 
-    /// Permanent FDB entries with a remote destination on link `index`.
-    pub async fn fdb(&self, index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>, DataplaneError> {
+    fn entries(
+        &mut self,
+        family: AddressFamily,
+        index: u32,
+        what: &str,
+    ) -> Result<Vec<(IpAddr, Mac, NeighbourMessage)>, DataplaneError> {
         let mut out = Vec::new();
-        for msg in self.neighbours_of(AddressFamily::Bridge, index, "FDB entries").await? {
-            let destination = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(d) => ip_of_neigh(d),
+        for msg in self.neighbours_of(family, index, what)? {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(d) => neighbour_ip(d),
                 _ => None,
             });
             let mac = msg.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::LinkLayerAddress(l) => mac_of(l),
                 _ => None,
             });
-            if let (Some(destination), Some(mac)) = (destination, mac) {
-                out.push((FdbEntry { mac, destination }, msg));
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac, msg));
             }
         }
         Ok(out)
     }
 
-    pub async fn add_neighbour(&self, dev: &str, index: u32, n: &Neighbour) -> Result<(), DataplaneError> {
-        self.handle
-            .neighbours()
-            .add(index, n.ip)
-            .link_layer_address(&n.mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(failed(format!("adding neighbour {} lladdr {} on {dev}", n.ip, n.mac)))
+    /// Permanent neighbour entries on link `index`.
+    pub fn neighbour_entries(&mut self, index: u32) -> Result<Vec<(Neighbour, NeighbourMessage)>, DataplaneError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for (ip, mac, msg) in self.entries(family, index, "neighbour entries")? {
+                out.push((Neighbour { ip, mac }, msg));
+            }
+        }
+        Ok(out)
     }
 
-    pub async fn add_fdb(&self, dev: &str, index: u32, f: &FdbEntry) -> Result<(), DataplaneError> {
-        self.handle
-            .neighbours()
-            .add_bridge(index, &f.mac.0)
-            .destination(f.destination)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(failed(format!("adding FDB entry {} dst {} on {dev}", f.mac, f.destination)))
+    /// Permanent FDB entries with a remote destination on link `index`.
+    pub fn fdb(&mut self, index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>, DataplaneError> {
+        Ok(self
+            .entries(AddressFamily::Bridge, index, "FDB entries")?
+            .into_iter()
+            .map(|(destination, mac, msg)| (FdbEntry { mac, destination }, msg))
+            .collect())
+    }
+
+    pub fn add_neighbour(&mut self, dev: &str, index: u32, n: &Neighbour) -> Result<(), DataplaneError> {
+        self.set_neighbour(index, n.ip, &n.mac.0).map_err(|mut e| {
+            e.action = format!("adding neighbour {} lladdr {} on {dev}", n.ip, n.mac);
+            e.into()
+        })
+    }
+
+    pub fn add_fdb(&mut self, dev: &str, index: u32, f: &FdbEntry) -> Result<(), DataplaneError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+        msg.attributes.push(NeighbourAttribute::Destination(match f.destination {
+            IpAddr::V4(v4) => netlink_packet_route::neighbour::NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => netlink_packet_route::neighbour::NeighbourAddress::Inet6(v6),
+        }));
+        self.ack(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_CREATE | NLM_F_REPLACE, || {
+            format!("adding FDB entry {} dst {} on {dev}", f.mac, f.destination)
+        })?;
+        Ok(())
     }
 
     /// Deletes a neighbour or FDB entry; already gone is fine.
-    pub async fn delete_neighbour(&self, what: String, msg: NeighbourMessage) -> Result<(), DataplaneError> {
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if errno(&e) == Some(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(failed(format!("removing {what}"))(e)),
+    pub fn delete_neighbour(&mut self, what: String, msg: NeighbourMessage) -> Result<(), DataplaneError> {
+        match self.ack(RouteNetlinkMessage::DelNeighbour(msg), 0, || format!("removing {what}")) {
+            Err(e) if e.errno() == Some(ENOENT) => Ok(()),
+            r => Ok(r?),
         }
     }
 }

@@ -1,7 +1,8 @@
-//! A dedicated OS thread that owns the netlink socket and runs `nft`, so that
-//! no tokio worker ever calls `setns`: with `netns` set, the thread enters
-//! that network namespace once, opens its socket there and serves every
-//! dataplane request from it (netavark's pattern). Without `netns` it stays in
+//! A dedicated OS thread that owns the (synchronous) netlink socket and runs
+//! `nft`, so that no tokio worker ever blocks on the kernel or calls `setns`:
+//! with `netns` set, the thread enters that network namespace for good (`nft`
+//! and the sysctls act on the thread's namespace), opens its socket there and
+//! serves every dataplane request from it (netavark's pattern). Without `netns` it stays in
 //! the agent's own namespace (hostNetwork in a DaemonSet).
 
 use std::net::IpAddr;
@@ -37,21 +38,16 @@ impl Worker {
         std::thread::Builder::new()
             .name("carve-dataplane".into())
             .spawn(move || {
-                let setup = || -> Result<(tokio::runtime::Runtime, Netlink), DataplaneError> {
+                let setup = || -> Result<Netlink, DataplaneError> {
                     if let Some(path) = &netns {
                         let enter = |source: std::io::Error| DataplaneError::Netns { path: path.clone(), source };
-                        let fd = std::fs::File::open(path).map_err(enter)?;
+                        let fd = crate::netlink::open_netns(path).map_err(enter)?;
                         nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
                             .map_err(|e| enter(std::io::Error::from(e)))?;
                     }
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(DataplaneError::Socket)?;
-                    let nl = rt.block_on(async { Netlink::open() })?;
-                    Ok((rt, nl))
+                    Ok(Netlink::open()?)
                 };
-                let (rt, nl) = match setup() {
+                let mut nl = match setup() {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v
@@ -64,10 +60,10 @@ impl Worker {
                 while let Ok(job) = rx.recv() {
                     match job {
                         Job::Apply { desired, vxlan_device, reply } => {
-                            let _ = reply.send(rt.block_on(super::apply(&nl, &desired, &vxlan_device, &proc_sys)));
+                            let _ = reply.send(super::apply(&mut nl, &desired, &vxlan_device, &proc_sys));
                         }
                         Job::UnderlayMtu { node_ip, reply } => {
-                            let _ = reply.send(rt.block_on(nl.mtu_of_address(node_ip)));
+                            let _ = reply.send(nl.mtu_of_address(node_ip));
                         }
                     }
                 }
