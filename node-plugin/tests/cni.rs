@@ -531,3 +531,25 @@ fn del_returns_with_veth_routes_and_neighbours_gone_and_the_same_add_works_at_on
     let links = node.ns.exec(&["ip", "-o", "link", "show"]);
     assert!(!links.contains("carve"), "{links}");
 }
+
+#[test]
+fn any_other_ipam_type_is_exec_d_from_cni_path() {
+    let node = Node::new("10.79.7.0/24", "10.79.7.1", "1.0.0", false);
+    let pod = NetNs::new("pod");
+    let data = node.dirs.root.path().join("host-local");
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": node.net, "type": "carve-cni", "stateFile": node.state,
+        "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.79.8.0/24" }]], "dataDir": data },
+    });
+    let (code, out) = node.direct("ADD", "delegated", &pod.path(), &conf);
+    assert_eq!(code, 0, "{out}");
+    let ip = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    assert!(ip.starts_with("10.79.8."), "the address comes from host-local's range: {out}");
+    assert_eq!(addrs(&pod, "eth0"), [format!("{ip}/32")]);
+    assert!(data.join(&node.net).join(&ip).exists(), "host-local recorded {ip}");
+    assert!(stored(&node.data).is_empty(), "carve-ipam's store is not involved");
+    let (code, out) = node.direct("DEL", "delegated", &pod.path(), &conf);
+    assert_eq!(code, 0, "{out}");
+    assert!(!data.join(&node.net).join(&ip).exists(), "DEL went through host-local");
+    assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]));
+}

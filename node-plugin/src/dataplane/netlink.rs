@@ -30,7 +30,7 @@ fn is_permanent(state: NeighbourState) -> bool {
     u16::from(state) & u16::from(NeighbourState::Permanent) != 0
 }
 
-fn mac_of(bytes: &[u8]) -> Option<Mac> {
+fn as_mac(bytes: &[u8]) -> Option<Mac> {
     <[u8; 6]>::try_from(bytes).ok().map(Mac)
 }
 
@@ -51,7 +51,7 @@ fn vxlan_info(link: &LinkMessage) -> VxlanInfo {
     let mut info = VxlanInfo { up: link.header.flags.contains(LinkFlags::Up), ..Default::default() };
     for attr in &link.attributes {
         match attr {
-            LinkAttribute::Address(a) => info.mac = mac_of(a),
+            LinkAttribute::Address(a) => info.mac = as_mac(a),
             LinkAttribute::Mtu(m) => info.mtu = Some(*m),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -352,7 +352,7 @@ impl Netlink {
                 _ => None,
             });
             let mac = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(l) => mac_of(l),
+                NeighbourAttribute::LinkLayerAddress(l) => as_mac(l),
                 _ => None,
             });
             if let (Some(ip), Some(mac)) = (ip, mac) {
