@@ -218,14 +218,20 @@ async fn lead(args: &Args, client: Client, metrics: Arc<Metrics>) -> Result<()> 
     };
 
     match &elector {
-        Some(e) => tokio::select! {
-            _ = controller => Ok(()),
-            _ = housekeeping => Ok(()),
-            _ = e.hold() => {
-                metrics.leader.set(0);
-                bail!("lost the leader Lease; exiting so a fresh start rebuilds from the API")
+        Some(e) => {
+            tokio::select! {
+                // The controller ends on SIGTERM / Ctrl-C (shutdown_on_signal).
+                _ = controller => {}
+                _ = housekeeping => {}
+                _ = e.hold() => {
+                    metrics.leader.set(0);
+                    bail!("lost the leader Lease; exiting so a fresh start rebuilds from the API")
+                }
             }
-        },
+            metrics.leader.set(0);
+            e.release().await;
+            Ok(())
+        }
         None => tokio::select! {
             _ = controller => Ok(()),
             _ = housekeeping => Ok(()),

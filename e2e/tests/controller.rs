@@ -244,7 +244,8 @@ async fn two_replicas_never_duplicate_and_the_standby_takes_over() {
     let took = killed_at.elapsed();
     let new_holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_eq!(new_holder, standby);
-    // SIGTERM does not release the Lease, so the standby waits out the 4 s lease.
+    // SIGTERM released the Lease (a rollout does not wait out its duration).
+    assert!(cp.log_tail(&holder, 20).contains("released the leader Lease"), "{}", cp.log_tail(&holder, 20));
     assert!(took < Duration::from_secs(15), "standby took over after {took:?}");
     all_blocks_distinct(&client).await;
 }
@@ -521,4 +522,43 @@ async fn operations_metrics_health_and_a_clear_error_without_crds() {
         log.lines().filter(|l| !l.is_empty()).all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn a_live_lease_is_not_taken_whatever_the_holders_clock_says() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let (cp, client) = cluster().await;
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    // A holder whose clock is an hour behind: every renewal it writes looks long expired.
+    let skewed = || MicroTime(Timestamp::now() - SignedDuration::from_secs(3600));
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta { name: Some("carve-controller".into()), ..Default::default() },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some("elsewhere".into()),
+            lease_duration_seconds: Some(2),
+            renew_time: Some(skewed()),
+            acquire_time: Some(skewed()),
+            ..Default::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let lease_args = ["--lease-duration", "2s", "--renew-deadline", "1500ms", "--retry-period", "250ms"];
+    start_controller(&cp, "candidate", &lease_args).unwrap();
+    // The holder renews (skewed) every 500 ms for 6 s, three lease durations.
+    let renewing_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < renewing_until {
+        let patch = json!({"spec": {"renewTime": skewed()}});
+        leases.patch("carve-controller", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        assert_eq!(holder.as_deref(), Some("elsewhere"), "the candidate took a Lease that is being renewed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!cp.log_tail("candidate", 100).contains("became leader"));
+    // Renewals stop: the candidate takes over once the record stays unchanged for a lease duration.
+    wait_for("the candidate to take the abandoned Lease", WAIT, || async {
+        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        if holder.as_deref() == Some("candidate") { Ok(()) } else { Err(format!("{holder:?}")) }
+    })
+    .await;
 }

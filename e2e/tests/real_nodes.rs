@@ -212,11 +212,9 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
         .filter(|n| *n != leader)
         .collect();
     assert_eq!(standby.len(), 1, "two replicas, one standby: {standby:?}");
-    // Deleted as a drain or a node failure does; the Lease is not released,
-    // so the standby waits out its duration.
+    // Deleted as a drain does: SIGTERM, and the leader releases the Lease.
     cp.kubectl_ok(&["-n", "carve-system", "delete", "pod", &leader, "--wait=false"]).unwrap();
-    // The standby, or the replacement the ReplicaSet starts, whichever asks
-    // first once the Lease has expired.
+    // The standby, or the replacement the ReplicaSet starts, whichever asks first.
     wait_for("another controller replica to take the Lease", Duration::from_secs(90), || async {
         let now = holder(cluster.cp());
         let running = cluster
