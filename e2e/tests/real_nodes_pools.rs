@@ -16,7 +16,7 @@ use serde_json::Value;
 mod real_nodes_support;
 use real_nodes_support::{
     EXTERNAL_IP, HOSTNAME_PORT, Pod, arrives_from, cached_results, deploy_carve, example, exec, external_host,
-    kubectl_json, node_blocks, run_workload, running_pods, store_ips,
+    kubectl_json, node_blocks, run_workload, running_pods, store_ips, wait_released,
 };
 
 /// VNet pool on a subnet of its own (the nodes are on 10.224.0.0/24).
@@ -200,27 +200,7 @@ async fn a_dual_stack_pool_carries_ipv6_across_nodes_and_survives_a_carve_upgrad
 
     // Old and new pods are deletable: gone, results uncached, addresses free.
     cp.kubectl_ok(&["delete", "deployment", "dual", "--wait=true", "--timeout=90s"]).unwrap();
-    wait_for("every pod gone and its addresses released", Duration::from_secs(90), || async {
-        let left = cp.kubectl_ok(&["get", "pods", "-l", "app=dual", "-o", "name"]).unwrap_or_default();
-        let held: Vec<String> = all
-            .iter()
-            .flat_map(|p| p.ips.iter().map(move |ip| (p, ip)))
-            .filter(|(p, ip)| store_ips(cluster.node(&p.node)).contains(ip))
-            .map(|(p, ip)| format!("{} {ip}", p.name))
-            .collect();
-        let cached: Vec<&str> = all
-            .iter()
-            .filter(|p| !cached_results(cluster.node(&p.node), p.ip).is_empty())
-            .map(|p| p.name.as_str())
-            .collect();
-        if left.trim().is_empty() && held.is_empty() && cached.is_empty() {
-            Ok(())
-        } else {
-            let warnings = cp.kubectl_ok(&["get", "events", "--field-selector", "type=Warning"]).unwrap_or_default();
-            Err(format!("pods {left:?}, held {held:?}, cached {cached:?}\n{warnings}"))
-        }
-    })
-    .await;
+    wait_released(&cluster, "app=dual", &all, Duration::from_secs(90)).await;
 
     let problems = cluster.shutdown();
     assert!(problems.is_empty(), "teardown: {problems:?}");

@@ -12,7 +12,9 @@ use carve_e2e::testkit::{node_images, wait_for};
 use serde_json::Value;
 
 mod real_nodes_support;
-use real_nodes_support::{cached_results, deploy_carve, example, exec, node_blocks, running_pods, store_ips};
+use real_nodes_support::{
+    cached_results, deploy_carve, example, exec, node_blocks, running_pods, store_ips, wait_released,
+};
 
 fn pod_on(name: &str, node: &str) -> String {
     format!(
@@ -101,17 +103,7 @@ async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1()
     // Deleting the pods runs DEL on both runtimes: gone (not stuck
     // Terminating), results uncached, addresses back in the stores.
     cp.kubectl_ok(&["delete", "pod", "rt-1", "rt-2", "--wait=true", "--timeout=60s"]).unwrap();
-    wait_for("both pods gone and their IPs released", Duration::from_secs(60), || async {
-        let left = cp.kubectl_ok(&["get", "pods", "-l", "app=runtimes", "-o", "name"]).unwrap_or_default();
-        let held: Vec<_> = pods.iter().filter(|p| store_ips(cluster.node(&p.node)).contains(&p.ip)).collect();
-        let cached: Vec<_> = pods.iter().filter(|p| !cached_results(cluster.node(&p.node), p.ip).is_empty()).collect();
-        if left.trim().is_empty() && held.is_empty() && cached.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("pods: {left:?}, IPs still held: {held:?}, results still cached: {cached:?}"))
-        }
-    })
-    .await;
+    wait_released(&cluster, "app=runtimes", &pods, Duration::from_secs(60)).await;
 
     let problems = cluster.shutdown();
     assert!(problems.is_empty(), "teardown: {problems:?}");

@@ -183,21 +183,18 @@ impl Netlink {
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        match self.request(RouteNetlinkMessage::GetLink(msg), 0, || format!("looking up link {name}")) {
-            Ok(mut links) => Ok(links.pop().and_then(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })),
-            Err(e) if e.errno() == Some(ENODEV) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_link(msg, name)
     }
 
     /// The link with `index`; None when there is none.
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
-        match self.request(RouteNetlinkMessage::GetLink(msg), 0, || format!("looking up link {index}")) {
+        self.get_link(msg, &index.to_string())
+    }
+
+    fn get_link(&mut self, msg: LinkMessage, what: &str) -> Result<Option<LinkMessage>, NetlinkError> {
+        match self.request(RouteNetlinkMessage::GetLink(msg), 0, || format!("looking up link {what}")) {
             Ok(mut links) => Ok(links.pop().and_then(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
@@ -408,7 +405,8 @@ fn family(ip: IpAddr) -> AddressFamily {
     if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 }
 }
 
-fn route_address(ip: IpAddr) -> RouteAddress {
+/// `ip` as a route attribute's address.
+pub fn route_address(ip: IpAddr) -> RouteAddress {
     match ip {
         IpAddr::V4(v4) => RouteAddress::Inet(v4),
         IpAddr::V6(v6) => RouteAddress::Inet6(v6),
@@ -463,6 +461,14 @@ pub fn route_parts(r: &RouteMessage) -> (Option<IpAddr>, u8, Option<IpAddr>, Opt
     (dst, r.header.destination_prefix_length, gw, oif)
 }
 
+/// `ip` as a neighbour or FDB attribute's address.
+pub fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
 /// A permanent neighbour entry `ip` → `mac` on link `index`.
 pub fn neighbour(index: u32, ip: IpAddr, mac: &[u8]) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
@@ -470,10 +476,7 @@ pub fn neighbour(index: u32, ip: IpAddr, mac: &[u8]) -> NeighbourMessage {
     msg.header.ifindex = index;
     msg.header.state = NeighbourState::Permanent;
     msg.header.kind = RouteType::Unicast;
-    msg.attributes.push(NeighbourAttribute::Destination(match ip {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-    }));
+    msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(ip)));
     msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     msg
 }

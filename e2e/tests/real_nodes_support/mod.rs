@@ -245,3 +245,30 @@ pub fn cached_results(node: &RealNode, ip: IpAddr) -> Vec<(String, String)> {
     }
     found
 }
+
+/// Waits until no pod matches `selector` and every address of `pods` is back
+/// in its node's store, with no result of theirs left in libcni's cache.
+pub async fn wait_released(cluster: &Cluster, selector: &str, pods: &[Pod], timeout: Duration) {
+    let cp = cluster.cp();
+    wait_for("every pod gone and its addresses released", timeout, || async {
+        let left = cp.kubectl_ok(&["get", "pods", "-l", selector, "-o", "name"]).unwrap_or_default();
+        let held: Vec<String> = pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(move |ip| (p, ip)))
+            .filter(|(p, ip)| store_ips(cluster.node(&p.node)).contains(ip))
+            .map(|(p, ip)| format!("{} {ip}", p.name))
+            .collect();
+        let cached: Vec<&str> = pods
+            .iter()
+            .filter(|p| !cached_results(cluster.node(&p.node), p.ip).is_empty())
+            .map(|p| p.name.as_str())
+            .collect();
+        if left.trim().is_empty() && held.is_empty() && cached.is_empty() {
+            Ok(())
+        } else {
+            let warnings = cp.kubectl_ok(&["get", "events", "--field-selector", "type=Warning"]).unwrap_or_default();
+            Err(format!("pods {left:?}, held {held:?}, cached {cached:?}\n{warnings}"))
+        }
+    })
+    .await;
+}

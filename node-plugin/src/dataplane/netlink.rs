@@ -19,7 +19,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::DataplaneError;
 use super::plan::{FdbEntry, Mac, Neighbour, ROUTE_PROTOCOL, Route, VxlanDevice};
-use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_ip, route_ip};
+use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_address, neighbour_ip, route_address, route_ip};
 
 pub use crate::netlink::Netlink;
 
@@ -107,12 +107,8 @@ fn route_message(route: &Route, vxlan_index: Option<u32>) -> RouteMessage {
     msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
     msg.header.scope = RouteScope::Universe;
     msg.header.kind = RouteType::Unicast;
-    let addr = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => netlink_packet_route::route::RouteAddress::Inet(v4),
-        IpAddr::V6(v6) => netlink_packet_route::route::RouteAddress::Inet6(v6),
-    };
-    msg.attributes.push(RouteAttribute::Destination(addr(dst.network())));
-    msg.attributes.push(RouteAttribute::Gateway(addr(route.gateway)));
+    msg.attributes.push(RouteAttribute::Destination(route_address(dst.network())));
+    msg.attributes.push(RouteAttribute::Gateway(route_address(route.gateway)));
     if let Some(index) = vxlan_index {
         msg.attributes.push(RouteAttribute::Oif(index));
         msg.header.flags.insert(RouteFlags::Onlink);
@@ -121,11 +117,6 @@ fn route_message(route: &Route, vxlan_index: Option<u32>) -> RouteMessage {
 }
 
 impl Netlink {
-    /// The link called `name`, if any.
-    pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
-        Ok(self.link_by_name(name)?)
-    }
-
     /// MTU of the link holding address `ip` (the underlay), if any link does.
     pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
         let Some(index) = self.address_messages()?.into_iter().find_map(|a| {
@@ -160,7 +151,7 @@ impl Netlink {
     /// Deletes the VXLAN device `name` when it exists (VNet mode, or a device
     /// that cannot be changed in place). Only VXLAN links are touched.
     pub fn remove_vxlan(&mut self, name: &str) -> Result<bool, DataplaneError> {
-        let Some(link) = self.link(name)? else { return Ok(false) };
+        let Some(link) = self.link_by_name(name)? else { return Ok(false) };
         if !vxlan_info(&link).is_vxlan {
             return Ok(false);
         }
@@ -177,7 +168,7 @@ impl Netlink {
     /// address differ, which the kernel cannot change in place) and returns its index.
     pub fn ensure_vxlan(&mut self, dev: &VxlanDevice) -> Result<u32, DataplaneError> {
         let name = &dev.name;
-        if let Some(link) = self.link(name)? {
+        if let Some(link) = self.link_by_name(name)? {
             let info = vxlan_info(&link);
             let index = link.header.index;
             if !info.is_vxlan {
@@ -210,7 +201,7 @@ impl Netlink {
             Err(e) if e.errno() == Some(EEXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        let link = self.link(name)?.ok_or_else(|| {
+        let link = self.link_by_name(name)?.ok_or_else(|| {
             DataplaneError::Conflict(format!("VXLAN device {name} vanished right after it was created"))
         })?;
         Ok(link.header.index)
@@ -396,10 +387,7 @@ impl Netlink {
         msg.header.state = NeighbourState::Permanent;
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
-        msg.attributes.push(NeighbourAttribute::Destination(match f.destination {
-            IpAddr::V4(v4) => netlink_packet_route::neighbour::NeighbourAddress::Inet(v4),
-            IpAddr::V6(v6) => netlink_packet_route::neighbour::NeighbourAddress::Inet6(v6),
-        }));
+        msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(f.destination)));
         self.ack(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_CREATE | NLM_F_REPLACE, || {
             format!("adding FDB entry {} dst {} on {dev}", f.mac, f.destination)
         })?;
