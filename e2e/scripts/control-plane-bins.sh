@@ -6,6 +6,10 @@
 # CNI plugins; containerd 2 (daemon, runc shim and ctr) for nodes that run it
 # instead of Debian's 1.6. A second run finds the binaries and returns at once.
 #
+# With --conformance it also builds what the upstream sig-network suites need
+# (see build_conformance): a network-only e2e test binary, ginkgo, agnhost and
+# CoreDNS.
+#
 # Prints the bin dir on stdout; progress goes to stderr.
 set -euo pipefail
 
@@ -22,6 +26,11 @@ PLUGINS="$CACHE/cni-plugins-$PLUGINS_VERSION"
 CONTAINERD2_VERSION="${CARVE_CONTAINERD2_VERSION:-v2.1.4}"
 CONTAINERD2="$CACHE/containerd-$CONTAINERD2_VERSION"
 
+# CoreDNS as kubeadm v1.35 deploys it.
+COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
+CONFORMANCE=0
+[[ ${1:-} == --conformance ]] && CONFORMANCE=1
+
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 
 log() { echo "control-plane-bins: $*" >&2; }
@@ -35,15 +44,16 @@ flock 9
 work="$CACHE/controlplane/src"
 mkdir -p "$work"
 
-build_kubernetes() {
-  local dir="$work/kubernetes-$K8S_VERSION"
+# A wrapper module named $2 at $1 that requires k8s.io/kubernetes at the
+# pinned tag.
+kubernetes_module() {
+  local dir="$1" name="$2"
   mkdir -p "$dir"
   local gomod
   gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   local staging_version="v0.${K8S_VERSION#v1.}"
   {
-    echo "module carve.dev/controlplane"
+    echo "module $name"
     echo
     echo "go $(sed -n 's/^go //p' "$gomod")"
     echo
@@ -58,11 +68,23 @@ build_kubernetes() {
 
 package tools
 GO
+}
+
+kubernetes_ldflags() {
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   local ldflags="-s -w"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean"
   done
+  echo "$ldflags"
+}
+
+build_kubernetes() {
+  local dir="$work/kubernetes-$K8S_VERSION"
+  kubernetes_module "$dir" carve.dev/controlplane
+  local ldflags
+  ldflags="$(kubernetes_ldflags)"
   for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     if need "$cmd"; then
       log "building $cmd $K8S_VERSION (cold builds take minutes)"
@@ -163,9 +185,52 @@ build_containerd2() {
   ln -sfn "$CONTAINERD2" "$BIN/containerd2"
 }
 
+# For `make conformance` and the conformance tier of `make test`:
+# - e2e-network.test: the upstream e2e framework with test/e2e/network only
+#   (e2e/conformance/e2e-network), built like e2e.test with `go test -c`;
+# - ginkgo, the runner that drives it in parallel, at the version
+#   k8s.io/kubernetes requires;
+# - agnhost from test/images/agnhost, the image most network tests run;
+# - CoreDNS with a minimal plugin list (e2e/conformance/coredns).
+build_conformance() {
+  local repo
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+  local dir="$work/conformance-$K8S_VERSION"
+  kubernetes_module "$dir" carve.dev/conformance
+  rm -rf "$dir/e2e-network"
+  cp -r "$repo/e2e/conformance/e2e-network" "$dir/e2e-network"
+  local ldflags
+  ldflags="$(kubernetes_ldflags)"
+  if need e2e-network.test; then
+    log "building e2e-network.test $K8S_VERSION (cold: minutes)"
+    (cd "$dir" && go test -c -mod=mod -trimpath -ldflags "$ldflags" -o "$BIN/e2e-network.test.tmp" ./e2e-network)
+    mv "$BIN/e2e-network.test.tmp" "$BIN/e2e-network.test"
+  fi
+  if need agnhost; then
+    log "building agnhost $K8S_VERSION"
+    (cd "$dir" && go build -mod=mod -trimpath -ldflags "-s -w" -o "$BIN/agnhost.tmp" k8s.io/kubernetes/test/images/agnhost)
+    mv "$BIN/agnhost.tmp" "$BIN/agnhost"
+  fi
+  if need ginkgo; then
+    log "building ginkgo"
+    (cd "$dir" && go build -mod=mod -trimpath -ldflags "-s -w" -o "$BIN/ginkgo.tmp" github.com/onsi/ginkgo/v2/ginkgo)
+    mv "$BIN/ginkgo.tmp" "$BIN/ginkgo"
+  fi
+  if need coredns; then
+    local cdir="$work/coredns-$COREDNS_VERSION"
+    mkdir -p "$cdir"
+    cp "$repo/e2e/conformance/coredns/main.go" "$cdir/main.go"
+    printf 'module carve.dev/coredns\n\ngo 1.24\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > "$cdir/go.mod"
+    log "building coredns $COREDNS_VERSION"
+    (cd "$cdir" && go mod tidy >&2 && go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$BIN/coredns.tmp" .)
+    mv "$BIN/coredns.tmp" "$BIN/coredns"
+  fi
+}
+
 build_etcd
 build_kubernetes
 build_cnitool
 build_cni_plugins
 build_containerd2
+((CONFORMANCE)) && build_conformance
 echo "$BIN"

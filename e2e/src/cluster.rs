@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options, scratch_root};
@@ -399,6 +399,68 @@ impl Cluster {
         &self.id
     }
 
+    /// `kubectl get ARGS -o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cp().kubectl_ok(&all)?;
+        serde_json::from_str(&out).with_context(|| format!("kubectl {}: not JSON", args.join(" ")))
+    }
+
+    /// Deploys carve as users do (CRDs, manifests, then `pool`, a PodCIDR's
+    /// YAML) and waits until every node is Ready on carve's network.
+    pub async fn deploy_carve(&self, pool: &str) -> Result<()> {
+        let cp = self.cp();
+        cp.install_crds()?;
+        cp.kubectl_ok(&["apply", "-f", "manifests/"])?;
+        let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
+        ensure!(out.status.success(), "kubectl apply of the pool: {}", String::from_utf8_lossy(&out.stderr));
+        let nodes = self.nodes.len();
+        crate::testkit::poll("every node Ready with carve's network", Duration::from_secs(180), || async {
+            let list = self.kubectl_json(&["get", "nodes"]).map_err(|e| format!("{e:#}"))?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            let ready = items.len() == nodes
+                && items.iter().all(|n| {
+                    condition(n, "Ready").is_some_and(|c| c["status"] == "True")
+                        && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+                });
+            if ready {
+                Ok(())
+            } else {
+                let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
+                let tails: Vec<String> =
+                    self.nodes.iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail("kubelet", 8))).collect();
+                Err(format!("{agents}\n{}", tails.join("\n")))
+            }
+        })
+        .await
+    }
+
+    /// Routes every node's pod blocks (its NodeNetworkConfig's
+    /// `status.blocks`) via that node's IP from the control plane's
+    /// namespace, so kube-apiserver reaches pod IPs (pods/proxy, services
+    /// proxy), as a cloud's route table or konnectivity would give it.
+    pub fn route_pod_blocks(&self) -> Result<Vec<(String, String)>> {
+        let nncs = self.kubectl_json(&["get", "nodenetworkconfigs"])?;
+        let mut routes = Vec::new();
+        for nnc in nncs["items"].as_array().into_iter().flatten() {
+            let name = nnc["metadata"]["name"].as_str().unwrap_or_default();
+            let Some(node) = self.nodes.iter().find(|n| n.name == name) else { continue };
+            for block in nnc["status"]["blocks"].as_array().into_iter().flatten() {
+                let Some(cidr) = block["cidr"].as_str() else { continue };
+                let family = if cidr.contains(':') { "-6" } else { "-4" };
+                if family == "-6" {
+                    // The underlay is IPv4 only.
+                    continue;
+                }
+                self.underlay().ip(&[family, "route", "replace", cidr, "via", &node.ip])?;
+                routes.push((cidr.to_string(), node.ip.clone()));
+            }
+        }
+        ensure!(!routes.is_empty(), "no NodeNetworkConfig has blocks yet: deploy carve and a pool first");
+        Ok(routes)
+    }
+
     /// Takes a node away as a machine dies: its kubelet, runtime, pods and
     /// network namespace are gone. Its Node object stays (nothing here deletes
     /// Nodes, as in a cluster without a cloud provider); the caller deletes it.
@@ -440,6 +502,11 @@ impl Drop for Cluster {
             eprintln!("carve-e2e: cluster teardown: {e}");
         }
     }
+}
+
+/// The condition `kind` of an object's `status.conditions`.
+pub fn condition<'a>(obj: &'a serde_json::Value, kind: &str) -> Option<&'a serde_json::Value> {
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
 }
 
 /// Waits for the node's holder, starts containerd, imports the images, then

@@ -51,27 +51,36 @@ pub fn repo_root() -> PathBuf {
 /// `CARVE_CONTROL_PLANE_BIN` points at a prepared folder instead.
 pub fn control_plane_bins() -> Result<PathBuf> {
     static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BINS.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
-            return Ok(PathBuf::from(dir));
-        }
-        let script = repo_root().join("e2e/scripts/control-plane-bins.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| format!("run {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!("{} failed ({}); see its output above", script.display(), out.status));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .last()
-            .map(|l| PathBuf::from(l.trim()))
-            .ok_or_else(|| format!("{} printed no bin dir", script.display()))
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    BINS.get_or_init(|| bins_script(&[])).clone().map_err(|e| anyhow!(e))
+}
+
+/// [`control_plane_bins`] plus what the upstream sig-network suites need
+/// (`control-plane-bins.sh --conformance`): e2e-network.test, ginkgo,
+/// agnhost and coredns, in the same folder.
+pub fn conformance_bins() -> Result<PathBuf> {
+    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BINS.get_or_init(|| bins_script(&["--conformance"])).clone().map_err(|e| anyhow!(e))
+}
+
+fn bins_script(args: &[&str]) -> std::result::Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = repo_root().join("e2e/scripts/control-plane-bins.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({}); see its output above", script.display(), out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .ok_or_else(|| format!("{} printed no bin dir", script.display()))
 }
 
 fn free_port() -> Result<u16> {

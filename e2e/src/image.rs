@@ -727,6 +727,18 @@ pub fn pause_image() -> Result<ImageSpec> {
 /// [`BUSYBOX_IMAGE`]: Debian's static busybox as /bin/busybox with a symlink
 /// in /bin for every applet it has; entrypoint /bin/sh.
 pub fn busybox_image() -> Result<ImageSpec> {
+    let mut layer = base_layer()?;
+    add_busybox(&mut layer, &BTreeSet::new())?;
+    add_users(&mut layer, &[("root", 0, "/root", "/bin/sh"), ("nobody", 65534, "/nonexistent", "/bin/false")])?;
+    let mut spec = ImageSpec::new(BUSYBOX_IMAGE, layer);
+    spec.entrypoint = Some(vec!["/bin/sh".into()]);
+    Ok(spec)
+}
+
+/// Debian's static busybox at /bin/busybox and a /bin symlink for each of its
+/// applets but those in `except` (tools the image has for real). Fails when
+/// an applet of [`BUSYBOX_APPLETS`] is missing.
+fn add_busybox(layer: &mut Layer, except: &BTreeSet<&str>) -> Result<()> {
     let out = Command::new(HOST_BUSYBOX)
         .arg("--list")
         .output()
@@ -740,15 +752,11 @@ pub fn busybox_image() -> Result<ImageSpec> {
         .collect();
     let missing: Vec<&str> = BUSYBOX_APPLETS.iter().copied().filter(|a| !applets.contains(*a)).collect();
     ensure!(missing.is_empty(), "{HOST_BUSYBOX} lacks the applets {}", missing.join(", "));
-    let mut layer = base_layer()?;
     layer.executable(Path::new(HOST_BUSYBOX), "/bin/busybox")?;
-    for applet in &applets {
+    for applet in applets.iter().filter(|a| !except.contains(a.as_str())) {
         layer.symlink(&format!("/bin/{applet}"), "busybox")?;
     }
-    add_users(&mut layer, &[("root", 0, "/root", "/bin/sh"), ("nobody", 65534, "/nonexistent", "/bin/false")])?;
-    let mut spec = ImageSpec::new(BUSYBOX_IMAGE, layer);
-    spec.entrypoint = Some(vec!["/bin/sh".into()]);
-    Ok(spec)
+    Ok(())
 }
 
 /// The three images of the local nodes.
@@ -779,6 +787,147 @@ pub fn build_all(out_dir: &Path, inputs: &Inputs) -> Result<Images> {
     let pause = write_archive(&pause_image()?, &out_dir.join("pause.tar"))?;
     let busybox = write_archive(&busybox_image()?, &out_dir.join("busybox.tar"))?;
     Ok(Images { carve, pause, busybox })
+}
+
+/// agnhost as the pinned e2e framework names it (test/utils/image/manifest.go
+/// of k8s.io/kubernetes v1.35.4).
+pub const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.59";
+/// The DNS suites' querier image (a shell and dig).
+pub const JESSIE_DNSUTILS_IMAGE: &str = "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7";
+/// The e2e framework's pause and busybox: carve's own pause and busybox under those names.
+pub const E2E_PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.1";
+pub const E2E_BUSYBOX_IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1";
+/// The endpoints suites run this only as "a pod serving HTTP on :80": here
+/// busybox httpd does that (there is no nginx build from Go or Debian files
+/// that is worth its weight for it).
+pub const E2E_NGINX_IMAGE: &str = "registry.k8s.io/e2e-test-images/nginx:1.14-4";
+/// CoreDNS as kubeadm v1.35 deploys it.
+pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.13.1";
+
+/// Host tools the agnhost image carries (upstream's is Alpine with
+/// bind-tools, curl, netcat-openbsd, iproute2 and bash): (host path, image
+/// path). busybox fills in the rest of a userland.
+const AGNHOST_TOOLS: [(&str, &str); 5] = [
+    ("/usr/bin/curl", "/usr/bin/curl"),
+    ("/usr/bin/nc.openbsd", "/usr/bin/nc"),
+    ("/usr/bin/dig", "/usr/bin/dig"),
+    ("/usr/bin/ip", "/sbin/ip"),
+    ("/usr/bin/ss", "/usr/bin/ss"),
+];
+
+/// A layer of `tools` (host path, image path) over busybox, whose applets of
+/// the same names step aside, with bash as /bin/sh: Debian's busybox ash
+/// prefers its own applets to PATH, so `sh -c 'nc -u …'` would never reach
+/// the real nc. Fails naming the Debian package when a tool is missing.
+fn tools_layer(tools: &[(&str, &str)]) -> Result<Layer> {
+    let mut layer = base_layer()?;
+    let mut names: BTreeSet<&str> = tools.iter().filter_map(|(_, to)| to.rsplit('/').next()).collect();
+    names.insert("sh");
+    add_busybox(&mut layer, &names)?;
+    layer.symlink("/bin/sh", "bash")?;
+    for (from, to) in [("/usr/bin/bash", "/bin/bash")].iter().chain(tools) {
+        ensure!(
+            Path::new(from).is_file(),
+            "{from} is missing: install Debian's bash, curl, netcat-openbsd, bind9-dnsutils and iproute2"
+        );
+        layer.executable(Path::new(from), to)?;
+    }
+    Ok(layer)
+}
+
+/// [`AGNHOST_IMAGE`]: `bins/agnhost` at /agnhost (and /agnhost-2, which the
+/// entrypoint tests use), `bins/coredns` at /coredns, the tools the network
+/// tests exec ([`AGNHOST_TOOLS`]), /uploads for netexec, and upstream's
+/// user 1000 in group 50000. Entrypoint /agnhost, command `pause`.
+pub fn agnhost_image(bins: &Path) -> Result<ImageSpec> {
+    let mut layer = tools_layer(&AGNHOST_TOOLS)?;
+    layer.executable(&bins.join("agnhost"), "/agnhost")?;
+    layer.symlink("/agnhost-2", "agnhost")?;
+    layer.executable(&bins.join("coredns"), "/coredns")?;
+    layer.dir("/uploads", 0o755)?;
+    layer.bytes(
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nuser-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n",
+        0o644,
+    )?;
+    layer.bytes(
+        "/etc/group",
+        "root:x:0:\nuser-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n",
+        0o644,
+    )?;
+    let mut spec = ImageSpec::new(AGNHOST_IMAGE, layer);
+    spec.entrypoint = Some(vec!["/agnhost".into()]);
+    spec.cmd = Some(vec!["pause".into()]);
+    Ok(spec)
+}
+
+/// [`JESSIE_DNSUTILS_IMAGE`]: busybox with bash and dig, which its probes run.
+pub fn jessie_dnsutils_image() -> Result<ImageSpec> {
+    let mut layer = tools_layer(&[("/usr/bin/dig", "/usr/bin/dig")])?;
+    add_users(&mut layer, &[("root", 0, "/root", "/bin/sh")])?;
+    Ok(ImageSpec::new(JESSIE_DNSUTILS_IMAGE, layer))
+}
+
+/// [`COREDNS_IMAGE`]: `bins/coredns` (a minimal plugin list, built by
+/// `control-plane-bins.sh --conformance`) as /coredns, run as nonroot.
+pub fn coredns_image(bins: &Path) -> Result<ImageSpec> {
+    let mut layer = base_layer()?;
+    layer.executable(&bins.join("coredns"), "/coredns")?;
+    add_users(
+        &mut layer,
+        &[("root", 0, "/root", "/usr/sbin/nologin"), ("nonroot", NONROOT_ID, "/nonexistent", "/usr/sbin/nologin")],
+    )?;
+    let mut spec = ImageSpec::new(COREDNS_IMAGE, layer);
+    spec.entrypoint = Some(vec!["/coredns".into()]);
+    spec.user = Some(NONROOT_ID.to_string());
+    Ok(spec)
+}
+
+/// What the upstream sig-network suites run, under the names the pinned e2e
+/// framework asks for: agnhost, jessie-dnsutils, CoreDNS, and carve's pause,
+/// busybox and a busybox httpd as the framework's pause, busybox and nginx.
+/// `bins` holds agnhost and coredns; archives go to `out_dir`.
+pub fn build_conformance(out_dir: &Path, bins: &Path) -> Result<Vec<BuiltImage>> {
+    let mut pause = pause_image()?;
+    pause.name = E2E_PAUSE_IMAGE.into();
+    let mut busybox = busybox_image()?;
+    busybox.name = E2E_BUSYBOX_IMAGE.into();
+    let mut nginx = busybox_image()?;
+    nginx.name = E2E_NGINX_IMAGE.into();
+    nginx.layer.dir("/usr/share/nginx/html", 0o755)?;
+    nginx.layer.bytes("/usr/share/nginx/html/index.html", "<p>busybox httpd standing in for nginx</p>\n", 0o644)?;
+    nginx.entrypoint = Some(vec![
+        "/bin/httpd".into(),
+        "-f".into(),
+        "-p".into(),
+        "80".into(),
+        "-h".into(),
+        "/usr/share/nginx/html".into(),
+    ]);
+    let specs = [
+        ("agnhost", agnhost_image(bins)?),
+        ("jessie-dnsutils", jessie_dnsutils_image()?),
+        ("coredns", coredns_image(bins)?),
+        ("e2e-pause", pause),
+        ("e2e-busybox", busybox),
+        ("e2e-nginx", nginx),
+    ];
+    specs.iter().map(|(file, spec)| write_archive(spec, &out_dir.join(format!("{file}.tar")))).collect()
+}
+
+/// The OCI archives (`*.tar`) in `dir`, sorted; what `make image` wrote.
+pub fn archives_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {} (build the images with `make image`)", dir.display()))?
+        .flatten()
+        .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    archives.sort();
+    if archives.is_empty() {
+        bail!("no image archives (*.tar) in {}: run `make image` first", dir.display());
+    }
+    Ok(archives)
 }
 
 /// One entry of an archive's layer.

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod conformance;
 pub mod controlplane;
 pub mod image;
 pub mod netns;

@@ -79,9 +79,18 @@ pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`
-/// with `what` and the last state seen.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+/// Polls `check` every 100 ms until it returns `Ok`, or panics after
+/// `timeout` with `what` and the last state seen.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, String>>,
+{
+    poll(what, timeout, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`wait_for`] as an error instead of a panic, for the harness's binaries.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, String>>,
@@ -89,9 +98,9 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(last) if Instant::now() > deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+                bail!("timed out after {timeout:?} waiting for {what}; last: {last}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -176,6 +185,17 @@ pub async fn metrics_addr(cp: &ControlPlane, name: &str) -> String {
 pub fn node_images() -> Result<Vec<PathBuf>> {
     static IMAGES: std::sync::OnceLock<std::result::Result<Vec<PathBuf>, String>> = std::sync::OnceLock::new();
     IMAGES.get_or_init(|| build_node_images().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+/// [`node_images`] and the upstream suites' images
+/// ([`crate::image::build_conformance`], from [`crate::controlplane::conformance_bins`]),
+/// next to them in `carve-images/conformance/`.
+pub fn conformance_images() -> Result<Vec<PathBuf>> {
+    let mut images = node_images()?;
+    let out = images[0].parent().expect("an archive has a folder").join("conformance");
+    let built = crate::image::build_conformance(&out, &crate::controlplane::conformance_bins()?)?;
+    images.extend(built.into_iter().map(|b| b.archive));
+    Ok(images)
 }
 
 fn build_node_images() -> Result<Vec<PathBuf>> {

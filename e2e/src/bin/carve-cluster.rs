@@ -90,25 +90,11 @@ impl Running {
     }
 }
 
-fn image_archives(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {} (build the images with `make image`)", dir.display()))?
-        .flatten()
-        .filter_map(|e| std::fs::canonicalize(e.path()).ok())
-        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
-        .collect();
-    archives.sort();
-    if archives.is_empty() {
-        bail!("no image archives (*.tar) in {}: run `make image` first", dir.display());
-    }
-    Ok(archives)
-}
-
 async fn start(nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<Running> {
     if nodes == 0 {
         return Ok(Running::ControlPlane(ControlPlane::start().await?));
     }
-    let images = image_archives(images)?;
+    let images = carve_e2e::image::archives_in(images)?;
     Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images, runtimes: runtimes.to_vec() }).await?))
 }
 

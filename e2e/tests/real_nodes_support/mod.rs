@@ -15,15 +15,11 @@ use carve_e2e::testkit::wait_for;
 use ipnet::IpNet;
 use serde_json::Value;
 
-pub fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let out = cluster.cp().kubectl_ok(&all).unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
-    serde_json::from_str(&out).unwrap()
-}
+#[allow(unused_imports)]
+pub use carve_e2e::cluster::condition;
 
-pub fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+pub fn kubectl_json(cluster: &Cluster, args: &[&str]) -> Value {
+    cluster.kubectl_json(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `kubectl exec POD -- cmd...`: stdout, or the error with stderr.
@@ -143,32 +139,10 @@ pub async fn run_workload(cluster: &Cluster, name: &str, replicas: usize) -> Vec
     .await
 }
 
-/// Deploys carve as users do (CRDs, manifests, then `pool`, a PodCIDR's YAML)
-/// and waits until every node is Ready on carve's network.
+/// Deploys carve as users do and waits until every node is Ready on it
+/// ([`Cluster::deploy_carve`]).
 pub async fn deploy_carve(cluster: &Cluster, pool: &str) {
-    let cp = cluster.cp();
-    cp.install_crds().unwrap();
-    cp.kubectl_ok(&["apply", "-f", "manifests/"]).unwrap();
-    cp.kubectl_stdin(&["apply", "-f", "-"], pool).unwrap();
-    let nodes = cluster.nodes().len();
-    wait_for("every node Ready with carve's network", Duration::from_secs(180), || async {
-        let list = kubectl_json(cluster, &["get", "nodes"]);
-        let items = list["items"].as_array().unwrap();
-        let ready = items.len() == nodes
-            && items.iter().all(|n| {
-                condition(n, "Ready").is_some_and(|c| c["status"] == "True")
-                    && condition(n, "NetworkUnavailable").is_some_and(|c| c["status"] == "False")
-            });
-        if ready {
-            Ok(())
-        } else {
-            let agents = cp.kubectl_ok(&["-n", "carve-system", "get", "pods", "-o", "wide"]).unwrap_or_default();
-            let tails: Vec<String> =
-                cluster.nodes().iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail("kubelet", 8))).collect();
-            Err(format!("{agents}\n{}", tails.join("\n")))
-        }
-    })
-    .await;
+    cluster.deploy_carve(pool).await.unwrap_or_else(|e| panic!("deploying carve: {e:#}"))
 }
 
 /// A host outside every cluster CIDR, on the underlay, for egress checks.
@@ -202,7 +176,7 @@ pub fn arrives_from(cluster: &Cluster, from: &Pod, to: IpAddr) -> Result<IpAddr,
 }
 
 /// In `netstat -tn` output, the foreign address of a connection to local `port`.
-fn peer_of(netstat: &str, port: u16) -> Option<IpAddr> {
+pub fn peer_of(netstat: &str, port: u16) -> Option<IpAddr> {
     let strip = |addr: &str| -> Option<IpAddr> {
         let (ip, _) = addr.rsplit_once(':')?;
         let ip: IpAddr = ip.parse().ok()?;
