@@ -6,7 +6,7 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image
+.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
@@ -19,6 +19,7 @@ help:
 	@echo "make release       release binaries in target/release/"
 	@echo "make dist          CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
+	@echo "make conformance   Kubernetes' sig-network conformance tests on carve (3 real nodes); PROCS=N ginkgo processes"
 
 build:
 	$(CARGO) build --workspace
@@ -109,6 +110,14 @@ bench: bins
 bench-cni: bins
 	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-cni
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-pods
+
+# Kubernetes' sig-network conformance suites (e2e-network.test under ginkgo)
+# on a fresh 3-node cluster running carve's overlay pool, kube-proxy and
+# CoreDNS; prints a table and `conformance: <n> passed, <n> failed, <n> skipped`.
+PROCS ?= 3
+conformance: image
+	@e2e/scripts/control-plane-bins.sh --conformance >/dev/null
+	$(CARGO) run -q --release -p carve-e2e --bin carve-conformance -- --procs $(PROCS)
 
 clean:
 	$(CARGO) clean

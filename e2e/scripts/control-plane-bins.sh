@@ -211,6 +211,14 @@ build_conformance() {
     (cd "$dir" && go build -mod=mod -trimpath -ldflags "-s -w" -o "$BIN/agnhost.tmp" k8s.io/kubernetes/test/images/agnhost)
     mv "$BIN/agnhost.tmp" "$BIN/agnhost"
   fi
+  # The TLS pair agnhost's porter serves from its working directory (the
+  # image's /), as upstream's Dockerfile adds it.
+  if [[ ! -f $BIN/agnhost-porter/localhost.key ]]; then
+    local kdir
+    kdir="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+    mkdir -p "$BIN/agnhost-porter"
+    cp "$kdir/test/images/agnhost/porter/localhost.crt" "$kdir/test/images/agnhost/porter/localhost.key" "$BIN/agnhost-porter/"
+  fi
   if need ginkgo; then
     log "building ginkgo"
     (cd "$dir" && go build -mod=mod -trimpath -ldflags "-s -w" -o "$BIN/ginkgo.tmp" github.com/onsi/ginkgo/v2/ginkgo)

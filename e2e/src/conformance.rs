@@ -140,6 +140,9 @@ pub enum State {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub specs: Vec<SpecResult>,
+    /// Specs outside the conformance set that were not run: how many per
+    /// [`SKIPS`] reason, and under "" those the focus left out.
+    pub not_run: BTreeMap<&'static str, usize>,
 }
 
 /// Ginkgo's JSON report: an array of suite reports (only the fields read).
@@ -191,6 +194,7 @@ impl Report {
         let suites: Vec<SuiteReport> = serde_json::from_slice(json).context("ginkgo's JSON report")?;
         let focus = regex::Regex::new(CONFORMANCE_FOCUS).expect("valid regex");
         let mut specs = Vec::new();
+        let mut not_run = BTreeMap::new();
         for spec in suites.into_iter().flat_map(|s| s.spec_reports.unwrap_or_default()) {
             let mut texts = spec.container_hierarchy_texts.unwrap_or_default();
             texts.push(spec.leaf_node_text);
@@ -212,16 +216,17 @@ impl Report {
             let seconds = spec.run_time as f64 / 1e9;
             match (state, message.is_empty()) {
                 // Not selected: skipped by SKIPS (named when conformance), or outside the focus.
-                (State::Skipped, true) => {
-                    if let Some(why) = skip_reason(&name).filter(|_| focus.is_match(&name)) {
-                        specs.push(SpecResult { name, state, seconds, message: why.into() });
+                (State::Skipped, true) => match skip_reason(&name) {
+                    Some(why) if focus.is_match(&name) => {
+                        specs.push(SpecResult { name, state, seconds, message: why.into() })
                     }
-                }
+                    why => *not_run.entry(why.unwrap_or_default()).or_default() += 1,
+                },
                 _ => specs.push(SpecResult { name, state, seconds, message }),
             }
         }
         specs.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Report { specs })
+        Ok(Report { specs, not_run })
     }
 
     pub fn count(&self, state: State) -> usize {
@@ -253,6 +258,10 @@ impl Report {
             if let Some(first) = s.message.lines().find(|l| !l.trim().is_empty()).filter(|_| s.state != State::Passed) {
                 let _ = writeln!(out, "{:<17} ↳ {}", "", first.trim());
             }
+        }
+        for (why, n) in &self.not_run {
+            let why = if why.is_empty() { "outside the sig-network conformance set" } else { why };
+            let _ = writeln!(out, "not run  {n:>7}  other specs: {why}");
         }
         out
     }
@@ -286,6 +295,7 @@ mod tests {
             spec(&["[sig-network] Services"], "should be able to change the type from ExternalName to LoadBalancer [Conformance]", "skipped", None),
             spec(&["[sig-network] DNS"], "should support a feature outside the focus", "skipped", None),
             spec(&["[sig-network] Services"], "should work on ipv6 [Conformance]", "skipped", Some("Only supported for IPv6 clusters")),
+            spec(&["[sig-network] Netpol"], "NetworkPolicy between server and client should enforce policy", "skipped", None),
             {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
         ]}]);
         let report = Report::parse(json.to_string().as_bytes()).unwrap();
@@ -299,6 +309,9 @@ mod tests {
         assert!(table.contains("↳ timed out\n"), "{table}");
         assert!(table.contains("↳ Only supported for IPv6 clusters"), "{table}");
         assert_eq!(report.failures().len(), 1);
+        assert_eq!(report.not_run.get(""), Some(&1), "{:?}", report.not_run);
+        assert_eq!(report.not_run.get(SKIPS[0].1), Some(&1), "the netpol spec counted with its reason");
+        assert!(table.contains("not run        1  other specs: outside the sig-network conformance set"), "{table}");
     }
 
     #[test]

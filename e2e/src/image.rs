@@ -816,19 +816,22 @@ const AGNHOST_TOOLS: [(&str, &str); 5] = [
 ];
 
 /// A layer of `tools` (host path, image path) over busybox, whose applets of
-/// the same names step aside, with bash as /bin/sh: Debian's busybox ash
+/// the same names step aside, plus bash as /bin/sh (Debian's busybox ash
 /// prefers its own applets to PATH, so `sh -c 'nc -u …'` would never reach
-/// the real nc. Fails naming the Debian package when a tool is missing.
+/// the real nc) and libc's getent (the DNS probes resolve with it). Fails
+/// naming the Debian package when a tool is missing.
 fn tools_layer(tools: &[(&str, &str)]) -> Result<Layer> {
-    let mut layer = base_layer()?;
-    let mut names: BTreeSet<&str> = tools.iter().filter_map(|(_, to)| to.rsplit('/').next()).collect();
+    let always = [("/usr/bin/bash", "/bin/bash"), ("/usr/bin/getent", "/usr/bin/getent")];
+    let all: Vec<(&str, &str)> = always.iter().chain(tools).copied().collect();
+    let mut names: BTreeSet<&str> = all.iter().filter_map(|(_, to)| to.rsplit('/').next()).collect();
     names.insert("sh");
+    let mut layer = base_layer()?;
     add_busybox(&mut layer, &names)?;
     layer.symlink("/bin/sh", "bash")?;
-    for (from, to) in [("/usr/bin/bash", "/bin/bash")].iter().chain(tools) {
+    for (from, to) in all {
         ensure!(
             Path::new(from).is_file(),
-            "{from} is missing: install Debian's bash, curl, netcat-openbsd, bind9-dnsutils and iproute2"
+            "{from} is missing: install Debian's bash, libc-bin, curl, netcat-openbsd, bind9-dnsutils and iproute2"
         );
         layer.executable(Path::new(from), to)?;
     }
@@ -836,7 +839,8 @@ fn tools_layer(tools: &[(&str, &str)]) -> Result<Layer> {
 }
 
 /// [`AGNHOST_IMAGE`]: `bins/agnhost` at /agnhost (and /agnhost-2, which the
-/// entrypoint tests use), `bins/coredns` at /coredns, the tools the network
+/// entrypoint tests use), `bins/coredns` at /coredns, porter's TLS pair
+/// (`bins/agnhost-porter/localhost.{crt,key}`) at /, the tools the network
 /// tests exec ([`AGNHOST_TOOLS`]), /uploads for netexec, and upstream's
 /// user 1000 in group 50000. Entrypoint /agnhost, command `pause`.
 pub fn agnhost_image(bins: &Path) -> Result<ImageSpec> {
@@ -844,6 +848,9 @@ pub fn agnhost_image(bins: &Path) -> Result<ImageSpec> {
     layer.executable(&bins.join("agnhost"), "/agnhost")?;
     layer.symlink("/agnhost-2", "agnhost")?;
     layer.executable(&bins.join("coredns"), "/coredns")?;
+    for file in ["localhost.crt", "localhost.key"] {
+        layer.file(bins.join("agnhost-porter").join(file), &format!("/{file}"), 0o644)?;
+    }
     layer.dir("/uploads", 0o755)?;
     layer.bytes(
         "/etc/passwd",
