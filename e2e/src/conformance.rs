@@ -47,7 +47,7 @@ pub const CI_FOCUS: [&str; 5] = [NAMED[0], NAMED[1], NAMED[2], NAMED[3], NAMED[4
 pub const SKIPS: [(&str, &str); 5] = [
     (
         r"NetworkPolicy|\[sig-network\] Netpol",
-        "carve enforces no NetworkPolicy: policy is delegated to a policy engine (README, Policy)",
+        "carve enforces no NetworkPolicy: policy is delegated to a policy engine (README, Conformance)",
     ),
     (r"LoadBalancer", "the local cluster has no cloud load balancer"),
     (r"\[Serial\]|\[Disruptive\]", "needs the whole cluster to itself or breaks nodes; not part of a parallel run"),

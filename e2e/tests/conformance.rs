@@ -60,13 +60,24 @@ spec:
     kubectl_json(cluster, &["get", "service", name])
 }
 
+/// The node port of a Service's `peer` port.
+fn peer_node_port(svc: &serde_json::Value) -> u16 {
+    let ports = svc["spec"]["ports"].as_array().unwrap();
+    ports.iter().find(|p| p["name"] == "peer").and_then(|p| p["nodePort"].as_u64()).expect("a node port") as u16
+}
+
 /// The source address a TCP connection from the external host to
-/// `ip:port` arrives from, as the pod behind it sees it (its `netstat -tn`).
-fn external_arrives_from(external: &carve_e2e::netns::Netns, ip: &str, port: u16) -> Result<IpAddr, String> {
-    let out = external
-        .exec("/bin/busybox", &["sh", "-c", &format!("/bin/busybox nc -w 3 {ip} {port} </dev/null")])
-        .map_err(|e| format!("{e:#}"))?;
-    real_nodes_support::peer_of(&out, PEER_PORT).ok_or_else(|| format!("no connection in {out:?}"))
+/// `ip:port` arrives from, as the pod behind it sees it (its `netstat -tn`);
+/// retried until kube-proxy has programmed the port.
+async fn external_arrives_from(external: &carve_e2e::netns::Netns, ip: &str, port: u16) -> IpAddr {
+    let what = format!("{EXTERNAL_IP} -> {ip}:{port} answering");
+    carve_e2e::testkit::wait_for(&what, Duration::from_secs(30), || async {
+        let out = external
+            .exec("/bin/busybox", &["sh", "-c", &format!("/bin/busybox nc -w 3 {ip} {port} </dev/null")])
+            .map_err(|e| format!("{e:#}"))?;
+        real_nodes_support::peer_of(&out, PEER_PORT).ok_or_else(|| format!("no connection in {out:?}"))
+    })
+    .await
 }
 
 /// Every address of a node's namespace (eth0's, carve's devices').
@@ -110,15 +121,9 @@ async fn kube_proxy_services_on_carve_keep_pod_sources_hairpin_and_snat_node_por
     // NodePort from a host outside the cluster, through the node the server
     // is not on: kube-proxy masquerades it, so it arrives from that node.
     let external = external_host(&cluster);
-    let np = service_for(&cluster, "server-np", server, "  type: NodePort\n");
-    let node_port = np["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "peer").unwrap()["nodePort"]
-        .as_u64()
-        .unwrap() as u16;
+    let node_port = peer_node_port(&service_for(&cluster, "server-np", server, "  type: NodePort\n"));
     let entry = cluster.node(&client.node);
-    let seen = carve_e2e::testkit::wait_for("the NodePort answering", Duration::from_secs(30), || async {
-        external_arrives_from(&external, &entry.ip, node_port)
-    })
-    .await;
+    let seen = external_arrives_from(&external, &entry.ip, node_port).await;
     let entry_addrs = node_addresses(&cluster, &entry.name);
     assert!(
         entry_addrs.contains(&seen),
@@ -129,13 +134,6 @@ async fn kube_proxy_services_on_carve_keep_pod_sources_hairpin_and_snat_node_por
 
     // externalTrafficPolicy Local keeps the client's address.
     let local = service_for(&cluster, "server-local", server, "  type: NodePort\n  externalTrafficPolicy: Local\n");
-    let node_port = local["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "peer").unwrap()["nodePort"]
-        .as_u64()
-        .unwrap() as u16;
-    let host = cluster.node(&server.node);
-    let seen = carve_e2e::testkit::wait_for("the Local NodePort answering", Duration::from_secs(30), || async {
-        external_arrives_from(&external, &host.ip, node_port)
-    })
-    .await;
+    let seen = external_arrives_from(&external, &cluster.node(&server.node).ip, peer_node_port(&local)).await;
     assert_eq!(seen, EXTERNAL_IP.parse::<IpAddr>().unwrap(), "externalTrafficPolicy: Local keeps the source");
 }
