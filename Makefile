@@ -93,7 +93,9 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 # The last line sums every test binary's result, so the run ends on one total.
+# The upstream e2e binaries too: the conformance tests' share runs here.
 test: lint bins
+	@e2e/scripts/control-plane-bins.sh --conformance >/dev/null
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6; i += $$8 } END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

@@ -52,7 +52,7 @@ pub const SKIPS: [(&str, &str); 5] = [
     (r"LoadBalancer", "the local cluster has no cloud load balancer"),
     (r"\[Serial\]|\[Disruptive\]", "needs the whole cluster to itself or breaks nodes; not part of a parallel run"),
     (r"\[Feature:|\[FeatureGate:|\[Alpha\]|\[Beta\]", "an optional or gated feature, not conformance"),
-    (r"\[Slow\]", "left out for time: the run stays near 20 minutes on 2 cores"),
+    (r"\[Slow\]", "left out for time: each takes minutes"),
 ];
 
 /// Applies CoreDNS and waits until it answers, then routes the pod blocks
