@@ -251,10 +251,6 @@ impl Index {
         self.owners.get(block).map(String::as_str)
     }
 
-    pub fn mode_of(&self, pool: &str) -> Option<PoolMode> {
-        self.pools.get(pool).map(|p| p.view.mode)
-    }
-
     /// Records blocks the API says node `node` (incarnation `uid`) holds.
     /// Blocks that are malformed, outside every pool or held by another node
     /// are reported and not recorded.
@@ -448,10 +444,6 @@ impl Index {
             }
         }
         holding.blocks
-    }
-
-    pub fn pool_names(&self) -> impl Iterator<Item = &String> {
-        self.pools.keys()
     }
 
     pub fn report(&self, pool: &str) -> Option<PoolReport> {

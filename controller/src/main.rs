@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 use carve_controller::leader::{LeaderElector, LeaseConfig};
 use carve_controller::metrics::{self, Metrics};
 use carve_controller::reconcile::{self, Config, Ctx};
-use carve_crds::cli::parse_duration;
+use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use carve_crds::{NodeNetworkConfig, PodCidr};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
@@ -22,12 +22,6 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{error, info, warn};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Carves PodCIDR pools into per-node blocks recorded in NodeNetworkConfig status.
 #[derive(Parser, Debug)]
@@ -70,32 +64,6 @@ struct Args {
     /// tracing filter, e.g. info or carve_controller=debug.
     #[arg(long, env = "CARVE_LOG_LEVEL", default_value = "info")]
     log_level: String,
-}
-
-fn init_tracing(args: &Args) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
-}
-
-async fn client(args: &Args) -> Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster config found")?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// Fails with a clear message when the CRDs are not installed.
@@ -151,7 +119,9 @@ async fn lead(args: &Args, client: Client, metrics: Arc<Metrics>) -> Result<()> 
         .default_backoff()
         .modify(prune_node)
         .reflect(node_writer)
-        .applied_objects();
+        .applied_objects()
+        // Only changes to what carve reads reconcile (not kubelet's status reports).
+        .predicate_filter(carve_controller::views::node_fields, Default::default());
 
     let reporter = Reporter { controller: "carve-controller".into(), instance: args.identity.clone() };
     let ctx = Arc::new(Ctx::new(
@@ -242,12 +212,12 @@ async fn lead(args: &Args, client: Client, metrics: Arc<Metrics>) -> Result<()> 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
-    init_tracing(&args)?;
+    init_tracing(&args.log_level, args.log_format)?;
     if args.identity.is_none() {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         args.identity = Some(format!("{}-{}", host.trim(), std::process::id()));
     }
-    let client = client(&args).await?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
     check_crds(&client).await?;
 
     let metrics = Arc::new(Metrics::new());

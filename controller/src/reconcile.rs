@@ -40,8 +40,6 @@ pub const FIELD_MANAGER: &str = "carve-controller";
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("serializing status: {0}")]
-    Json(#[from] serde_json::Error),
 }
 
 impl Error {
@@ -52,7 +50,6 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "transport",
-            Error::Json(_) => "serialize",
         }
     }
 }

@@ -49,6 +49,27 @@ pub fn node_view(node: &Node) -> NodeView {
     NodeView { name: node.name_any(), uid: node.uid().unwrap_or_default(), labels: node.labels().clone(), pod_cidrs }
 }
 
+/// A digest of the Node fields carve reads: name, uid, labels, InternalIP
+/// addresses, podCIDR(s) and whether it is being deleted. The controller's
+/// Node trigger drops updates that change none of them (kubelet's status
+/// reports, carve-agent's own condition writes).
+pub fn node_fields(node: &Node) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let view = node_view(node);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&view.name, &view.uid, &view.labels, &view.pod_cidrs).hash(&mut h);
+    let internal: Vec<&str> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+        .collect();
+    internal.hash(&mut h);
+    node.metadata.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
 /// The node's InternalIP (the first one; IPv4 sorts before IPv6 in practice).
 pub fn internal_ip(node: &Node) -> Option<String> {
     node.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone())
@@ -76,4 +97,61 @@ pub fn node_blocks(blocks: &[IpNet]) -> Vec<NodeBlock> {
         .iter()
         .map(|b| NodeBlock { cidr: b.to_string(), family: IpFamily::of(b), gateway: Some(gateway(b)) })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(patch: serde_json::Value) -> Node {
+        let mut base = serde_json::json!({
+            "metadata": {"name": "node-1", "uid": "u1", "labels": {"pool": "a"}, "resourceVersion": "1"},
+            "spec": {"podCIDR": "10.244.0.0/24"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.224.0.4"}, {"type": "Hostname", "address": "node-1"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        });
+        json_merge(&mut base, patch);
+        serde_json::from_value(base).unwrap()
+    }
+
+    fn json_merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+        match (base, patch) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    json_merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, p) => *b = p,
+        }
+    }
+
+    #[test]
+    fn node_updates_carve_does_not_read_leave_the_digest_alone() {
+        let before = node_fields(&node(serde_json::json!({})));
+        let heartbeat = serde_json::json!({
+            "metadata": {"resourceVersion": "2", "annotations": {"x": "y"}},
+            "status": {"conditions": [{"type": "NetworkUnavailable", "status": "False"}], "capacity": {"cpu": "2"}},
+        });
+        assert_eq!(node_fields(&node(heartbeat)), before);
+        // Hostname addresses are not read either.
+        let hostname = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.224.0.4"}]}});
+        assert_eq!(node_fields(&node(hostname)), before);
+    }
+
+    #[test]
+    fn every_node_field_carve_reads_changes_the_digest() {
+        let before = node_fields(&node(serde_json::json!({})));
+        for patch in [
+            serde_json::json!({"metadata": {"labels": {"pool": "b"}}}),
+            serde_json::json!({"metadata": {"uid": "u2"}}),
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-12-02T00:00:00Z"}}),
+            serde_json::json!({"spec": {"podCIDR": "10.244.1.0/24"}}),
+            serde_json::json!({"spec": {"podCIDRs": ["10.244.0.0/24", "fd00::/80"]}}),
+            serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.224.0.9"}]}}),
+        ] {
+            assert_ne!(node_fields(&node(patch.clone())), before, "{patch}");
+        }
+    }
 }

@@ -392,10 +392,6 @@ impl ControlPlane {
         &self.server
     }
 
-    pub fn etcd_endpoint(&self) -> &str {
-        &self.etcd
-    }
-
     /// Time from `start` until `/readyz` answered `ok`.
     pub fn ready_after(&self) -> Duration {
         self.ready_after
@@ -489,9 +485,7 @@ fn kubeconfig_yaml(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) ->
 }
 
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    carve_crds::cli::kube_client(Some(path)).await
 }
 
 fn check(out: &Output, what: &str) -> Result<String> {

@@ -19,7 +19,7 @@ struct Net {
 
 impl Net {
     fn new(cidr: &str, gateway: &str) -> Self {
-        let dir = TempDir::new("ipam");
+        let dir = temp_dir("ipam");
         write_state(&dir.path().join("state/node-state.json"), cidr, gateway, 1450);
         Net { dir }
     }

@@ -263,16 +263,7 @@ fn run_plan(args: &PlanArgs) -> Result<ExitCode> {
 // ---- cluster access ------------------------------------------------------
 
 async fn client(args: &ClusterArgs) -> Result<Client> {
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig given, and neither $KUBECONFIG, ~/.kube/config nor in-cluster config works")?,
-    };
+    let mut config = carve_crds::cli::kube_config(args.kubeconfig.as_deref()).await?;
     // A CLI should say the cluster is unreachable, not hang.
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));

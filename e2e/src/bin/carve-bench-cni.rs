@@ -54,15 +54,6 @@ struct Args {
     skip_agent: bool,
 }
 
-/// A temp dir removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Contender {
     label: String,
     plugin: PathBuf,
@@ -441,12 +432,11 @@ async fn main() -> Result<()> {
             bail!("reference plugin {} not found", args.reference_dir.join(b).display());
         }
     }
-    let tmp = TempDir(std::env::temp_dir().join(format!("carve-bench-cni-{}", std::process::id())));
-    std::fs::create_dir_all(&tmp.0)?;
+    let tmp = tempfile::Builder::new().prefix("carve-bench-cni-").tempdir()?;
     println!("carve-bench-cni: carve plugins from {}", carve_dir.display());
-    let summary = cni_round_trips(&args, &carve_dir, &tmp.0)?;
+    let summary = cni_round_trips(&args, &carve_dir, tmp.path())?;
     if !args.skip_agent {
-        agent_rss(&args, &carve_dir, &tmp.0).await?;
+        agent_rss(&args, &carve_dir, tmp.path()).await?;
     }
     println!("\n{summary}");
     Ok(())

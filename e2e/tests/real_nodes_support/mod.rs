@@ -175,7 +175,8 @@ pub fn arrives_from(cluster: &Cluster, from: &Pod, to: IpAddr) -> Result<IpAddr,
     peer_of(&out, PEER_PORT).ok_or_else(|| format!("no connection to port {PEER_PORT} in {out:?}"))
 }
 
-/// In `netstat -tn` output, the foreign address of a connection to local `port`.
+/// In `netstat -tn` output, the foreign address of the established
+/// connection to local `port`.
 pub fn peer_of(netstat: &str, port: u16) -> Option<IpAddr> {
     let strip = |addr: &str| -> Option<IpAddr> {
         let (ip, _) = addr.rsplit_once(':')?;
@@ -188,7 +189,10 @@ pub fn peer_of(netstat: &str, port: u16) -> Option<IpAddr> {
     netstat.lines().find_map(|l| {
         let cols: Vec<&str> = l.split_whitespace().collect();
         let (local, foreign) = (cols.get(3)?, cols.get(4)?);
-        if local.ends_with(&format!(":{port}")) && !l.contains("LISTEN") { strip(foreign) } else { None }
+        // The connection being served is ESTABLISHED, or CLOSE_WAIT once the
+        // client (stdin at EOF) has shut its side; earlier ones linger in TIME_WAIT.
+        let live = l.contains("ESTABLISHED") || l.contains("CLOSE_WAIT");
+        if local.ends_with(&format!(":{port}")) && live { strip(foreign) } else { None }
     })
 }
 

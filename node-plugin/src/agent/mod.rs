@@ -237,10 +237,6 @@ impl Agent {
         *last = Some(choice.clone());
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     fn overlay(&self, mtu: u32) -> OverlayConfig {
         OverlayConfig {
             device: self.settings.vxlan_device.clone(),

@@ -6,26 +6,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use carve_crds::cli::parse_duration;
+use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use carve_node_plugin::agent::{self, Agent, Readiness, Settings, cni};
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
 use carve_node_plugin::dataplane::worker::Worker;
 use carve_node_plugin::state::DEFAULT_STATE_FILE;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use futures::{FutureExt, StreamExt};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
 use tracing::{info, warn};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Turns this node's NodeNetworkConfig into the node state file, the CNI
 /// plugins and conflist, routes / VXLAN / SNAT, and the Node's NetworkUnavailable condition.
@@ -120,19 +114,9 @@ enum Command {
     },
 }
 
-fn init_tracing(args: &Args) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
-}
+/// How often the agent re-reads its Node's NetworkUnavailable condition
+/// when its readiness has not changed.
+const CONDITION_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Checks every setting before anything is touched.
 fn settings(args: &Args) -> Result<Settings> {
@@ -205,18 +189,6 @@ fn install_cni(args: &Args, portmap_source: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-async fn client(args: &Args) -> Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster config found")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 async fn shutdown() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -235,14 +207,14 @@ async fn shutdown() {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    init_tracing(&args)?;
+    init_tracing(&args.log_level, args.log_format)?;
     if let Some(Command::InstallCni { portmap_source }) = &args.command {
         return install_cni(&args, portmap_source);
     }
     let settings = settings(&args)?;
     let worker =
         Worker::spawn(args.netns.clone(), args.proc_sys_dir.clone()).context("starting the dataplane thread")?;
-    let client = client(&args).await?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
     let node = settings.node.clone();
     info!(node = %node, netns = ?args.netns, "carve-agent starting");
 
@@ -293,6 +265,7 @@ async fn main() -> Result<()> {
         }
         info!("caches ready");
         let mut last: Option<Readiness> = None;
+        let mut checked = std::time::Instant::now();
         loop {
             let own = nncs.get(&own_ref);
             let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
@@ -302,11 +275,18 @@ async fn main() -> Result<()> {
                     Readiness::NotReady { reason, message } => warn!(%reason, %message, "node network not ready"),
                 }
             }
-            match agent::set_network_unavailable(&nodes, &node, &readiness).await {
-                Ok(_) => last = Some(readiness),
-                Err(e) => {
-                    warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
-                    last = None;
+            // Peer NNC events come often and rarely change this node's
+            // readiness: read and write the Node only on a change, and
+            // otherwise once per CONDITION_RECHECK (someone else may have
+            // overwritten the condition).
+            if last.as_ref() != Some(&readiness) || checked.elapsed() >= CONDITION_RECHECK {
+                checked = std::time::Instant::now();
+                match agent::set_network_unavailable(&nodes, &node, &readiness).await {
+                    Ok(_) => last = Some(readiness),
+                    Err(e) => {
+                        warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
+                        last = None;
+                    }
                 }
             }
             // Wait for a change (or the resync tick), then take every change already queued.

@@ -17,24 +17,11 @@ pub fn unique() -> String {
     format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
 }
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("carve-test-{tag}-{}", unique()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory (`carve-test-<tag>-…` in the temp dir) removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("carve-test-{tag}-")).tempdir().unwrap()
 }
 
 /// Writes a node state file with one IPv4 block (and its gateway, the first address).
@@ -276,7 +263,7 @@ impl Drop for CniDirs {
 
 impl CniDirs {
     pub fn new() -> Self {
-        let root = TempDir::new("cnidirs");
+        let root = temp_dir("cnidirs");
         let bin = root.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         std::fs::create_dir_all(root.path().join("conf")).unwrap();
