@@ -447,13 +447,9 @@ impl Cluster {
             let name = nnc["metadata"]["name"].as_str().unwrap_or_default();
             let Some(node) = self.nodes.iter().find(|n| n.name == name) else { continue };
             for block in nnc["status"]["blocks"].as_array().into_iter().flatten() {
-                let Some(cidr) = block["cidr"].as_str() else { continue };
-                let family = if cidr.contains(':') { "-6" } else { "-4" };
-                if family == "-6" {
-                    // The underlay is IPv4 only.
-                    continue;
-                }
-                self.underlay().ip(&[family, "route", "replace", cidr, "via", &node.ip])?;
+                // The underlay is IPv4 only: IPv6 blocks get no route.
+                let Some(cidr) = block["cidr"].as_str().filter(|c| !c.contains(':')) else { continue };
+                self.underlay().ip(&["route", "replace", cidr, "via", &node.ip])?;
                 routes.push((cidr.to_string(), node.ip.clone()));
             }
         }

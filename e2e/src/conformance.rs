@@ -180,10 +180,11 @@ struct Failure {
 
 /// Why `name` is skipped by [`SKIPS`], if it is.
 pub fn skip_reason(name: &str) -> Option<&'static str> {
-    SKIPS
-        .iter()
-        .find(|(re, _)| regex::Regex::new(re).expect("SKIPS are valid regexes").is_match(name))
-        .map(|(_, why)| *why)
+    // Compiled once: a report has a row for each of the binary's ~900 specs.
+    static SKIP_RES: std::sync::LazyLock<Vec<(regex::Regex, &str)>> = std::sync::LazyLock::new(|| {
+        SKIPS.iter().map(|(re, why)| (regex::Regex::new(re).expect("SKIPS are valid regexes"), *why)).collect()
+    });
+    SKIP_RES.iter().find(|(re, _)| re.is_match(name)).map(|(_, why)| *why)
 }
 
 impl Report {
