@@ -18,9 +18,8 @@
 //! 4096 blocks of a /16.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
-use carve_crds::net::{IpFamily, azure_reserved, overlaps};
+use carve_crds::net::{IpFamily, azure_reserved, from_u128, overlaps, to_u128};
 use ipnet::IpNet;
 
 /// Blocks beyond this many per CIDR are not used: 4M blocks is more nodes than
@@ -77,31 +76,10 @@ pub struct CidrBlocks {
     accepting: bool,
 }
 
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn from_u128(family: IpFamily, v: u128) -> IpAddr {
-    match family {
-        IpFamily::IPv4 => IpAddr::V4((v as u32).into()),
-        IpFamily::IPv6 => IpAddr::V6(v.into()),
-    }
-}
-
-fn addr_bits(family: IpFamily) -> u8 {
-    match family {
-        IpFamily::IPv4 => 32,
-        IpFamily::IPv6 => 128,
-    }
-}
-
 impl CidrBlocks {
     /// `block_prefix` must be valid for `cidr` (see `carve_crds::net::check_block_size`).
     pub fn new(cidr: IpNet, block_prefix: u8) -> Self {
-        assert!(block_prefix >= cidr.prefix_len() && block_prefix <= addr_bits(IpFamily::of(&cidr)));
+        assert!(block_prefix >= cidr.prefix_len() && block_prefix <= IpFamily::of(&cidr).bits());
         let span = block_prefix - cidr.prefix_len();
         let count = if span >= 22 { MAX_BLOCKS_PER_CIDR } else { (1u64 << span).min(MAX_BLOCKS_PER_CIDR) };
         CidrBlocks {
@@ -126,7 +104,7 @@ impl CidrBlocks {
     }
 
     fn shift(&self) -> u8 {
-        addr_bits(self.family()) - self.block_prefix
+        self.family().bits() - self.block_prefix
     }
 
     fn block_at(&self, index: u64) -> IpNet {
@@ -176,7 +154,7 @@ impl CidrBlocks {
     /// Marks the blocks holding Azure's five reserved addresses of this subnet.
     pub fn reserve_azure_addresses(&mut self) {
         for addr in azure_reserved(&self.cidr) {
-            let host = IpNet::new(addr, addr_bits(self.family())).expect("host prefix");
+            let host = IpNet::new(addr, self.family().bits()).expect("host prefix");
             self.reserve_overlapping(&host);
         }
     }

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use carve_crds::net::{IpFamily, parse_cidr};
+use carve_crds::net::{self, IpFamily, parse_cidr};
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -130,20 +130,6 @@ impl fmt::Display for Finding {
     }
 }
 
-fn start(net: &IpNet) -> u128 {
-    match net {
-        IpNet::V4(n) => u32::from(n.network()).into(),
-        IpNet::V6(n) => n.network().into(),
-    }
-}
-
-fn end(net: &IpNet) -> u128 {
-    match net {
-        IpNet::V4(n) => u32::from(n.broadcast()).into(),
-        IpNet::V6(n) => n.broadcast().into(),
-    }
-}
-
 /// The one holder of a duplicated block whose Node has it as podCIDR, else
 /// the one holder that has a Node at all; `None` when the data cannot tell.
 fn keeper(block: &IpNet, holders: &[String], nodes: &BTreeMap<&str, &NodeInfo>) -> Option<String> {
@@ -171,7 +157,7 @@ fn block_findings(
         for raw in &nnc.blocks {
             match parse_cidr(raw) {
                 Ok(block) => {
-                    let key = (IpFamily::of(&block), start(&block), block.prefix_len());
+                    let key = (IpFamily::of(&block), net::bounds(&block).0, block.prefix_len());
                     let (_, names) = holders.entry(key).or_insert_with(|| (block, Vec::new()));
                     if !names.contains(&nnc.name) {
                         names.push(nnc.name.clone());
@@ -194,7 +180,7 @@ fn block_findings(
             findings.push(Finding::DuplicateBlock { block: *block, nncs: names.clone(), keep });
         }
         match &cover {
-            Some((f, other, other_nnc)) if f == family && start(block) <= end(other) => {
+            Some((f, other, other_nnc)) if f == family && net::bounds(block).0 <= net::bounds(other).1 => {
                 if !names.contains(other_nnc) {
                     findings.push(Finding::OverlappingBlocks {
                         block: *block,
@@ -203,7 +189,7 @@ fn block_findings(
                         other_nnc: other_nnc.clone(),
                     });
                 }
-                if end(block) > end(other) {
+                if net::bounds(block).1 > net::bounds(other).1 {
                     cover = Some((*family, *block, names[0].clone()));
                 }
             }

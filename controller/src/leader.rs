@@ -53,26 +53,28 @@ impl LeaderElector {
         LeaderElector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: Mutex::new(None) }
     }
 
-    /// Waits until this replica holds the Lease. A failing request is logged
-    /// at warn each time its error changes (e.g. the Lease's namespace is missing).
-    pub async fn acquire(&self) {
+    /// Waits until this replica holds the Lease. A missing Lease namespace is
+    /// an error at once (nothing would ever fix it by waiting); any other
+    /// failing request is logged at warn each time its error changes.
+    pub async fn acquire(&self) -> anyhow::Result<()> {
         let mut last_error = String::new();
+        let lease = format!("{}/{}", self.cfg.namespace, self.cfg.name);
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
                     info!(lease = %self.cfg.name, identity = %self.cfg.identity, "became leader");
-                    return;
+                    return Ok(());
                 }
                 Ok(false) => debug!("lease held by another replica"),
+                Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+                    "cannot create the leader Lease {lease}: {}; create the namespace or name another with \
+                     --leader-election-namespace (env POD_NAMESPACE)",
+                    s.message
+                ),
                 Err(e) => {
                     let text = e.to_string();
                     if text != last_error {
-                        warn!(
-                            lease = %format!("{}/{}", self.cfg.namespace, self.cfg.name),
-                            error = %text,
-                            "cannot take part in leader election (does the namespace exist? \
-                             --leader-election-namespace names it); retrying"
-                        );
+                        warn!(%lease, error = %text, "cannot take part in leader election; retrying");
                         last_error = text;
                     }
                 }

@@ -12,5 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod run;
 pub mod selector;
+mod status;
 pub mod views;

@@ -1,27 +1,19 @@
-//! carve-controller: wires the caches, leader election, the Node controller
-//! and the HTTP endpoints. The logic lives in the library.
+//! carve-controller: flags and the HTTP endpoints; `carve_controller::run`
+//! does the rest.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use carve_controller::leader::{LeaderElector, LeaseConfig};
+use anyhow::{Context, Result};
+use carve_controller::leader::LeaseConfig;
 use carve_controller::metrics::{self, Metrics};
-use carve_controller::reconcile::{self, Config, Ctx};
+use carve_controller::reconcile::Config;
+use carve_controller::run::Settings;
 use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
-use carve_crds::{NodeNetworkConfig, PodCidr};
 use clap::Parser;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::ListParams;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, ResourceExt};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// Carves PodCIDR pools into per-node blocks recorded in NodeNetworkConfig status.
 #[derive(Parser, Debug)]
@@ -66,159 +58,29 @@ struct Args {
     log_level: String,
 }
 
-/// Fails with a clear message when the CRDs are not installed.
-async fn check_crds(client: &Client) -> Result<()> {
-    let lp = ListParams::default().limit(1);
-    for (name, result) in [
-        ("podcidrs.carve.dev", Api::<PodCidr>::all(client.clone()).list_metadata(&lp).await.map(|_| ())),
-        (
-            "nodenetworkconfigs.carve.dev",
-            Api::<NodeNetworkConfig>::all(client.clone()).list_metadata(&lp).await.map(|_| ()),
-        ),
-    ] {
-        match result {
-            Ok(()) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                bail!(
-                    "the API server does not serve {name}: carve's CRDs are not installed; run `kubectl apply -f crds/`"
-                )
-            }
-            Err(e) => return Err(e).with_context(|| format!("listing {name}")),
-        }
-    }
-    Ok(())
-}
-
-/// Nodes carry image lists and conditions carve never reads; drop them from the cache.
-fn prune_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    if let Some(status) = node.status.as_mut() {
-        let addresses = status.addresses.take();
-        *status = Default::default();
-        status.addresses = addresses;
-    }
-}
-
-async fn lead(args: &Args, client: Client, metrics: Arc<Metrics>) -> Result<()> {
-    let (pools, pool_writer) = reflector::store();
-    let (nncs, nnc_writer) = reflector::store();
-    let (nodes, node_writer) = reflector::store();
-    let pool_cache = watcher(Api::<PodCidr>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(pool_writer)
-        .for_each(|_| futures::future::ready(()));
-    let nnc_cache = watcher(Api::<NodeNetworkConfig>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(|n: &mut NodeNetworkConfig| n.metadata.managed_fields = None)
-        .reflect(nnc_writer)
-        .for_each(|_| futures::future::ready(()));
-    tokio::spawn(pool_cache);
-    tokio::spawn(nnc_cache);
-    let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(prune_node)
-        .reflect(node_writer)
-        .applied_objects()
-        // Only changes to what carve reads reconcile (not kubelet's status reports).
-        .predicate_filter(carve_controller::views::node_fields, Default::default());
-
-    let reporter = Reporter { controller: "carve-controller".into(), instance: args.identity.clone() };
-    let ctx = Arc::new(Ctx::new(
-        client.clone(),
-        Config { set_node_pod_cidrs: args.set_node_pod_cidrs },
-        (pools.clone(), nncs.clone(), nodes.clone()),
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-    ));
-
-    let elector = args.leader_elect.then(|| {
-        LeaderElector::new(
-            client.clone(),
-            LeaseConfig {
-                namespace: args.leader_election_namespace.clone(),
-                name: args.leader_election_name.clone(),
-                identity: args.identity.clone().unwrap_or_default(),
-                duration: args.lease_duration,
-                renew_deadline: args.renew_deadline,
-                retry: args.retry_period,
-            },
-        )
-    });
-    pools.wait_until_ready().await?;
-    nncs.wait_until_ready().await?;
-    metrics.ready.store(true, Ordering::Relaxed);
-    if let Some(e) = &elector {
-        info!(identity = %args.identity.clone().unwrap_or_default(), "waiting for leadership");
-        e.acquire().await;
-    }
-    metrics.leader.set(1);
-    reconcile::rebuild(&ctx).await.context("rebuilding allocations from the API")?;
-
-    let node_store = nodes.clone();
-    let pool_changes = watcher(Api::<PodCidr>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .predicate_filter(predicates::generation, Default::default());
-    let controller = Controller::for_stream(node_stream, nodes.clone())
-        .owns(Api::<NodeNetworkConfig>::all(client.clone()), watcher::Config::default())
-        .watches_stream(pool_changes, move |_pool: PodCidr| {
-            node_store.state().into_iter().map(|n| ObjectRef::new(&n.name_any())).collect::<Vec<_>>()
-        })
-        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
-        .shutdown_on_signal()
-        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-
-    let housekeeping = {
-        let ctx = ctx.clone();
-        let interval = args.sweep_interval;
-        async move {
-            let _ = ctx.nodes.wait_until_ready().await;
-            loop {
-                if let Err(e) = reconcile::sweep(&ctx).await {
-                    warn!(error = %e, "sweep for deleted nodes failed");
-                }
-                if let Err(e) = reconcile::pool_status(&ctx).await {
-                    warn!(error = %e, "writing pool status failed");
-                }
-                tokio::time::sleep(interval).await;
-            }
-        }
-    };
-
-    match &elector {
-        Some(e) => {
-            tokio::select! {
-                // The controller ends on SIGTERM / Ctrl-C (shutdown_on_signal).
-                _ = controller => {}
-                _ = housekeeping => {}
-                _ = e.hold() => {
-                    metrics.leader.set(0);
-                    bail!("lost the leader Lease; exiting so a fresh start rebuilds from the API")
-                }
-            }
-            metrics.leader.set(0);
-            e.release().await;
-            Ok(())
-        }
-        None => tokio::select! {
-            _ = controller => Ok(()),
-            _ = housekeeping => Ok(()),
-        },
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = Args::parse();
+    let args = Args::parse();
     init_tracing(&args.log_level, args.log_format)?;
-    if args.identity.is_none() {
+    let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        args.identity = Some(format!("{}-{}", host.trim(), std::process::id()));
-    }
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let settings = Settings {
+        lease: args.leader_elect.then(|| LeaseConfig {
+            namespace: args.leader_election_namespace.clone(),
+            name: args.leader_election_name.clone(),
+            identity: identity.clone(),
+            duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry: args.retry_period,
+        }),
+        identity,
+        reconcile: Config { set_node_pod_cidrs: args.set_node_pod_cidrs },
+        concurrency: args.concurrency,
+        sweep_interval: args.sweep_interval,
+    };
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    check_crds(&client).await?;
 
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -231,5 +93,5 @@ async fn main() -> Result<()> {
             error!(error = %e, "metrics server stopped");
         }
     });
-    lead(&args, client, metrics).await
+    carve_controller::run::run(client, settings, metrics).await
 }

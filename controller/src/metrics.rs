@@ -24,7 +24,7 @@ pub struct Metrics {
     pub allocation_seconds: Histogram,
     pub blocks: Family<Labels, Gauge>,
     pub leader: Gauge,
-    /// Caches are synced (and, on the leader, allocations rebuilt).
+    /// The CRDs are served: a standby is ready to take over, a leader serves.
     pub ready: AtomicBool,
 }
 

@@ -128,13 +128,6 @@ pub struct AzureFlat {
     pub smallest_prefix: Option<u8>,
 }
 
-fn addr_bits(family: IpFamily) -> u8 {
-    match family {
-        IpFamily::IPv4 => 32,
-        IpFamily::IPv6 => 128,
-    }
-}
-
 /// 2^bits, saturating at u64::MAX.
 fn pow2(bits: u32) -> u64 {
     1u64.checked_shl(bits).unwrap_or(u64::MAX)
@@ -153,7 +146,7 @@ fn ceil_log2(n: u64) -> u32 {
 /// Pod addresses of a block as carve-ipam counts them (node-plugin's
 /// `NodePool::from_state`): network and gateway reserved, and the broadcast in IPv4.
 pub fn pod_addresses_per_block(family: IpFamily, block: u8) -> u64 {
-    let size = pow2(u32::from(addr_bits(family) - block));
+    let size = pow2(u32::from(family.bits() - block));
     let reserved = match family {
         IpFamily::IPv4 => 3,
         IpFamily::IPv6 => 2,
@@ -234,7 +227,7 @@ fn plan_family(input: &PlanInput, family: IpFamily, cidrs: Vec<IpNet>, block: u8
         }
         max_nodes = max_nodes.min((available / per_node).saturating_sub(input.surge));
         let bits = ceil_log2(needed.saturating_add(AZURE_RESERVED_PER_SUBNET));
-        let azure_prefix = u8::try_from(bits).ok().and_then(|b| addr_bits(family).checked_sub(b));
+        let azure_prefix = u8::try_from(bits).ok().and_then(|b| family.bits().checked_sub(b));
         // The CIDR must satisfy both views: the shorter prefix wins.
         smallest_prefix = smallest_prefix.zip(azure_prefix).map(|(a, b)| a.min(b));
         AzureFlat {

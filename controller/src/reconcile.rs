@@ -2,25 +2,24 @@
 //! the index carved, and each PodCIDR's status.
 //!
 //! ```text
-//!   Node ──reconcile──▶ index.assign ──▶ NNC (create, status) ──▶ Node podCIDRs (kubenet)
-//!   PodCIDR ─────────▶ index.set_pools (on spec change) ──▶ every Node re-reconciled
-//!   sweep (timer)    ─▶ NNCs/holdings whose Node is really gone ──▶ delete NNC, release blocks
-//!   pool_status (timer) ▶ PodCIDR status: usage per family, Ready/Exhausted/Invalid
+//!   Node ─reconcile─▶ current_nnc ─▶ assign (index) ─▶ create_nnc ─▶ status::nnc_status ─▶ write_nnc_status
+//!                     ─▶ Events (status::nnc_notices) ─▶ write_pod_cidrs (kubenet)
+//!   PodCIDR change ─▶ index.set_pools ─▶ every Node re-reconciled
+//!   sweep (timer) ──▶ NNCs/holdings whose Node is really gone ─▶ delete NNC, release blocks
+//!   pool_status (timer) ─▶ status::pool_status ─▶ PodCIDR status, Events on transitions
 //! ```
 //!
 //! Only the Lease holder runs any of this. Before the first reconcile,
-//! `rebuild` occupies every block the API records (invariant 1).
+//! `rebuild` occupies every block the API records (invariant 1). Every
+//! write is a server-side apply under one field manager, `carve-controller`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use carve_crds::net::IpFamily;
-use carve_crds::{
-    FamilyUsage, NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidr, PodCidrStatus, PoolMode,
-};
-use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidr, PoolMode};
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -30,8 +29,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::index::{AssignProblem, BlockProblem, Index, NodeView, PoolView};
+use crate::index::{Assignment, BlockProblem, Index, PoolView};
 use crate::metrics::Metrics;
+use crate::status::{self, Notice, Subject};
 use crate::views;
 
 pub const FIELD_MANAGER: &str = "carve-controller";
@@ -60,61 +60,90 @@ pub struct Config {
     pub set_node_pod_cidrs: bool,
 }
 
-pub struct Ctx {
-    pub client: Client,
-    pub cfg: Config,
-    pub index: Mutex<Index>,
-    pool_views: Mutex<Vec<PoolView>>,
-    pub pools: Store<PodCidr>,
-    pub nncs: Store<NodeNetworkConfig>,
-    pub nodes: Store<Node>,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
+/// What the reconcilers change, behind one lock that is never held across an
+/// await.
+#[derive(Default)]
+struct State {
+    index: Index,
+    /// The pools the index was last given, to skip unchanged ones.
+    pool_views: Vec<PoolView>,
     /// Problems found while rebuilding, reported on each node's first reconcile.
-    stash: Mutex<HashMap<String, Vec<BlockProblem>>>,
+    stash: HashMap<String, Vec<BlockProblem>>,
     /// Our last write per object, keyed by name: the resourceVersion the cache
     /// showed before it, and what was written. While the cache still shows that
     /// version it has not caught up with our write, so writing again is pointless.
-    written_status: Mutex<HashMap<String, (Option<String>, NodeNetworkConfigStatus)>>,
-    written_pod_cidrs: Mutex<HashMap<String, Option<String>>>,
+    written_status: HashMap<String, (Option<String>, NodeNetworkConfigStatus)>,
+    written_pod_cidrs: HashMap<String, Option<String>>,
     /// NNCs this replica created that the cache may not show yet: creating
     /// again would only earn a 409 and a GET.
-    created: Mutex<HashMap<String, Arc<NodeNetworkConfig>>>,
+    created: HashMap<String, Arc<NodeNetworkConfig>>,
+}
+
+impl State {
+    fn set_pools(&mut self, mut views: Vec<PoolView>) {
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.pool_views != views {
+            self.index.set_pools(views.clone());
+            self.pool_views = views;
+        }
+    }
+}
+
+pub struct Ctx {
+    client: Client,
+    cfg: Config,
+    state: Mutex<State>,
+    pools: Store<PodCidr>,
+    nncs: Store<NodeNetworkConfig>,
+    nodes: Store<Node>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+/// The caches the controller reads.
+pub struct Stores {
+    pub pools: Store<PodCidr>,
+    pub nncs: Store<NodeNetworkConfig>,
+    pub nodes: Store<Node>,
 }
 
 impl Ctx {
-    pub fn new(
-        client: Client,
-        cfg: Config,
-        stores: (Store<PodCidr>, Store<NodeNetworkConfig>, Store<Node>),
-        recorder: Recorder,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Ctx {
-            client,
-            cfg,
-            index: Mutex::new(Index::new()),
-            pool_views: Mutex::new(Vec::new()),
-            pools: stores.0,
-            nncs: stores.1,
-            nodes: stores.2,
-            recorder,
-            metrics,
-            stash: Mutex::new(HashMap::new()),
-            written_status: Mutex::new(HashMap::new()),
-            written_pod_cidrs: Mutex::new(HashMap::new()),
-            created: Mutex::new(HashMap::new()),
+    pub fn new(client: Client, cfg: Config, stores: Stores, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        let Stores { pools, nncs, nodes } = stores;
+        Ctx { client, cfg, state: Mutex::default(), pools, nncs, nodes, recorder, metrics }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("controller state lock")
+    }
+
+    /// Hands the index the cached pools when a pool's spec changed.
+    fn refresh_pools(&self) {
+        let views = self.pools.state().iter().map(|p| views::pool_view(p)).collect();
+        self.state().set_pools(views);
+    }
+
+    async fn publish(&self, notice: Notice, node: &Node, nnc: Option<&NodeNetworkConfig>) {
+        let reference = match &notice.subject {
+            Subject::Node => Some(node.object_ref(&())),
+            Subject::Nnc => nnc.map(|n| n.object_ref(&())),
+            Subject::Pool(pool) => self.pools.get(&ObjectRef::new(pool)).map(|p| p.object_ref(&())),
+        };
+        if let Some(reference) = reference {
+            self.publish_to(reference, notice).await;
         }
     }
 
-    /// Rebuilds the index from the pool store when a pool's spec changed.
-    fn refresh_pools(&self) {
-        let mut views: Vec<PoolView> = self.pools.state().iter().map(|p| views::pool_view(p)).collect();
-        views.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut last = self.pool_views.lock().expect("pool views lock");
-        if *last != views {
-            self.index.lock().expect("index lock").set_pools(views.clone());
-            *last = views;
+    async fn publish_to(&self, reference: ObjectReference, notice: Notice) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: notice.reason.clone(),
+            note: Some(notice.note),
+            action: "Allocate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!(error = %e, reason = %notice.reason, "could not publish event");
         }
     }
 }
@@ -126,27 +155,24 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
     let pools = Api::<PodCidr>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     let nncs = Api::<NodeNetworkConfig>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     let nodes = Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()).await?;
-    let mut views: Vec<PoolView> = pools.items.iter().map(views::pool_view).collect();
-    views.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut index = ctx.index.lock().expect("index lock");
-    index.set_pools(views.clone());
-    *ctx.pool_views.lock().expect("pool views lock") = views;
-    let mut stash = ctx.stash.lock().expect("stash lock");
+    let mut state = ctx.state();
+    let state = &mut *state;
+    state.set_pools(pools.items.iter().map(views::pool_view).collect());
     let mut blocks = 0;
     for nnc in &nncs.items {
         let Some(uid) = views::owner_uid(nnc) else { continue };
         let recorded = views::recorded_blocks(nnc);
         blocks += recorded.len();
         let pool = nnc.status.as_ref().and_then(|s| s.pool.as_deref());
-        let problems = index.observe(&nnc.name_any(), &uid, pool, &recorded);
+        let problems = state.index.observe(&nnc.name_any(), &uid, pool, &recorded);
         if !problems.is_empty() {
-            stash.entry(nnc.name_any()).or_default().extend(problems);
+            state.stash.entry(nnc.name_any()).or_default().extend(problems);
         }
     }
     for node in &nodes.items {
-        let problems = index.adopt(&views::node_view(node));
+        let problems = state.index.adopt(&views::node_view(node));
         if !problems.is_empty() {
-            stash.entry(node.name_any()).or_default().extend(problems);
+            state.stash.entry(node.name_any()).or_default().extend(problems);
         }
     }
     info!(
@@ -160,226 +186,169 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(Timestamp::now()),
-    }
-}
-
-/// Keeps the previous transition time when a condition did not change, so an
-/// unchanged status compares equal and is not rewritten.
-fn settle(mut conditions: Vec<Condition>, previous: &[Condition]) -> Vec<Condition> {
-    for c in &mut conditions {
-        if let Some(p) = previous.iter().find(|p| p.type_ == c.type_)
-            && p.status == c.status
-            && p.reason == c.reason
-            && p.message == c.message
-        {
-            c.last_transition_time = p.last_transition_time.clone();
-        }
-    }
-    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
-    conditions
-}
-
-async fn publish(
-    ctx: &Ctx,
-    reference: k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Allocate".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
-}
-
+/// One Node: its NNC, its blocks, the NNC's status, the Events, and (kubenet
+/// compatibility) its podCIDRs.
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
-    let name = node.name_any();
-    let uid = node.uid().unwrap_or_default();
     if node.metadata.deletion_timestamp.is_some() {
         // Held by a finalizer: the node may still run pods, so its blocks stay.
         return Ok(Action::await_change());
     }
     ctx.refresh_pools();
-    let nnc_api = Api::<NodeNetworkConfig>::all(ctx.client.clone());
-    let mut existing = match ctx.nncs.get(&ObjectRef::new(&name)) {
-        Some(cached) => {
-            ctx.created.lock().expect("created lock").remove(&name);
-            Some(cached)
-        }
-        None => ctx.created.lock().expect("created lock").get(&name).cloned(),
-    };
-
-    if let Some(stale) = existing.as_ref().filter(|n| views::owner_uid(n).as_deref() != Some(uid.as_str())) {
-        // Left by an earlier Node of the same name: never reused blindly.
-        let dp = DeleteParams {
-            preconditions: stale.uid().map(|u| Preconditions { uid: Some(u), resource_version: None }),
-            ..Default::default()
-        };
-        match nnc_api.delete(&name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-        info!(node = %name, "replaced a NodeNetworkConfig left by an earlier node of the same name");
-        existing = None;
-    }
-
-    let view: NodeView = views::node_view(&node);
-    let started = Instant::now();
-    let (assignment, problems) = {
-        let mut index = ctx.index.lock().expect("index lock");
-        if index.holding(&name).is_some_and(|h| h.uid != uid) {
-            let released = index.release(&name);
-            info!(node = %name, ?released, "released the blocks of an earlier node of the same name");
-        }
-        let mut problems = ctx.stash.lock().expect("stash lock").remove(&name).unwrap_or_default();
-        if let Some(nnc) = &existing {
-            let pool = nnc.status.as_ref().and_then(|s| s.pool.as_deref());
-            problems.extend(index.observe(&name, &uid, pool, &views::recorded_blocks(nnc)));
-        }
-        let (assignment, adopt_problems) = index.assign(&view);
-        problems.extend(adopt_problems);
-        (assignment, problems)
-    };
-    if !assignment.carved.is_empty() {
-        ctx.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
-    }
-
+    let existing = current_nnc(&ctx, &node).await?;
+    let (assignment, problems) = assign(&ctx, &node, existing.as_deref());
     let nnc = match existing {
         Some(n) => n,
-        None => {
-            let created = Arc::new(create_nnc(&nnc_api, &node).await?);
-            ctx.created.lock().expect("created lock").insert(name.clone(), created.clone());
-            created
-        }
+        None => create_nnc(&ctx, &node).await?,
     };
-
     let previous = nnc.status.clone().unwrap_or_default();
-    let generation = nnc.metadata.generation;
-    let mut conditions = Vec::new();
-    match &assignment.problem {
-        None => conditions.push(condition(
-            "Ready",
-            true,
-            "BlocksCarved",
-            format!(
-                "{} carved from pool {}",
-                assignment.blocks.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
-                assignment.pool.clone().unwrap_or_default()
-            ),
-            generation,
-        )),
-        Some(p) => conditions.push(condition("Ready", false, p.reason(), p.to_string(), generation)),
+    let now = Time(Timestamp::now());
+    let desired =
+        status::nnc_status(&assignment, &problems, views::internal_ip(&node), nnc.metadata.generation, &previous, &now);
+    write_nnc_status(&ctx, &nnc, desired).await?;
+    for notice in status::nnc_notices(&node.name_any(), &assignment, &problems, &previous) {
+        ctx.publish(notice, &node, Some(&nnc)).await;
     }
-    let status_problems: Vec<String> = problems
-        .iter()
-        .filter(|p| !matches!(p, BlockProblem::PodCidrConflict { .. } | BlockProblem::PodCidrUnfit { .. }))
-        .map(|p| p.to_string())
-        .collect();
-    let pod_cidr_problems: Vec<String> = problems
-        .iter()
-        .filter(|p| matches!(p, BlockProblem::PodCidrConflict { .. } | BlockProblem::PodCidrUnfit { .. }))
-        .map(|p| p.to_string())
-        .collect();
-    // These two record the last problem seen; they stay until one recurs or the NNC is recreated.
-    for (type_, reason, found) in
-        [("BlocksValid", "InvalidStatus", &status_problems), ("PodCIDRAdopted", "PodCIDRConflict", &pod_cidr_problems)]
-    {
-        if !found.is_empty() {
-            conditions.push(condition(type_, false, reason, found.join("; "), generation));
-        } else if let Some(prev) = previous.conditions.iter().find(|c| c.type_ == type_) {
-            conditions.push(prev.clone());
-        }
-    }
-    let blocks = views::node_blocks(&assignment.blocks);
-    let desired = NodeNetworkConfigStatus {
-        pool: assignment.pool.clone(),
-        mode: assignment.mode,
-        block_cidrs: (!blocks.is_empty()).then(|| blocks.iter().map(|b| b.cidr.as_str()).collect::<Vec<_>>().join(",")),
-        gateway: blocks.first().and_then(|b| b.gateway.clone()),
-        blocks,
-        node_ip: views::internal_ip(&node),
-        conditions: settle(conditions, &previous.conditions),
-        observed_generation: generation,
-    };
-    let cache_behind = ctx
-        .written_status
-        .lock()
-        .expect("written lock")
-        .get(&name)
-        .is_some_and(|(rv, status)| *rv == nnc.resource_version() && *status == desired);
-    if desired != previous && !cache_behind {
-        nnc_api
-            .patch_status(&name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(json!({ "status": desired })))
-            .await?;
-        ctx.written_status.lock().expect("written lock").insert(name.clone(), (nnc.resource_version(), desired));
-    }
-
-    for p in &problems {
-        let reason = if pod_cidr_problems.contains(&p.to_string()) { "PodCIDRConflict" } else { "InvalidStatus" };
-        publish(&ctx, nnc.object_ref(&()), EventType::Warning, reason, p.to_string()).await;
-    }
-    // Why a node gets no blocks shows up once in `kubectl describe node`, when it starts.
-    if let Some(p) = &assignment.problem
-        && !previous.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == p.reason())
-    {
-        publish(&ctx, node.object_ref(&()), EventType::Warning, p.reason(), p.to_string()).await;
-    }
-    let was_exhausted = previous.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "PoolExhausted");
-    if let Some(p @ AssignProblem::Exhausted { pool, .. }) = &assignment.problem
-        && !was_exhausted
-        && let Some(pool) = ctx.pools.get(&ObjectRef::new(pool))
-    {
-        let note = format!("node {name} is waiting: {p}");
-        publish(&ctx, pool.object_ref(&()), EventType::Warning, "PoolExhausted", note).await;
-    }
-
-    if ctx.cfg.set_node_pod_cidrs
-        && assignment.mode == Some(PoolMode::Overlay)
-        && view.pod_cidrs.is_empty()
-        && !assignment.blocks.is_empty()
-        && assignment.problem.is_none()
-    {
-        let seen = node.resource_version();
-        let cache_behind = ctx.written_pod_cidrs.lock().expect("written lock").get(&name) == Some(&seen);
-        if !cache_behind {
-            let cidrs: Vec<String> = assignment.blocks.iter().map(|b| b.to_string()).collect();
-            let patch = json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } });
-            Api::<Node>::all(ctx.client.clone()).patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
-            ctx.written_pod_cidrs.lock().expect("written lock").insert(name.clone(), seen);
-        }
-    }
-
+    write_pod_cidrs(&ctx, &node, &assignment).await?;
     Ok(match assignment.problem {
         Some(_) => Action::requeue(Duration::from_secs(60)),
         None => Action::await_change(),
     })
 }
 
-async fn create_nnc(api: &Api<NodeNetworkConfig>, node: &Node) -> Result<NodeNetworkConfig, Error> {
-    let mut nnc = NodeNetworkConfig::new(&node.name_any(), NodeNetworkConfigSpec::default());
+/// The node's NNC as the cache (or our own create) shows it; one left by an
+/// earlier Node of the same name is deleted, never reused blindly.
+async fn current_nnc(ctx: &Ctx, node: &Node) -> Result<Option<Arc<NodeNetworkConfig>>, Error> {
+    let name = node.name_any();
+    let existing = match ctx.nncs.get(&ObjectRef::new(&name)) {
+        Some(cached) => {
+            ctx.state().created.remove(&name);
+            Some(cached)
+        }
+        None => ctx.state().created.get(&name).cloned(),
+    };
+    let Some(stale) = existing.as_ref().filter(|n| views::owner_uid(n) != node.uid()) else { return Ok(existing) };
+    delete_nnc(ctx, stale).await?;
+    ctx.state().created.remove(&name);
+    info!(node = %name, "replaced a NodeNetworkConfig left by an earlier node of the same name");
+    Ok(None)
+}
+
+/// The node's blocks: what its NNC records is occupied first (the API is the
+/// truth), then whatever its pool still owes it is carved.
+fn assign(ctx: &Ctx, node: &Node, nnc: Option<&NodeNetworkConfig>) -> (Assignment, Vec<BlockProblem>) {
+    let name = node.name_any();
+    let uid = node.uid().unwrap_or_default();
+    let started = Instant::now();
+    let mut state = ctx.state();
+    let state = &mut *state;
+    if state.index.holding(&name).is_some_and(|h| h.uid != uid) {
+        let released = state.index.release(&name);
+        info!(node = %name, ?released, "released the blocks of an earlier node of the same name");
+    }
+    let mut problems = state.stash.remove(&name).unwrap_or_default();
+    if let Some(nnc) = nnc {
+        let pool = nnc.status.as_ref().and_then(|s| s.pool.as_deref());
+        problems.extend(state.index.observe(&name, &uid, pool, &views::recorded_blocks(nnc)));
+    }
+    let (assignment, adopt_problems) = state.index.assign(&views::node_view(node));
+    problems.extend(adopt_problems);
+    if !assignment.carved.is_empty() {
+        ctx.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
+    }
+    (assignment, problems)
+}
+
+async fn create_nnc(ctx: &Ctx, node: &Node) -> Result<Arc<NodeNetworkConfig>, Error> {
+    let api = Api::<NodeNetworkConfig>::all(ctx.client.clone());
+    let name = node.name_any();
+    let mut nnc = NodeNetworkConfig::new(&name, NodeNetworkConfigSpec::default());
     nnc.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),
         kind: "Node".into(),
-        name: node.name_any(),
+        name: name.clone(),
         uid: node.uid().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: None,
     }]);
-    match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &nnc).await {
-        Ok(created) => Ok(created),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(api.get(&node.name_any()).await?),
+    let created = match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &nnc).await
+    {
+        Ok(created) => created,
+        Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await?,
+        Err(e) => return Err(e.into()),
+    };
+    let created = Arc::new(created);
+    ctx.state().created.insert(name, created.clone());
+    Ok(created)
+}
+
+/// Deletes `nnc`, only that incarnation of it (UID precondition).
+async fn delete_nnc(ctx: &Ctx, nnc: &NodeNetworkConfig) -> Result<(), Error> {
+    let dp = DeleteParams {
+        preconditions: nnc.uid().map(|u| Preconditions { uid: Some(u), resource_version: None }),
+        ..Default::default()
+    };
+    match Api::<NodeNetworkConfig>::all(ctx.client.clone()).delete(&nnc.name_any(), &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Server-side apply under carve-controller's field manager, forced: these
+/// fields are the controller's alone.
+fn apply() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// The apply body for `K`'s status (or spec): apiVersion, kind, name and `fields`.
+fn apply_body<K: Resource<DynamicType = ()>>(name: &str, fields: serde_json::Value) -> Patch<serde_json::Value> {
+    let mut body = json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "metadata": { "name": name } });
+    if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
+        body.extend(fields);
+    }
+    Patch::Apply(body)
+}
+
+/// Applies `desired` as the NNC's status unless it is already there, or was
+/// just written and the cache has not caught up yet.
+async fn write_nnc_status(ctx: &Ctx, nnc: &NodeNetworkConfig, desired: NodeNetworkConfigStatus) -> Result<(), Error> {
+    let name = nnc.name_any();
+    let cache_behind = ctx
+        .state()
+        .written_status
+        .get(&name)
+        .is_some_and(|(rv, status)| *rv == nnc.resource_version() && *status == desired);
+    if nnc.status.as_ref() == Some(&desired) || cache_behind {
+        return Ok(());
+    }
+    let body = apply_body::<NodeNetworkConfig>(&name, json!({ "status": desired }));
+    Api::<NodeNetworkConfig>::all(ctx.client.clone()).patch_status(&name, &apply(), &body).await?;
+    ctx.state().written_status.insert(name, (nnc.resource_version(), desired));
+    Ok(())
+}
+
+/// Kubenet compatibility: an Overlay node without podCIDRs gets its blocks
+/// there, once (the API server refuses to change them later).
+async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Result<(), Error> {
+    if !ctx.cfg.set_node_pod_cidrs
+        || assignment.mode != Some(PoolMode::Overlay)
+        || !views::node_view(node).pod_cidrs.is_empty()
+        || assignment.blocks.is_empty()
+        || assignment.problem.is_some()
+    {
+        return Ok(());
+    }
+    let name = node.name_any();
+    let seen = node.resource_version();
+    if ctx.state().written_pod_cidrs.get(&name) == Some(&seen) {
+        return Ok(());
+    }
+    let cidrs: Vec<String> = assignment.blocks.iter().map(|b| b.to_string()).collect();
+    let body = apply_body::<Node>(&name, json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } }));
+    Api::<Node>::all(ctx.client.clone()).patch(&name, &apply(), &body).await?;
+    ctx.state().written_pod_cidrs.insert(name, seen);
+    Ok(())
 }
 
 pub fn error_policy(_node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
@@ -393,46 +362,34 @@ pub fn error_policy(_node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
 /// finalizer still exists, so it keeps its blocks.
 pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
     let nodes_api = Api::<Node>::all(ctx.client.clone());
-    let nnc_api = Api::<NodeNetworkConfig>::all(ctx.client.clone());
+    let cached_uid = |name: &str| ctx.nodes.get(&ObjectRef::new(name)).and_then(|n| n.uid());
     let mut suspects: BTreeMap<String, Option<String>> = BTreeMap::new();
     for nnc in ctx.nncs.state() {
         let owner = views::owner_uid(&nnc);
-        let cached = ctx.nodes.get(&ObjectRef::new(&nnc.name_any()));
-        if cached.as_ref().and_then(|n| n.uid()) != owner {
+        if cached_uid(&nnc.name_any()) != owner {
             suspects.insert(nnc.name_any(), owner);
         }
     }
-    let held: Vec<(String, String)> = {
-        let index = ctx.index.lock().expect("index lock");
-        index.holdings().map(|(n, h)| (n.clone(), h.uid.clone())).collect()
-    };
+    let held: Vec<(String, String)> = ctx.state().index.holdings().map(|(n, h)| (n.clone(), h.uid.clone())).collect();
     for (name, uid) in held {
-        if ctx.nodes.get(&ObjectRef::new(&name)).and_then(|n| n.uid()) != Some(uid.clone()) {
+        if cached_uid(&name).as_ref() != Some(&uid) {
             suspects.entry(name).or_insert(Some(uid));
         }
     }
     for (name, owner) in suspects {
-        let live = nodes_api.get_opt(&name).await?;
-        let live_uid = live.as_ref().and_then(|n| n.uid());
+        let live_uid = nodes_api.get_opt(&name).await?.and_then(|n| n.uid());
         if live_uid.is_some() && live_uid == owner {
             continue; // the cache was behind
         }
         if let Some(nnc) = ctx.nncs.get(&ObjectRef::new(&name))
             && views::owner_uid(&nnc) == owner
         {
-            let dp = DeleteParams {
-                preconditions: nnc.uid().map(|u| Preconditions { uid: Some(u), resource_version: None }),
-                ..Default::default()
-            };
-            match nnc_api.delete(&name, &dp).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_nnc(ctx, &nnc).await?;
         }
-        let mut index = ctx.index.lock().expect("index lock");
-        if index.holding(&name).is_some_and(|h| Some(h.uid.clone()) == owner && Some(h.uid.clone()) != live_uid) {
-            let released = index.release(&name);
+        let mut state = ctx.state();
+        if state.index.holding(&name).is_some_and(|h| Some(&h.uid) == owner.as_ref() && Some(&h.uid) != live_uid.as_ref())
+        {
+            let released = state.index.release(&name);
             info!(node = %name, ?released, "node is gone; blocks returned to the pool");
         }
     }
@@ -445,87 +402,19 @@ pub async fn pool_status(ctx: &Ctx) -> Result<(), Error> {
     let api = Api::<PodCidr>::all(ctx.client.clone());
     for pool in ctx.pools.state() {
         let name = pool.name_any();
-        let Some(report) = ctx.index.lock().expect("index lock").report(&name) else { continue };
-        let generation = pool.metadata.generation;
-        let previous = pool.status.clone().unwrap_or_default();
-        let families: Vec<FamilyUsage> = report
-            .usage
-            .iter()
-            .map(|(family, block, u)| FamilyUsage {
-                family: *family,
-                block_size: *block as i32,
-                capacity: u.capacity.min(i64::MAX as u64) as i64,
-                allocated: u.allocated as i64,
-                free: u.free.min(i64::MAX as u64) as i64,
-            })
-            .collect();
-        for f in &families {
+        let Some(report) = ctx.state().index.report(&name) else { continue };
+        let desired = status::pool_status(&pool, &report, &Time(Timestamp::now()));
+        for f in &desired.families {
             ctx.metrics.set_blocks(&name, f.family, f.allocated, f.free);
         }
-        let mut conditions = vec![];
-        match &report.invalid {
-            Some(reason) => {
-                conditions.push(condition("Invalid", true, "InvalidSpec", reason.clone(), generation));
-                conditions.push(condition("Ready", false, "InvalidSpec", reason.clone(), generation));
-            }
-            None => {
-                conditions.push(condition("Invalid", false, "Valid", "spec is usable".into(), generation));
-                let ready_msg = if pool.spec.disabled {
-                    "disabled: existing blocks stay, no new ones are carved"
-                } else {
-                    "carving blocks"
-                };
-                conditions.push(condition(
-                    "Ready",
-                    !pool.spec.disabled,
-                    if pool.spec.disabled { "Disabled" } else { "Serving" },
-                    ready_msg.into(),
-                    generation,
-                ));
-            }
+        let previous = pool.status.clone().unwrap_or_default();
+        if desired == previous {
+            continue;
         }
-        let exhausted = !report.exhausted.is_empty();
-        let families_txt = report.exhausted.iter().map(IpFamily::to_string).collect::<Vec<_>>().join(" and ");
-        conditions.push(condition(
-            "Exhausted",
-            exhausted,
-            if exhausted { "NoFreeBlock" } else { "FreeBlocks" },
-            if exhausted {
-                format!("no free {families_txt} block; append a CIDR to spec.cidrs")
-            } else {
-                "free blocks remain".into()
-            },
-            generation,
-        ));
-        if !report.retired.is_empty() {
-            let cidrs = report.retired.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-            conditions.push(condition(
-                "RemovalRefused",
-                true,
-                "CIDRInUse",
-                format!("{cidrs} left spec.cidrs but still holds blocks; it serves no new node. Drain those nodes, or add it back"),
-                generation,
-            ));
+        for notice in status::pool_notices(&previous, &desired, &name) {
+            ctx.publish_to(pool.object_ref(&()), notice).await;
         }
-        let desired = PodCidrStatus {
-            allocated: families.iter().map(|f| f.allocated).sum(),
-            free: families.iter().map(|f| f.free).fold(0i64, |a, b| a.saturating_add(b)),
-            families,
-            conditions: settle(conditions, &previous.conditions),
-            observed_generation: generation,
-        };
-        if desired != previous {
-            let was = |t: &str| previous.conditions.iter().any(|c| c.type_ == t && c.status == "True");
-            for c in desired.conditions.iter().filter(|c| {
-                c.status == "True" && (c.type_ == "Invalid" || c.type_ == "RemovalRefused" || c.type_ == "Exhausted")
-            }) {
-                if !was(&c.type_) {
-                    publish(ctx, pool.object_ref(&()), EventType::Warning, &c.reason, c.message.clone()).await;
-                }
-            }
-            api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(json!({ "status": desired })))
-                .await?;
-        }
+        api.patch_status(&name, &apply(), &apply_body::<PodCidr>(&name, json!({ "status": desired }))).await?;
     }
     Ok(())
 }

@@ -86,10 +86,7 @@ pub fn recorded_blocks(nnc: &NodeNetworkConfig) -> Vec<String> {
 
 /// First usable address of a block (network + 1): the pods' gateway on the node.
 pub fn gateway(block: &IpNet) -> String {
-    match block {
-        IpNet::V4(n) => std::net::Ipv4Addr::from(u32::from(n.network()) + 1).to_string(),
-        IpNet::V6(n) => std::net::Ipv6Addr::from(u128::from(n.network()) + 1).to_string(),
-    }
+    carve_crds::net::nth(block, 1).to_string()
 }
 
 pub fn node_blocks(blocks: &[IpNet]) -> Vec<NodeBlock> {

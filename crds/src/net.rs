@@ -36,6 +36,14 @@ impl IpFamily {
         }
     }
 
+    /// Address length in bits: 32 or 128.
+    pub fn bits(self) -> u8 {
+        match self {
+            IpFamily::IPv4 => 32,
+            IpFamily::IPv6 => 128,
+        }
+    }
+
     pub fn max_block_prefix(self) -> u8 {
         match self {
             IpFamily::IPv4 => MAX_BLOCK_PREFIX_V4,
@@ -51,6 +59,37 @@ impl fmt::Display for IpFamily {
             IpFamily::IPv6 => "IPv6",
         })
     }
+}
+
+/// An address as a number (IPv4 in the low 32 bits), for arithmetic.
+pub fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+/// The address of `family` numbered `n` (IPv4: its low 32 bits).
+pub fn from_u128(family: IpFamily, n: u128) -> IpAddr {
+    match family {
+        IpFamily::IPv4 => IpAddr::V4((n as u32).into()),
+        IpFamily::IPv6 => IpAddr::V6(n.into()),
+    }
+}
+
+/// The first and last address of `net`, as numbers.
+pub fn bounds(net: &IpNet) -> (u128, u128) {
+    (to_u128(net.network()), to_u128(net.broadcast()))
+}
+
+/// The address `offset` after `net`'s network address (`offset` < its size).
+pub fn nth(net: &IpNet, offset: u128) -> IpAddr {
+    from_u128(IpFamily::of(net), to_u128(net.network()) + offset)
+}
+
+/// Number of addresses in `net`, saturating at `u128::MAX`.
+pub fn size(net: &IpNet) -> u128 {
+    1u128.checked_shl(u32::from(net.max_prefix_len() - net.prefix_len())).unwrap_or(u128::MAX)
 }
 
 /// Why a CIDR or block size is unusable. Each message names the value and the fix.
@@ -115,25 +154,11 @@ pub fn check_block_size(pool: &IpNet, block: u8) -> Result<(), NetError> {
 /// The five addresses Azure reserves in `subnet`: the first four and the last.
 /// Subnets too small to hold them yield every address they have.
 pub fn azure_reserved(subnet: &IpNet) -> Vec<IpAddr> {
-    let hosts: Vec<IpAddr> = match subnet {
-        IpNet::V4(n) => {
-            let first = u32::from(n.network());
-            let last = u32::from(n.broadcast());
-            let mut v: Vec<IpAddr> =
-                (first..=last.min(first + AZURE_RESERVED_AT_START - 1)).map(|a| IpAddr::V4(a.into())).collect();
-            v.push(IpAddr::V4(last.into()));
-            v
-        }
-        IpNet::V6(n) => {
-            let first = u128::from(n.network());
-            let last = u128::from(n.broadcast());
-            let mut v: Vec<IpAddr> =
-                (first..=last.min(first + AZURE_RESERVED_AT_START as u128 - 1)).map(|a| IpAddr::V6(a.into())).collect();
-            v.push(IpAddr::V6(last.into()));
-            v
-        }
-    };
-    let mut hosts = hosts;
+    let family = IpFamily::of(subnet);
+    let (first, last) = bounds(subnet);
+    let mut hosts: Vec<IpAddr> =
+        (first..=last.min(first + u128::from(AZURE_RESERVED_AT_START) - 1)).map(|a| from_u128(family, a)).collect();
+    hosts.push(from_u128(family, last));
     hosts.dedup();
     hosts
 }

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod atomic;
 pub mod cni;
 pub mod dataplane;
 pub mod ipam;

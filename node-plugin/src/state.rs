@@ -6,12 +6,13 @@
 //! a sibling lock file, read under a shared one.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use carve_crds::{NodeBlock, PoolMode};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+
+use crate::atomic::{self, Durability};
 
 /// Where the agent writes the state file unless told otherwise.
 pub const DEFAULT_STATE_FILE: &str = "/var/run/carve/node-state.json";
@@ -64,16 +65,9 @@ fn lock(path: &Path, arg: FlockArg) -> Result<Flock<File>, StateError> {
 pub fn write(path: &Path, state: &NodeState) -> Result<(), StateError> {
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
     let _guard = lock(path, FlockArg::LockExclusive)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = File::create(&tmp).map_err(io)?;
     let body =
         serde_json::to_vec_pretty(state).map_err(|source| StateError::Parse { path: path.to_path_buf(), source })?;
-    file.write_all(&body).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    }
+    atomic::write(path, &body, None, Durability::Synced).map_err(io)?;
     Ok(())
 }
 
@@ -115,7 +109,7 @@ mod tests {
         assert!(matches!(read(&path), Err(StateError::Missing { .. })));
         write(&path, &sample()).unwrap();
         assert_eq!(read(&path).unwrap(), sample());
-        assert!(!path.with_extension("json.tmp").exists());
+        assert!(!crate::atomic::temp_path(&path).exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

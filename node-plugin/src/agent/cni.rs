@@ -8,14 +8,14 @@
 //! (pure); [`write_conflist`] reads what it needs for that from the node (the
 //! conflist already there, carve-ipam's store) and writes.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::atomic::{self, Durability};
 use crate::cni::{SUPPORTED_VERSIONS, version_index};
 use crate::ipam::DEFAULT_DATA_ROOT;
 use crate::ipam::store::{PodIpStore, StoreError};
@@ -226,19 +226,7 @@ pub fn write_if_changed(path: &Path, body: &[u8], mode: u32) -> Result<bool, Fil
     if fs::read(path).is_ok_and(|have| have == body) {
         return Ok(false);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err("creating directory", dir))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(path.file_name().unwrap_or_default());
-    tmp_name.push(".carve-tmp");
-    let tmp = dir.join(tmp_name);
-    let mut file = File::create(&tmp).map_err(err("creating", &tmp))?;
-    file.write_all(body).map_err(err("writing", &tmp))?;
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(err("setting permissions on", &tmp))?;
-    file.sync_all().map_err(err("syncing", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(err("renaming into place", path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err("syncing directory", dir))?;
+    atomic::write(path, body, Some(mode), Durability::Synced).map_err(err("writing", path))?;
     Ok(true)
 }
 

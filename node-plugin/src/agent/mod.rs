@@ -13,6 +13,9 @@
 //! worker; [`set_network_unavailable`] is the only API server write.
 
 pub mod cni;
+mod run;
+
+pub use run::run;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -176,6 +179,9 @@ pub fn condition(readiness: &Readiness, previous: Option<&NodeCondition>, now: T
     }
 }
 
+/// The field manager of every carve-agent write.
+pub const FIELD_MANAGER: &str = "carve-agent";
+
 /// Writes `NetworkUnavailable` on the Node when its status, reason or message changed.
 pub async fn set_network_unavailable(nodes: &Api<Node>, node: &str, readiness: &Readiness) -> kube::Result<bool> {
     let current = nodes.get_status(node).await?;
@@ -192,8 +198,15 @@ pub async fn set_network_unavailable(nodes: &Api<Node>, node: &str, readiness: &
     {
         return Ok(false);
     }
-    let patch = serde_json::json!({ "status": { "conditions": [cond] } });
-    nodes.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+    // Server-side apply: carve-agent owns this one condition (Node conditions
+    // are a map keyed by type), kubelet keeps the rest.
+    let patch = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": node },
+        "status": { "conditions": [cond] },
+    });
+    nodes.patch_status(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
     Ok(true)
 }
 

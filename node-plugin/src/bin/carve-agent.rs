@@ -1,25 +1,19 @@
-//! carve-agent: one per node (DaemonSet, hostNetwork). Wires the watches,
-//! the dataplane thread and the reconcile loop; the logic lives in
-//! `carve_node_plugin::agent` and `carve_node_plugin::dataplane`.
+//! carve-agent: one per node (DaemonSet, hostNetwork). Flags, the
+//! install-cni init step and the dataplane thread; `carve_node_plugin::agent::run`
+//! does the rest.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
-use carve_crds::{NodeNetworkConfig, PodCidr};
-use carve_node_plugin::agent::{self, Agent, Readiness, Settings, cni};
+use carve_node_plugin::agent::{self, Agent, Settings, cni};
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
 use carve_node_plugin::dataplane::worker::Worker;
 use carve_node_plugin::state::DEFAULT_STATE_FILE;
 use clap::Parser;
-use futures::{FutureExt, StreamExt};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
-use tracing::{info, warn};
+use tracing::info;
 
 /// Turns this node's NodeNetworkConfig into the node state file, the CNI
 /// plugins and conflist, routes / VXLAN / SNAT, and the Node's NetworkUnavailable condition.
@@ -114,10 +108,6 @@ enum Command {
     },
 }
 
-/// How often the agent re-reads its Node's NetworkUnavailable condition
-/// when its readiness has not changed.
-const CONDITION_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Checks every setting before anything is touched.
 fn settings(args: &Args) -> Result<Settings> {
     let node = match args.node_name.as_deref().map(str::trim) {
@@ -189,21 +179,6 @@ fn install_cni(args: &Args, portmap_source: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -215,92 +190,6 @@ async fn main() -> Result<()> {
     let worker =
         Worker::spawn(args.netns.clone(), args.proc_sys_dir.clone()).context("starting the dataplane thread")?;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    let node = settings.node.clone();
-    info!(node = %node, netns = ?args.netns, "carve-agent starting");
-
-    let (nncs, nnc_writer) = reflector::store::<NodeNetworkConfig>();
-    let (pools, pool_writer) = reflector::store::<PodCidr>();
-    let nnc_events = watcher(Api::<NodeNetworkConfig>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(|n: &mut NodeNetworkConfig| n.metadata.managed_fields = None)
-        .reflect(nnc_writer)
-        .touched_objects()
-        .map(|r| {
-            if let Err(e) = r {
-                warn!(error = %e, "watching NodeNetworkConfigs");
-            }
-        });
-    let pool_events = watcher(Api::<PodCidr>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(|p: &mut PodCidr| p.metadata.managed_fields = None)
-        .reflect(pool_writer)
-        .touched_objects()
-        .map(|r| {
-            if let Err(e) = r {
-                warn!(error = %e, "watching PodCIDRs");
-            }
-        });
-    let interval = args.resync_interval;
-    let ticks = futures::stream::unfold((), move |()| async move {
-        tokio::time::sleep(interval).await;
-        Some(((), ()))
-    });
-    let mut triggers = futures::stream::select_all([nnc_events.boxed(), pool_events.boxed(), ticks.boxed()]);
-
-    let agent = Agent::new(settings, worker);
-    let nodes = Api::<Node>::all(client.clone());
-    let own_ref = ObjectRef::<NodeNetworkConfig>::new(&node);
-    let run = async {
-        // Drive the watches until both caches hold a full list.
-        let ready = async {
-            let _ = nncs.wait_until_ready().await;
-            let _ = pools.wait_until_ready().await;
-        };
-        tokio::pin!(ready);
-        loop {
-            tokio::select! {
-                _ = &mut ready => break,
-                _ = triggers.next() => {}
-            }
-        }
-        info!("caches ready");
-        let mut last: Option<Readiness> = None;
-        let mut checked = std::time::Instant::now();
-        loop {
-            let own = nncs.get(&own_ref);
-            let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
-            if last.as_ref() != Some(&readiness) {
-                match &readiness {
-                    Readiness::Ready => info!("node network ready"),
-                    Readiness::NotReady { reason, message } => warn!(%reason, %message, "node network not ready"),
-                }
-            }
-            // Peer NNC events come often and rarely change this node's
-            // readiness: read and write the Node only on a change, and
-            // otherwise once per CONDITION_RECHECK (someone else may have
-            // overwritten the condition).
-            if last.as_ref() != Some(&readiness) || checked.elapsed() >= CONDITION_RECHECK {
-                checked = std::time::Instant::now();
-                match agent::set_network_unavailable(&nodes, &node, &readiness).await {
-                    Ok(_) => last = Some(readiness),
-                    Err(e) => {
-                        warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
-                        last = None;
-                    }
-                }
-            }
-            // Wait for a change (or the resync tick), then take every change already queued.
-            if triggers.next().await.is_none() {
-                break;
-            }
-            while let Some(Some(())) = triggers.next().now_or_never() {}
-        }
-    };
-    tokio::select! {
-        _ = run => bail!("the watches ended"),
-        _ = shutdown() => {
-            info!("shutting down; the dataplane, state file and conflist stay so running pods keep working");
-            Ok(())
-        }
-    }
+    info!(node = %settings.node, netns = ?args.netns, "carve-agent starting");
+    agent::run(client, Agent::new(settings, worker), args.resync_interval).await
 }

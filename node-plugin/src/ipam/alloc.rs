@@ -12,7 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use carve_crds::{IpFamily, PoolMode, net::azure_reserved};
+use carve_crds::net::{self, azure_reserved};
+use carve_crds::{IpFamily, PoolMode};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -58,23 +59,6 @@ pub struct NodePool {
     pub blocks: Vec<Block>,
 }
 
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn from_u128(v4: bool, n: u128) -> IpAddr {
-    if v4 { IpAddr::V4((n as u32).into()) } else { IpAddr::V6(n.into()) }
-}
-
-/// Number of addresses in `net`, saturating at u128::MAX.
-fn size(net: &IpNet) -> u128 {
-    let bits = net.max_prefix_len() - net.prefix_len();
-    if bits >= 128 { u128::MAX } else { 1u128 << bits }
-}
-
 impl NodePool {
     /// The pool from the node state: per block its network address, gateway
     /// (the state's, else the first address after the network) and, for IPv4,
@@ -100,7 +84,7 @@ impl NodePool {
             if net.trunc() != net {
                 return Err(AllocError::BadBlock { cidr: b.cidr.clone(), reason: "host bits set".into() });
             }
-            let first = from_u128(net.addr().is_ipv4(), to_u128(net.network()) + 1);
+            let first = net::nth(&net, 1);
             let gateway = match &b.gateway {
                 Some(g) => g
                     .parse::<IpAddr>()
@@ -140,14 +124,13 @@ impl NodePool {
     /// The lowest address of `family` that is neither reserved nor in `taken`.
     pub fn lowest_free(&self, family: IpFamily, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
         for b in self.blocks_of(family) {
-            let v4 = b.net.addr().is_ipv4();
-            let start = to_u128(b.net.network());
-            let len = size(&b.net);
+            let start = net::to_u128(b.net.network());
+            let len = net::size(&b.net);
             // Every address skipped is reserved or taken, so this loop runs at
             // most |reserved| + |taken| + 1 times before it finds one.
             let mut i: u128 = 0;
             while i < len {
-                let ip = from_u128(v4, start + i);
+                let ip = net::from_u128(family, start + i);
                 if !b.reserved.contains(&ip) && !taken.contains(&ip) {
                     return Some(ip);
                 }

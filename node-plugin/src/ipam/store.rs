@@ -26,7 +26,6 @@
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,6 +34,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use super::alloc::{Allocations, Owner};
+use crate::atomic::{self, Durability};
 
 const FILE: &str = "allocations.json";
 const LOCK: &str = "lock";
@@ -206,7 +206,6 @@ impl Locked<'_> {
     /// Replaces the allocations on disk atomically (rename; no fsync, see the module docs).
     pub fn save(&self, allocations: &Allocations) -> Result<(), StoreError> {
         let path = self.store.file();
-        let tmp = self.store.dir.join(format!("{FILE}.tmp"));
         let legacy = self.legacy.borrow();
         let boot = (!self.boot_id.is_empty()).then(|| self.boot_id.clone());
         let wire = Wire {
@@ -224,11 +223,7 @@ impl Locked<'_> {
         };
         let body =
             serde_json::to_vec_pretty(&wire).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
-        let io = self.store.io(&tmp);
-        let mut file = File::create(&tmp).map_err(&io)?;
-        file.write_all(&body).map_err(&io)?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(self.store.io(&path))?;
+        atomic::write(&path, &body, None, Durability::RenameOnly).map_err(self.store.io(&path))?;
         Ok(())
     }
 }
@@ -248,7 +243,7 @@ mod tests {
         a.by_ip.insert("fd00::2".parse().unwrap(), Owner::new("c", "eth0"));
         locked.save(&a).unwrap();
         assert_eq!(locked.load().unwrap(), a);
-        assert!(!dir.join("allocations.json.tmp").exists());
+        assert!(!crate::atomic::temp_path(&dir.join("allocations.json")).exists());
         drop(locked);
         let held = store.lock().unwrap();
         assert!(matches!(store.lock_within(Duration::from_millis(20)), Err(StoreError::Busy { .. })));

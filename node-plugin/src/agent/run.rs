@@ -1,0 +1,123 @@
+//! carve-agent's loop: one watch per kind it reads (NodeNetworkConfigs,
+//! PodCIDRs), and on every change (or the resync tick) one `Agent::reconcile`
+//! and, when readiness changed or once a minute, the Node's
+//! NetworkUnavailable condition. The binary parses flags; tests can run this
+//! in-process.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use carve_crds::{NodeNetworkConfig, PodCidr};
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::{Agent, Readiness, set_network_unavailable};
+
+/// How often the agent re-reads its Node's NetworkUnavailable condition
+/// when its readiness has not changed (someone else may have overwritten it).
+const CONDITION_RECHECK: Duration = Duration::from_secs(60);
+
+/// A cache of every `K`, and a stream that yields on each change.
+fn cache<K>(client: &Client) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let changes = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .touched_objects()
+        .map(|r| {
+            if let Err(e) = r {
+                warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+            }
+        });
+    (store, changes)
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+/// Runs until SIGTERM / Ctrl-C. What the agent set up stays in place, so
+/// running pods keep working while it is away.
+pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
+    let node = agent.settings.node.clone();
+    let (nncs, nnc_changes) = cache::<NodeNetworkConfig>(&client);
+    let (pools, pool_changes) = cache::<PodCidr>(&client);
+    let ticks = futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(resync).await;
+        Some(((), ()))
+    });
+    let mut triggers = futures::stream::select_all([nnc_changes.boxed(), pool_changes.boxed(), ticks.boxed()]);
+    let nodes = Api::<Node>::all(client);
+    let own_ref = ObjectRef::<NodeNetworkConfig>::new(&node);
+    let work = async {
+        // Drive the watches until both caches hold a full list.
+        let ready = async {
+            let _ = nncs.wait_until_ready().await;
+            let _ = pools.wait_until_ready().await;
+        };
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                _ = &mut ready => break,
+                _ = triggers.next() => {}
+            }
+        }
+        info!("caches ready");
+        let mut last: Option<Readiness> = None;
+        let mut checked = Instant::now();
+        loop {
+            let own = nncs.get(&own_ref);
+            let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
+            if last.as_ref() != Some(&readiness) {
+                match &readiness {
+                    Readiness::Ready => info!("node network ready"),
+                    Readiness::NotReady { reason, message } => warn!(%reason, %message, "node network not ready"),
+                }
+            }
+            // Peer NNC events come often and rarely change this node's
+            // readiness: read and write the Node only on a change.
+            if last.as_ref() != Some(&readiness) || checked.elapsed() >= CONDITION_RECHECK {
+                checked = Instant::now();
+                match set_network_unavailable(&nodes, &node, &readiness).await {
+                    Ok(_) => last = Some(readiness),
+                    Err(e) => {
+                        warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
+                        last = None;
+                    }
+                }
+            }
+            // Wait for a change (or the resync tick), then take every change already queued.
+            if triggers.next().await.is_none() {
+                break;
+            }
+            while let Some(Some(())) = triggers.next().now_or_never() {}
+        }
+    };
+    tokio::select! {
+        _ = work => bail!("the watches ended"),
+        _ = shutdown() => {
+            info!("shutting down; the dataplane, state file and conflist stay so running pods keep working");
+            Ok(())
+        }
+    }
+}
