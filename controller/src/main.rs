@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 /// Carves PodCIDR pools into per-node blocks recorded in NodeNetworkConfig status.
 #[derive(Parser, Debug)]
-#[command(name = "carve-controller", version)]
+#[command(name = "carve-controller", version, args_override_self = true)]
 struct Args {
     /// kubeconfig to use; in-cluster config when unset.
     #[arg(long, env = "KUBECONFIG")]

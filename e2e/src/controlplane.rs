@@ -456,6 +456,11 @@ impl ControlPlane {
         self.keeper.stop(name)
     }
 
+    /// The exit status of a child started with `spawn` that has exited, without waiting.
+    pub fn exited(&self, name: &str) -> Option<std::process::ExitStatus> {
+        self.keeper.exited(name)
+    }
+
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();

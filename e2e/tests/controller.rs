@@ -251,6 +251,75 @@ async fn two_replicas_never_duplicate_and_the_standby_takes_over() {
 }
 
 #[tokio::test]
+async fn a_leader_that_cannot_renew_stops_before_the_standby_takes_over() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    // The standby waits out 6 s without a renewal; the leader gives up after 2 s of failed renewals.
+    let lease_args = ["--lease-duration", "6s", "--renew-deadline", "2s", "--retry-period", "250ms"];
+    start_controller(&cp, "replica-a", &lease_args).unwrap();
+    create_node(&client, "before", "192.168.21.1").await;
+    nnc_ready(&client, "before").await;
+    start_controller(&cp, "replica-b", &lease_args).unwrap();
+    wait_for("replica-b to stand by", WAIT, || async {
+        let log = cp.log_tail("replica-b", 50);
+        if log.contains("waiting for leadership") { Ok(()) } else { Err(log) }
+    })
+    .await;
+    // From now on the API server refuses every Lease write that keeps replica-a the holder.
+    let policy = r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: refuse-replica-a-renewals}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [coordination.k8s.io], apiVersions: [v1], operations: [UPDATE], resources: [leases]}
+  validations:
+  - {expression: "object.spec.holderIdentity != 'replica-a'", message: "renewals by replica-a are refused"}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: refuse-replica-a-renewals}
+spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
+"#;
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], policy).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    wait_for("replica-b to take the Lease", WAIT, || async {
+        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        if holder.as_deref() == Some("replica-b") {
+            Ok(())
+        } else {
+            Err(format!("{holder:?}"))
+        }
+    })
+    .await;
+    // Checked as soon as replica-b holds the Lease: replica-a had already stopped.
+    let exit = cp.exited("replica-a");
+    assert!(exit.is_some_and(|s| !s.success()), "replica-a still runs while replica-b leads: {exit:?}");
+    assert!(cp.log_tail("replica-a", 20).contains("lost the leader Lease"), "{}", cp.log_tail("replica-a", 20));
+    create_node(&client, "after", "192.168.21.2").await;
+    nnc_ready(&client, "after").await;
+    all_blocks_distinct(&client).await;
+}
+
+#[tokio::test]
+async fn a_missing_lease_namespace_stops_the_controller_with_the_fix() {
+    let (cp, _client) = cluster().await;
+    start_controller(&cp, "ctrl", &["--leader-election-namespace", "carve-nowhere"]).unwrap();
+    let exit = wait_for("the controller to exit", WAIT, || async {
+        cp.exited("ctrl").ok_or_else(|| cp.log_tail("ctrl", 20))
+    })
+    .await;
+    assert!(!exit.success());
+    let log = cp.log_tail("ctrl", 20);
+    assert!(
+        log.contains("carve-nowhere") && log.contains("create the namespace") && log.contains("--leader-election-namespace"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
 async fn blocks_return_only_when_the_node_is_really_gone() {
     let (cp, client) = cluster().await;
     apply_pool(&cp, "small", "  mode: Overlay\n  cidrs: [10.244.0.0/23]\n");

@@ -344,6 +344,7 @@ pub fn remove_conflist(conf_dir: &Path, file_name: &str) -> Result<bool, FileErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("carve-agent-cni-{tag}-{}", std::process::id()));
