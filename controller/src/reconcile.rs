@@ -69,9 +69,9 @@ struct State {
     pool_views: Vec<PoolView>,
     /// Problems found while rebuilding, reported on each node's first reconcile.
     stash: HashMap<String, Vec<BlockProblem>>,
-    /// Our last write per object, keyed by name: the resourceVersion the cache
-    /// showed before it, and what was written. While the cache still shows that
-    /// version it has not caught up with our write, so writing again is pointless.
+    /// Our last status write per NNC: the resourceVersion the cache showed
+    /// before it, and what was written. While the cache still shows that
+    /// version, what was written is what the API server has.
     written_status: HashMap<String, (Option<String>, NodeNetworkConfigStatus)>,
     written_pod_cidrs: HashMap<String, Option<String>>,
     /// NNCs this replica created that the cache may not show yet: creating
@@ -201,11 +201,13 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         Some(n) => n,
         None => create_nnc(&ctx, &node).await?,
     };
-    let previous = nnc.status.clone().unwrap_or_default();
+    let previous = known_status(&ctx, &nnc);
     let now = Time(Timestamp::now());
     let desired =
         status::nnc_status(&assignment, &problems, views::internal_ip(&node), nnc.metadata.generation, &previous, &now);
-    write_nnc_status(&ctx, &nnc, desired).await?;
+    if desired != previous {
+        write_nnc_status(&ctx, &nnc, desired).await?;
+    }
     for notice in status::nnc_notices(&node.name_any(), &assignment, &problems, &previous) {
         ctx.publish(notice, &node, Some(&nnc)).await;
     }
@@ -271,12 +273,12 @@ async fn create_nnc(ctx: &Ctx, node: &Node) -> Result<Arc<NodeNetworkConfig>, Er
         controller: Some(true),
         block_owner_deletion: None,
     }]);
-    let created = match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &nnc).await
-    {
-        Ok(created) => created,
-        Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await?,
-        Err(e) => return Err(e.into()),
-    };
+    let created =
+        match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &nnc).await {
+            Ok(created) => created,
+            Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await?,
+            Err(e) => return Err(e.into()),
+        };
     let created = Arc::new(created);
     ctx.state().created.insert(name, created.clone());
     Ok(created)
@@ -310,18 +312,26 @@ fn apply_body<K: Resource<DynamicType = ()>>(name: &str, fields: serde_json::Val
     Patch::Apply(body)
 }
 
-/// Applies `desired` as the NNC's status unless it is already there, or was
-/// just written and the cache has not caught up yet.
+/// The NNC's status as the API server has it: our last write while the
+/// cache still shows the version before it, else the cached one.
+fn known_status(ctx: &Ctx, nnc: &NodeNetworkConfig) -> NodeNetworkConfigStatus {
+    let mut state = ctx.state();
+    let name = nnc.name_any();
+    match state.written_status.get(&name) {
+        Some((rv, written)) if *rv == nnc.resource_version() => return written.clone(),
+        // The cache caught up: the memo is no longer needed.
+        Some(_) => {
+            state.written_status.remove(&name);
+        }
+        None => {}
+    }
+    nnc.status.clone().unwrap_or_default()
+}
+
+/// Applies `desired` as the NNC's status and remembers it against the
+/// version the cache showed.
 async fn write_nnc_status(ctx: &Ctx, nnc: &NodeNetworkConfig, desired: NodeNetworkConfigStatus) -> Result<(), Error> {
     let name = nnc.name_any();
-    let cache_behind = ctx
-        .state()
-        .written_status
-        .get(&name)
-        .is_some_and(|(rv, status)| *rv == nnc.resource_version() && *status == desired);
-    if nnc.status.as_ref() == Some(&desired) || cache_behind {
-        return Ok(());
-    }
     let body = apply_body::<NodeNetworkConfig>(&name, json!({ "status": desired }));
     Api::<NodeNetworkConfig>::all(ctx.client.clone()).patch_status(&name, &apply(), &body).await?;
     ctx.state().written_status.insert(name, (nnc.resource_version(), desired));
@@ -387,7 +397,10 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
             delete_nnc(ctx, &nnc).await?;
         }
         let mut state = ctx.state();
-        if state.index.holding(&name).is_some_and(|h| Some(&h.uid) == owner.as_ref() && Some(&h.uid) != live_uid.as_ref())
+        if state
+            .index
+            .holding(&name)
+            .is_some_and(|h| Some(&h.uid) == owner.as_ref() && Some(&h.uid) != live_uid.as_ref())
         {
             let released = state.index.release(&name);
             info!(node = %name, ?released, "node is gone; blocks returned to the pool");

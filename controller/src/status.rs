@@ -94,7 +94,9 @@ pub(crate) fn nnc_status(
         ),
         Some(p) => condition("Ready", false, p.reason(), p.to_string(), generation, now),
     }];
-    for (type_, reason, pod_cidr) in [("BlocksValid", "InvalidStatus", false), ("PodCIDRAdopted", "PodCIDRConflict", true)] {
+    for (type_, reason, pod_cidr) in
+        [("BlocksValid", "InvalidStatus", false), ("PodCIDRAdopted", "PodCIDRConflict", true)]
+    {
         let found: Vec<String> =
             problems.iter().filter(|p| is_pod_cidr_problem(p) == pod_cidr).map(|p| p.to_string()).collect();
         if !found.is_empty() {
@@ -329,7 +331,12 @@ mod tests {
 
     #[test]
     fn problems_are_events_on_the_nnc_with_their_reason() {
-        let notices = nnc_notices("node-a", &carved(&["10.244.1.0/24"]), &[malformed(), pod_cidr_conflict()], &Default::default());
+        let notices = nnc_notices(
+            "node-a",
+            &carved(&["10.244.1.0/24"]),
+            &[malformed(), pod_cidr_conflict()],
+            &Default::default(),
+        );
         let reasons: Vec<(&Subject, &str)> = notices.iter().map(|n| (&n.subject, n.reason.as_str())).collect();
         assert_eq!(reasons, [(&Subject::Nnc, "InvalidStatus"), (&Subject::Nnc, "PodCIDRConflict")]);
         assert_eq!(notices[1].note, pod_cidr_conflict().to_string());
@@ -339,10 +346,20 @@ mod tests {
     fn why_a_node_waits_is_told_once_on_the_node() {
         let a = waiting(AssignProblem::NoMatchingPool);
         let first = nnc_notices("node-a", &a, &[], &Default::default());
-        assert_eq!(first, [Notice { subject: Subject::Node, reason: "NoMatchingPool".into(), note: AssignProblem::NoMatchingPool.to_string() }]);
+        assert_eq!(
+            first,
+            [Notice {
+                subject: Subject::Node,
+                reason: "NoMatchingPool".into(),
+                note: AssignProblem::NoMatchingPool.to_string()
+            }]
+        );
         let status = nnc_status(&a, &[], None, None, &Default::default(), &at(10));
         assert!(nnc_notices("node-a", &a, &[], &status).is_empty(), "the same reason again is not repeated");
-        assert!(nnc_notices("node-a", &carved(&["10.244.1.0/24"]), &[], &status).is_empty(), "getting blocks is no warning");
+        assert!(
+            nnc_notices("node-a", &carved(&["10.244.1.0/24"]), &[], &status).is_empty(),
+            "getting blocks is no warning"
+        );
     }
 
     #[test]
@@ -414,7 +431,10 @@ mod tests {
         assert_eq!(pool_cond(&s, "Ready"), ("False", "InvalidSpec"));
         let notices = pool_notices(&Default::default(), &s, "a");
         assert_eq!(notices.len(), 1);
-        assert_eq!((notices[0].reason.as_str(), notices[0].note.as_str()), ("InvalidSpec", "overlaps pool b (10.244.0.0/16)"));
+        assert_eq!(
+            (notices[0].reason.as_str(), notices[0].note.as_str()),
+            ("InvalidSpec", "overlaps pool b (10.244.0.0/16)")
+        );
         assert!(pool_notices(&s, &s, "a").is_empty());
     }
 

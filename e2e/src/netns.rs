@@ -28,6 +28,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A namespace named `t<pid>-<n>-<tag>`: unique to this call, so tests
+    /// running at once never share one.
+    pub fn unique(tag: &str) -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self::new(&format!("t{}-{n}-{tag}", std::process::id()))
+    }
+
     /// `/run/netns/<name>`.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
@@ -49,6 +57,20 @@ impl Netns {
             return Ok(Value::Array(vec![]));
         }
         serde_json::from_str(&out).with_context(|| format!("ip -j {} output {out:?}", args.join(" ")))
+    }
+
+    /// `ip netns exec <name> <program> <args>`, its JSON output parsed (an empty answer is `[]`).
+    pub fn exec_json(&self, program: &str, args: &[&str]) -> Result<Value> {
+        let out = self.exec(program, args)?;
+        if out.trim().is_empty() {
+            return Ok(Value::Array(vec![]));
+        }
+        serde_json::from_str(&out).with_context(|| format!("{program} {} output {out:?}", args.join(" ")))
+    }
+
+    /// Runs `f` with the calling thread inside this namespace, then back.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        within(&self.path(), f)
     }
 
     /// `ip netns exec <name> <program> <args>`; fails with its stderr.

@@ -1,5 +1,6 @@
-//! Helpers the end-to-end tests share: the workspace's own binaries, polling,
-//! and small object builders.
+//! The helpers every crate's tests share (node-plugin's too, as a
+//! dev-dependency): temp dirs, the workspace's own binaries, polling, and
+//! small object builders; network namespaces are in [`crate::netns`].
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -13,6 +14,11 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
 use kube::api::ObjectMeta;
 
 use crate::ControlPlane;
+
+/// A fresh directory `carve-<tag>-…` in the temp dir, removed when dropped (also on panic).
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("carve-{tag}-")).tempdir().expect("creating a temp dir")
+}
 
 /// Newest modification time of the files under `dir` (recursively).
 fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {

@@ -49,15 +49,6 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A temp dir removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 async fn set_status(client: &Client, name: &str, status: Value) {
     let api = Api::<NodeNetworkConfig>::all(client.clone());
     if api.get_opt(name).await.unwrap().is_none() {
@@ -93,7 +84,7 @@ fn carve_routes(ns: &Netns) -> Vec<String> {
 #[tokio::test]
 async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     // Declared first so it is dropped last, after the control plane has stopped the agents.
-    let tmp = TempDir(std::env::temp_dir().join(format!("carve-agent-e2e-{}", std::process::id())));
+    let tmp = carve_e2e::testkit::temp_dir("agent-e2e");
     let cp = ControlPlane::start().await.expect("control plane");
     cp.install_crds().expect("CRDs");
     let client = cp.client().await.unwrap();
@@ -108,7 +99,7 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     ns.ip(&["link", "set", "eth0p", "up"]);
     ns.ip(&["addr", "add", "192.168.70.10/24", "dev", "eth0"]);
 
-    let (state, bin, conf) = (tmp.0.join("node-state.json"), tmp.0.join("bin"), tmp.0.join("net.d"));
+    let (state, bin, conf) = (tmp.path().join("node-state.json"), tmp.path().join("bin"), tmp.path().join("net.d"));
     let cni = workspace_bin("carve-node-plugin", "carve-cni").unwrap();
     workspace_bin("carve-node-plugin", "carve-ipam").unwrap();
     let source = cni.parent().unwrap();
@@ -119,7 +110,7 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NODE_NAME is not set"), "{out:?}");
 
-    let mut cmd = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), &tmp.0, source);
+    let mut cmd = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), tmp.path(), source);
     cmd.args(["--non-masquerade-cidrs", "172.16.0.0/12", "--resync-interval", "1s"]);
     cp.spawn("agent-a", cmd).unwrap();
 
@@ -188,7 +179,7 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
         json!({ "mode": "Overlay", "nodeIP": "192.168.70.12", "blocks": [block("10.244.3.0/24", "10.244.3.1")] }),
     )
     .await;
-    let mut again = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), &tmp.0, source);
+    let mut again = node_agent(&agent, cp.kubeconfig(), "node-a", &ns.path(), tmp.path(), source);
     again.args(["--resync-interval", "1s"]);
     cp.spawn("agent-a2", again).unwrap();
     wait_for("node-c's route after the restart", WAIT, || async {

@@ -287,11 +287,7 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
     let leases = Api::<Lease>::namespaced(client.clone(), "default");
     wait_for("replica-b to take the Lease", WAIT, || async {
         let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
-        if holder.as_deref() == Some("replica-b") {
-            Ok(())
-        } else {
-            Err(format!("{holder:?}"))
-        }
+        if holder.as_deref() == Some("replica-b") { Ok(()) } else { Err(format!("{holder:?}")) }
     })
     .await;
     // Checked as soon as replica-b holds the Lease: replica-a had already stopped.
@@ -307,14 +303,15 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
 async fn a_missing_lease_namespace_stops_the_controller_with_the_fix() {
     let (cp, _client) = cluster().await;
     start_controller(&cp, "ctrl", &["--leader-election-namespace", "carve-nowhere"]).unwrap();
-    let exit = wait_for("the controller to exit", WAIT, || async {
-        cp.exited("ctrl").ok_or_else(|| cp.log_tail("ctrl", 20))
-    })
-    .await;
+    let exit =
+        wait_for("the controller to exit", WAIT, || async { cp.exited("ctrl").ok_or_else(|| cp.log_tail("ctrl", 20)) })
+            .await;
     assert!(!exit.success());
     let log = cp.log_tail("ctrl", 20);
     assert!(
-        log.contains("carve-nowhere") && log.contains("create the namespace") && log.contains("--leader-election-namespace"),
+        log.contains("carve-nowhere")
+            && log.contains("create the namespace")
+            && log.contains("--leader-election-namespace"),
         "{log}"
     );
 }

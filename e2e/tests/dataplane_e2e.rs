@@ -32,15 +32,6 @@ fn node_ip(i: usize) -> String {
 }
 const EXTERNAL_IP: &str = "192.168.77.100";
 
-/// A temp dir removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct SimNode {
     name: String,
     ns: Netns,
@@ -102,7 +93,7 @@ struct Cluster {
     cni_plugins: PathBuf,
     agent: PathBuf,
     source: PathBuf,
-    _tmp: TempDir,
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Cluster {
@@ -118,9 +109,7 @@ impl Cluster {
     async fn start(tag: &str, pool_yaml: &str) -> Cluster {
         let t0 = Instant::now();
         let prefix = format!("e2e-{}-{tag}", std::process::id());
-        let tmp = TempDir(std::env::temp_dir().join(&prefix));
-        let _ = std::fs::remove_dir_all(&tmp.0);
-        std::fs::create_dir_all(&tmp.0).unwrap();
+        let tmp = carve_e2e::testkit::temp_dir(&prefix);
 
         let underlay = Netns::new(&format!("{prefix}-ul")).unwrap();
         underlay.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
@@ -137,7 +126,7 @@ impl Cluster {
         for i in 0..NODES {
             let ns = Netns::new(&format!("{prefix}-n{i}")).unwrap();
             attach(&ns, &format!("vn{i}"), &node_ip(i));
-            let dir = tmp.0.join(format!("node-{i}"));
+            let dir = tmp.path().join(format!("node-{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             nodes.push(SimNode { name: format!("node-{i}"), ns, dir });
         }

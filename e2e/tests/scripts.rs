@@ -9,30 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carve_e2e::repo_root;
-use carve_e2e::testkit::without_test_env;
-
-/// A temp dir removed when dropped (also on panic).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("carve-scripts-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use carve_e2e::testkit::{temp_dir, without_test_env};
 
 fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -125,20 +104,20 @@ fn one_line(out: &Output) -> String {
 
 #[test]
 fn kind_e2e_skips_in_one_line_without_docker_or_kind() {
-    let empty = TempDir::new("empty-path");
-    let line = one_line(&kind_script(&empty.0));
+    let empty = temp_dir("scripts-empty-path");
+    let line = one_line(&kind_script(empty.path()));
     for word in ["docker", "kind", "skipped"] {
         assert!(line.contains(word), "the skip line should name {word:?}: {line}");
     }
 
     // docker, kind and kubectl are there but no daemon answers.
-    let fake = TempDir::new("fake-docker");
+    let fake = temp_dir("scripts-fake-docker");
     for tool in ["docker", "kind", "kubectl"] {
-        let path = fake.0.join(tool);
+        let path = fake.path().join(tool);
         std::fs::write(&path, "#!/bin/sh\necho \"$0: cannot connect to the daemon\" >&2\nexit 1\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let line = one_line(&kind_script(&fake.0));
+    let line = one_line(&kind_script(fake.path()));
     assert!(line.contains("docker daemon") && line.contains("skipped"), "{line}");
 }
 
@@ -235,11 +214,11 @@ fn make_dist_writes_the_plugin_tarball_and_checksum() {
     entries.sort();
     assert_eq!(entries, ["carve-cni", "carve-ipam"], "the tarball holds exactly the two plugins at its root");
 
-    let x = TempDir::new("extract");
-    let out = run(Command::new("tar").arg("-xzf").arg(&d.tarball).arg("-C").arg(&x.0));
+    let x = temp_dir("extract");
+    let out = run(Command::new("tar").arg("-xzf").arg(&d.tarball).arg("-C").arg(x.path()));
     assert!(out.status.success(), "{:?}", text(&out));
     for name in ["carve-cni", "carve-ipam"] {
-        let bin = x.0.join(name);
+        let bin = x.path().join(name);
         assert_eq!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755, "{name}");
         let v = version_of(&bin);
         assert!(v.starts_with(&format!("{name} {} (CNI spec 1.1.0", env!("CARGO_PKG_VERSION"))), "{v}");
@@ -247,10 +226,10 @@ fn make_dist_writes_the_plugin_tarball_and_checksum() {
 }
 
 /// A release laid out as on the download server: `<dir>/v<version>/<tarball>{,.sha256}`.
-fn release_dir(tag: &str) -> TempDir {
+fn release_dir(tag: &str) -> tempfile::TempDir {
     let d = dist();
-    let rel = TempDir::new(tag);
-    let version_dir = rel.0.join(format!("v{}", env!("CARGO_PKG_VERSION")));
+    let rel = temp_dir(tag);
+    let version_dir = rel.path().join(format!("v{}", env!("CARGO_PKG_VERSION")));
     std::fs::create_dir_all(&version_dir).unwrap();
     std::fs::copy(&d.tarball, version_dir.join(tarball_name())).unwrap();
     std::fs::copy(&d.sha256, version_dir.join(format!("{}.sha256", tarball_name()))).unwrap();
@@ -267,10 +246,10 @@ fn install(release: &Path, bin_dir: &Path, args: &[&str]) -> Output {
 #[test]
 fn install_script_installs_from_a_release_and_refuses_bad_input() {
     let rel = release_dir("release");
-    let dest = TempDir::new("dest");
-    let bin_dir = dest.0.join("opt/cni/bin");
+    let dest = temp_dir("dest");
+    let bin_dir = dest.path().join("opt/cni/bin");
 
-    let out = install(&rel.0, &bin_dir, &[]);
+    let out = install(rel.path(), &bin_dir, &[]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "install failed: {stdout}{stderr}");
     let mut installed = Vec::new();
@@ -286,7 +265,7 @@ fn install_script_installs_from_a_release_and_refuses_bad_input() {
     assert_eq!(leftovers.len(), 2, "only the two plugins in {}: {leftovers:?}", bin_dir.display());
 
     // Again, with the version spelled without its `v`: nothing changes.
-    let out = install(&rel.0, &bin_dir, &[env!("CARGO_PKG_VERSION")]);
+    let out = install(rel.path(), &bin_dir, &[env!("CARGO_PKG_VERSION")]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "second install failed: {stdout}{stderr}");
     assert!(stdout.contains("already"), "{stdout}");
@@ -296,12 +275,12 @@ fn install_script_installs_from_a_release_and_refuses_bad_input() {
 
     // A checksum that does not match the tarball: refused, nothing installed.
     let tampered = release_dir("tampered");
-    let sums = tampered.0.join(format!("v{}/{}.sha256", env!("CARGO_PKG_VERSION"), tarball_name()));
+    let sums = tampered.path().join(format!("v{}/{}.sha256", env!("CARGO_PKG_VERSION"), tarball_name()));
     let text_sums = std::fs::read_to_string(&sums).unwrap();
     let flipped = if text_sums.starts_with('0') { "1" } else { "0" };
     std::fs::write(&sums, format!("{flipped}{}", &text_sums[1..])).unwrap();
-    let fresh = dest.0.join("fresh");
-    let out = install(&tampered.0, &fresh, &[]);
+    let fresh = dest.path().join("fresh");
+    let out = install(tampered.path(), &fresh, &[]);
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "a tampered checksum was accepted: {stdout}{stderr}");
     assert!(stderr.contains("checksum mismatch"), "{stderr}");
@@ -309,12 +288,12 @@ fn install_script_installs_from_a_release_and_refuses_bad_input() {
 
     // Bad version strings and a release that does not exist.
     for bad in ["latest", "1.2", "v0.1.0; rm -rf /"] {
-        let out = install(&rel.0, &fresh, &[bad]);
+        let out = install(rel.path(), &fresh, &[bad]);
         let (stdout, stderr) = text(&out);
         assert!(!out.status.success(), "version {bad:?} was accepted: {stdout}{stderr}");
         assert!(stderr.contains("is not a release version") && stderr.lines().count() == 1, "{bad}: {stderr}");
     }
-    let out = install(&rel.0, &fresh, &["v9.9.9"]);
+    let out = install(rel.path(), &fresh, &["v9.9.9"]);
     let (_, stderr) = text(&out);
     assert!(!out.status.success() && stderr.contains("download failed"), "{stderr}");
     assert!(!fresh.join("carve-cni").exists());

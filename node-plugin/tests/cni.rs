@@ -18,7 +18,7 @@ const AGENT: &str = env!("CARGO_BIN_EXE_carve-agent");
 /// A node namespace with a CNI setup: state file, bin and conf dirs, a conflist.
 struct Node {
     dirs: CniDirs,
-    ns: NetNs,
+    ns: Netns,
     net: String,
     state: std::path::PathBuf,
     data: std::path::PathBuf,
@@ -35,8 +35,8 @@ impl Node {
         let state = dirs.root.path().join("run/node-state.json");
         let data = dirs.root.path().join("ipam");
         write_state(&state, cidr, gateway, 1400);
-        let ns = NetNs::new("node");
-        ns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
+        let ns = Netns::unique("node").unwrap();
+        ns.exec("ip", &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).unwrap();
         Node { dirs, ns, net, state, data }
     }
 
@@ -91,32 +91,32 @@ impl Node {
         serde_json::from_slice(&std::fs::read(self.dirs.conf().join(agent_cni::DEFAULT_CONFLIST)).unwrap()).unwrap()
     }
 
-    fn cnitool(&self, cmd: &str, pod: &NetNs) -> (bool, String, String) {
+    fn cnitool(&self, cmd: &str, pod: &Netns) -> (bool, String, String) {
         self.cnitool_with(&cnitool(), cmd, pod)
     }
 
-    fn cnitool_with(&self, tool: &Path, cmd: &str, pod: &NetNs) -> (bool, String, String) {
-        self.dirs.run_cnitool(tool, &self.ns, cmd, &self.net, &pod.path(), "eth0")
+    fn cnitool_with(&self, tool: &Path, cmd: &str, pod: &Netns) -> (bool, String, String) {
+        self.dirs.run_cnitool(tool, &self.ns, cmd, &self.net, pod.path().to_str().unwrap(), "eth0")
     }
 
     /// ADD through `tool`, asserting it succeeds; the result.
-    fn add_with(&self, tool: &Path, pod: &NetNs) -> Value {
+    fn add_with(&self, tool: &Path, pod: &Netns) -> Value {
         let (ok, out, err) = self.cnitool_with(tool, "add", pod);
         assert!(ok, "{} add failed: {out} {err}\nconflist: {}", tool.display(), self.agent_conflist());
         serde_json::from_str(&out).unwrap()
     }
 
     /// CHECK and DEL through `tool`, asserting both succeed and leave nothing behind.
-    fn check_and_del_with(&self, tool: &Path, pod: &NetNs) {
+    fn check_and_del_with(&self, tool: &Path, pod: &Netns) {
         for cmd in ["check", "del"] {
             let (ok, out, err) = self.cnitool_with(tool, cmd, pod);
             assert!(ok, "{} {cmd} failed: {out} {err}\nconflist: {}", tool.display(), self.agent_conflist());
         }
         assert!(stored(&self.data).is_empty(), "address left: {:?}", stored(&self.data));
-        assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]), "eth0 still in the pod");
+        assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok(), "eth0 still in the pod");
     }
 
-    fn add(&self, pod: &NetNs) -> Value {
+    fn add(&self, pod: &Netns) -> Value {
         let (ok, out, err) = self.cnitool("add", pod);
         assert!(ok, "cnitool add failed: {out} {err}\nlog: {}", self.log());
         serde_json::from_str(&out).unwrap()
@@ -154,20 +154,20 @@ impl Node {
     }
 }
 
-fn default_routes(pod: &NetNs) -> Vec<Value> {
-    pod.ip_json(&["route", "show", "default"]).as_array().cloned().unwrap_or_default()
+fn default_routes(pod: &Netns) -> Vec<Value> {
+    pod.ip_json(&["route", "show", "default"]).unwrap().as_array().cloned().unwrap_or_default()
 }
 
 #[test]
 fn add_wires_the_pod_check_del_and_readd() {
     let node = Node::new("10.79.0.0/24", "10.79.0.1", "1.1.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let result = node.add(&pod);
     assert_eq!(result["cniVersion"], "1.1.0");
     assert_eq!(result["ips"][0]["address"], "10.79.0.2/32", "{result}");
     assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
     assert_eq!(result["interfaces"][1]["name"], "eth0");
-    assert_eq!(result["interfaces"][1]["sandbox"], pod.path());
+    assert_eq!(result["interfaces"][1]["sandbox"], pod.path().to_str().unwrap());
     let host_veth = result["interfaces"][0]["name"].as_str().unwrap().to_owned();
     assert!(host_veth.starts_with("carve") && host_veth.len() == 15, "{host_veth}");
 
@@ -177,18 +177,18 @@ fn add_wires_the_pod_check_del_and_readd() {
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0]["gateway"], "169.254.1.1");
     assert_eq!(routes[0]["dev"], "eth0");
-    assert_eq!(pod.ip_json(&["link", "show", "eth0"])[0]["mtu"], 1400);
+    assert_eq!(pod.ip_json(&["link", "show", "eth0"]).unwrap()[0]["mtu"], 1400);
     // On the node: the host veth is up with a /32 route to the pod.
-    let host_routes = node.ns.ip_json(&["route", "show", "10.79.0.2/32"]);
+    let host_routes = node.ns.ip_json(&["route", "show", "10.79.0.2/32"]).unwrap();
     assert_eq!(host_routes[0]["dev"], host_veth.as_str(), "{host_routes}");
     // Traffic both ways.
-    assert!(node.ns.ping("10.79.0.2"), "node cannot ping the pod");
-    assert!(pod.ping(NODE_IP), "pod cannot ping the node");
+    assert!(node.ns.ping("10.79.0.2", 3), "node cannot ping the pod");
+    assert!(pod.ping(NODE_IP, 3), "pod cannot ping the node");
 
     // CHECK passes, then fails once the pod's address is gone.
     let (ok, _, err) = node.cnitool("check", &pod);
     assert!(ok, "CHECK after ADD: {err}\nlog: {}", node.log());
-    pod.exec(&["ip", "addr", "del", "10.79.0.2/32", "dev", "eth0"]);
+    pod.exec("ip", &["addr", "del", "10.79.0.2/32", "dev", "eth0"]).unwrap();
     let (ok, _, err) = node.cnitool("check", &pod);
     assert!(!ok, "CHECK passed without the pod address");
     assert!(err.contains("10.79.0.2"), "CHECK error does not name the address: {err}");
@@ -196,40 +196,40 @@ fn add_wires_the_pod_check_del_and_readd() {
     // DEL: veth and address gone, twice is fine, the address is reused.
     let (ok, _, err) = node.cnitool("del", &pod);
     assert!(ok, "DEL: {err}");
-    assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]), "eth0 still in the pod");
-    assert!(!node.ns.try_exec(&["ip", "link", "show", &host_veth]), "host veth still there");
+    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok(), "eth0 still in the pod");
+    assert!(!node.ns.exec("ip", &["link", "show", &host_veth]).is_ok(), "host veth still there");
     assert!(stored(&node.data).is_empty());
     let (ok, _, err) = node.cnitool("del", &pod);
     assert!(ok, "second DEL: {err}");
     let again = node.add(&pod);
     assert_eq!(again["ips"][0]["address"], "10.79.0.2/32");
-    assert!(node.ns.ping("10.79.0.2"));
+    assert!(node.ns.ping("10.79.0.2", 3));
 
     // DEL after the pod's netns is gone still succeeds and frees the address.
-    let path = pod.path();
-    pod.delete();
+    let path = pod.path().to_str().unwrap().to_string();
+    drop(pod);
     let (code, out) = node.direct("DEL", &stored(&node.data)[0].1, &path, &node.plugin_conf("1.1.0"));
     assert_eq!((code, out), (0, Value::Null));
     assert!(stored(&node.data).is_empty());
-    assert!(!node.ns.try_exec(&["ip", "link", "show", &host_veth]));
+    assert!(!node.ns.exec("ip", &["link", "show", &host_veth]).is_ok());
 }
 
 #[test]
 fn dual_stack_pod_gets_a_128_and_a_fe80_1_default_route() {
     let node = Node::new("10.79.6.0/24", "10.79.6.1", "1.1.0", false);
     write_state_dual(&node.state, ("10.79.6.0/24", "10.79.6.1"), ("fd79:6::/120", "fd79:6::1"), 1400);
-    node.ns.exec(&["ip", "addr", "add", "fd79:ffff::1/128", "dev", "lo"]);
-    let pod = NetNs::new("pod");
+    node.ns.exec("ip", &["addr", "add", "fd79:ffff::1/128", "dev", "lo"]).unwrap();
+    let pod = Netns::unique("pod").unwrap();
     let result = node.add(&pod);
     assert_eq!(result["ips"][0]["address"], "10.79.6.2/32", "{result}");
     assert_eq!(result["ips"][1]["address"], "fd79:6::2/128", "{result}");
     assert_eq!(result["ips"][1]["gateway"], "fe80::1");
     assert_eq!(addrs(&pod, "eth0"), vec!["10.79.6.2/32".to_owned(), "fd79:6::2/128".to_owned()]);
-    let v6 = pod.ip_json(&["-6", "route", "show", "default"]);
+    let v6 = pod.ip_json(&["-6", "route", "show", "default"]).unwrap();
     assert_eq!(v6[0]["gateway"], "fe80::1", "{v6}");
-    assert!(node.ns.ping("fd79:6::2"), "node cannot ping the pod over IPv6");
-    assert!(pod.ping("fd79:ffff::1"), "pod cannot ping the node over IPv6");
-    assert!(pod.ping(NODE_IP), "pod cannot ping the node over IPv4");
+    assert!(node.ns.ping("fd79:6::2", 3), "node cannot ping the pod over IPv6");
+    assert!(pod.ping("fd79:ffff::1", 3), "pod cannot ping the node over IPv6");
+    assert!(pod.ping(NODE_IP, 3), "pod cannot ping the node over IPv4");
     assert!(node.cnitool("check", &pod).0, "CHECK of a dual-stack pod");
     assert!(node.cnitool("del", &pod).0);
     assert!(stored(&node.data).is_empty());
@@ -238,16 +238,16 @@ fn dual_stack_pod_gets_a_128_and_a_fe80_1_default_route() {
 #[test]
 fn two_pods_get_distinct_addresses_and_answer_in_old_versions() {
     let node = Node::new("10.79.1.0/24", "10.79.1.1", "0.4.0", false);
-    let a = NetNs::new("poda");
-    let b = NetNs::new("podb");
+    let a = Netns::unique("poda").unwrap();
+    let b = Netns::unique("podb").unwrap();
     let ra = node.add(&a);
     let rb = node.add(&b);
     assert_eq!(ra["cniVersion"], "0.4.0");
     assert_eq!(ra["ips"][0]["version"], "4", "0.4.0 results carry the IP version: {ra}");
     assert_eq!(ra["ips"][0]["address"], "10.79.1.2/32");
     assert_eq!(rb["ips"][0]["address"], "10.79.1.3/32");
-    assert!(a.ping(NODE_IP) && b.ping(NODE_IP));
-    assert!(node.ns.ping("10.79.1.2") && node.ns.ping("10.79.1.3"));
+    assert!(a.ping(NODE_IP, 3) && b.ping(NODE_IP, 3));
+    assert!(node.ns.ping("10.79.1.2", 3) && node.ns.ping("10.79.1.3", 3));
     for p in [&a, &b] {
         assert!(node.cnitool("del", p).0);
     }
@@ -257,11 +257,11 @@ fn two_pods_get_distinct_addresses_and_answer_in_old_versions() {
 fn chained_with_the_reference_portmap_plugin() {
     // Debian bookworm's portmap speaks CNI up to 1.0.0.
     let node = Node::new("10.79.2.0/24", "10.79.2.1", "1.0.0", true);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let result = node.add(&pod);
     assert_eq!(result["cniVersion"], "1.0.0");
     assert_eq!(result["ips"][0]["address"], "10.79.2.2/32");
-    assert!(node.ns.ping("10.79.2.2"));
+    assert!(node.ns.ping("10.79.2.2", 3));
     let (ok, _, err) = node.cnitool("del", &pod);
     assert!(ok, "DEL through the chain: {err}");
     assert!(stored(&node.data).is_empty());
@@ -270,7 +270,7 @@ fn chained_with_the_reference_portmap_plugin() {
 #[test]
 fn gc_frees_a_leaked_allocation_and_keeps_valid_ones() {
     let node = Node::new("10.79.3.0/24", "10.79.3.1", "1.1.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     node.add(&pod);
     let pod_owner = stored(&node.data)[0].1.clone();
     // A leak: an address allocated for a container that no longer exists.
@@ -283,14 +283,14 @@ fn gc_frees_a_leaked_allocation_and_keeps_valid_ones() {
     assert_eq!(code, 0, "{out}");
     let left: Vec<String> = stored(&node.data).into_iter().map(|(_, c, _)| c).collect();
     assert_eq!(left, vec![pod_owner]);
-    assert!(node.ns.ping("10.79.3.2"), "GC touched a valid pod");
+    assert!(node.ns.ping("10.79.3.2", 3), "GC touched a valid pod");
     assert!(node.cnitool("del", &pod).0);
 }
 
 #[test]
 fn status_is_50_until_the_state_file_exists() {
     let node = Node::new("10.79.4.0/24", "10.79.4.1", "1.1.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let (ok, _, err) = node.cnitool("status", &pod);
     assert!(ok, "STATUS with a state file: {err}");
     std::fs::remove_file(&node.state).unwrap();
@@ -306,15 +306,15 @@ fn status_is_50_until_the_state_file_exists() {
     assert!(!ok, "ADD without state succeeded");
     assert!(err.contains("node-state.json"), "{err}");
     assert!(stored(&node.data).is_empty());
-    assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]));
+    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok());
 }
 
 #[test]
 fn failed_add_rolls_back_the_allocation() {
     let node = Node::new("10.79.5.0/24", "10.79.5.1", "1.1.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     // eth0 already exists in the pod: ADD must fail and release the address.
-    pod.exec(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"]);
+    pod.exec("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"]).unwrap();
     let (ok, _, err) = node.cnitool("add", &pod);
     assert!(!ok, "ADD over an existing eth0 succeeded");
     assert!(err.contains("eth0"), "{err}");
@@ -364,14 +364,14 @@ fn agent_conflist_add_check_del_with_containerd_1_6_libcni() {
     // every sandbox failed with `unsupported CNI result version "1.1.0"`.
     let node = Node::with_agent_conflist("10.79.7.0/24", "10.79.7.1", None);
     let old = cnitool_v1_1_2();
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let result = node.add_with(&old, &pod);
     assert_eq!(result["cniVersion"], "1.0.0", "{result}");
     assert_eq!(result["ips"][0]["address"], "10.79.7.2/32", "{result}");
     assert!(result["interfaces"][1].get("mtu").is_none(), "no 1.1.0 fields in a 1.0.0 result: {result}");
     assert_eq!(addrs(&pod, "eth0"), vec!["10.79.7.2/32".to_owned()]);
-    assert!(node.ns.ping("10.79.7.2"), "node cannot ping the pod");
-    assert!(pod.ping(NODE_IP), "pod cannot ping the node");
+    assert!(node.ns.ping("10.79.7.2", 3), "node cannot ping the pod");
+    assert!(pod.ping(NODE_IP, 3), "pod cannot ping the node");
     node.check_and_del_with(&old, &pod);
     let conflist = node.agent_conflist();
     assert_eq!((&conflist["cniVersion"], &conflist["cniVersions"]), (&json!("1.0.0"), &json!(["1.0.0", "1.1.0"])));
@@ -383,12 +383,12 @@ fn agent_conflist_gives_a_libcni_1_3_runtime_a_1_1_0_result() {
     // highest they know; install-cni put a portmap that speaks it in place.
     let node = Node::with_agent_conflist("10.79.9.0/24", "10.79.9.1", None);
     let tool = cnitool();
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let result = node.add_with(&tool, &pod);
     assert_eq!(result["cniVersion"], "1.1.0", "{result}");
     assert_eq!(result["interfaces"][1]["mtu"], 1400, "1.1.0 results carry the MTU: {result}");
     assert_eq!(result["ips"][0]["address"], "10.79.9.2/32", "{result}");
-    assert!(node.ns.ping("10.79.9.2"), "node cannot ping the pod");
+    assert!(node.ns.ping("10.79.9.2", 3), "node cannot ping the pod");
     let (ok, _, err) = node.cnitool_with(&tool, "status", &pod);
     assert!(ok, "STATUS (CNI 1.1.0 only): {err}");
     node.check_and_del_with(&tool, &pod);
@@ -399,7 +399,7 @@ fn agent_rewrite_keeps_a_lower_cni_version_while_pods_live() {
     // An operator had pinned 0.4.0 and a pod was created under it.
     let node = Node::with_agent_conflist("10.79.10.0/24", "10.79.10.1", Some("0.4.0"));
     let old = cnitool_v1_1_2();
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     assert_eq!(node.add_with(&old, &pod)["cniVersion"], "0.4.0");
     // The pin is dropped: cniVersion stays while the pod lives; libcni >= 1.2 still gets the list.
     let w = node.agent_writes_conflist(None);
@@ -417,7 +417,7 @@ fn agent_rewrite_keeps_a_lower_cni_version_while_pods_live() {
 fn a_pin_raising_under_a_live_pod_strands_it_on_containerd_1_6_until_lowered() {
     let node = Node::with_agent_conflist("10.79.11.0/24", "10.79.11.1", Some("1.0.0"));
     let old = cnitool_v1_1_2();
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     assert_eq!(node.add_with(&old, &pod)["cniVersion"], "1.0.0");
     // What the agent warns about: the pin wins, and libcni v1.1.2 cannot delete the pod.
     let w = node.agent_writes_conflist(Some("1.1.0"));
@@ -462,19 +462,19 @@ fn cni_version_flag_rejects_versions_carve_cni_does_not_speak() {
 
 /// What a runtime can observe of `ip` and the host veth `host_veth` on the node
 /// and in the pod: links, routes, neighbour entries, the store.
-fn observable(node: &Node, pod: &NetNs, host_veth: &str, ip: &str) -> Vec<String> {
+fn observable(node: &Node, pod: &Netns, host_veth: &str, ip: &str) -> Vec<String> {
     let mut seen = Vec::new();
-    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+    let links = node.ns.exec("ip", &["-o", "link", "show"]).unwrap();
     if links.contains(host_veth) {
         seen.push(format!("link {host_veth}"));
     }
     for family in ["-4", "-6"] {
         for table in [["route", "show"], ["neigh", "show"]] {
-            let out = node.ns.exec(&["ip", family, table[0], table[1]]);
+            let out = node.ns.exec("ip", &[family, table[0], table[1]]).unwrap();
             seen.extend(out.lines().filter(|l| l.contains(ip) || l.contains(host_veth)).map(str::to_string));
         }
     }
-    if pod.try_exec(&["ip", "link", "show", "eth0"]) {
+    if pod.exec("ip", &["link", "show", "eth0"]).is_ok() {
         seen.push("eth0 in the pod".into());
     }
     seen.extend(stored(&node.data).into_iter().map(|(ip, c, _)| format!("stored {ip} for {c}")));
@@ -494,7 +494,7 @@ fn processes_of(exe: &str) -> Vec<String> {
 #[test]
 fn del_returns_with_veth_routes_and_neighbours_gone_and_the_same_add_works_at_once() {
     let node = Node::new("10.79.9.0/24", "10.79.9.1", "1.0.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let log = node.dirs.root.path().join("direct.log");
     let mut after_del = Vec::new();
     // The default (the kernel's post-delete wait left to a child) and
@@ -509,11 +509,11 @@ fn del_returns_with_veth_routes_and_neighbours_gone_and_the_same_add_works_at_on
         let detached = || std::fs::read_to_string(&log).unwrap_or_default().matches("(detached)").count();
         let detached_before = detached();
         for round in 0..10 {
-            let (code, out) = node.direct("ADD", &id, &pod.path(), &conf);
+            let (code, out) = node.direct("ADD", &id, pod.path().to_str().unwrap(), &conf);
             assert_eq!(code, 0, "ADD {round} (sync {sync}): {out}");
             let ip = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
             assert!(!observable(&node, &pod, &host_veth, &ip).is_empty(), "ADD wired nothing");
-            let (code, out) = node.direct("DEL", &id, &pod.path(), &conf);
+            let (code, out) = node.direct("DEL", &id, pod.path().to_str().unwrap(), &conf);
             assert_eq!(code, 0, "DEL {round} (sync {sync}): {out}");
             // Checked at once: DEL's return means done.
             let seen = observable(&node, &pod, &host_veth, &ip);
@@ -528,28 +528,28 @@ fn del_returns_with_veth_routes_and_neighbours_gone_and_the_same_add_works_at_on
     // A second later nothing lingers: no plugin process, no carve link.
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert!(processes_of(CNI).is_empty(), "carve-cni processes still running: {:?}", processes_of(CNI));
-    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+    let links = node.ns.exec("ip", &["-o", "link", "show"]).unwrap();
     assert!(!links.contains("carve"), "{links}");
 }
 
 #[test]
 fn any_other_ipam_type_is_exec_d_from_cni_path() {
     let node = Node::new("10.79.7.0/24", "10.79.7.1", "1.0.0", false);
-    let pod = NetNs::new("pod");
+    let pod = Netns::unique("pod").unwrap();
     let data = node.dirs.root.path().join("host-local");
     let conf = json!({
         "cniVersion": "1.0.0", "name": node.net, "type": "carve-cni", "stateFile": node.state,
         "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.79.8.0/24" }]], "dataDir": data },
     });
-    let (code, out) = node.direct("ADD", "delegated", &pod.path(), &conf);
+    let (code, out) = node.direct("ADD", "delegated", pod.path().to_str().unwrap(), &conf);
     assert_eq!(code, 0, "{out}");
     let ip = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
     assert!(ip.starts_with("10.79.8."), "the address comes from host-local's range: {out}");
     assert_eq!(addrs(&pod, "eth0"), [format!("{ip}/32")]);
     assert!(data.join(&node.net).join(&ip).exists(), "host-local recorded {ip}");
     assert!(stored(&node.data).is_empty(), "carve-ipam's store is not involved");
-    let (code, out) = node.direct("DEL", "delegated", &pod.path(), &conf);
+    let (code, out) = node.direct("DEL", "delegated", pod.path().to_str().unwrap(), &conf);
     assert_eq!(code, 0, "{out}");
     assert!(!data.join(&node.net).join(&ip).exists(), "DEL went through host-local");
-    assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]));
+    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok());
 }

@@ -1,84 +1,26 @@
 //! carve-agent's dataplane on a real kernel: each test makes its own network
-//! namespaces (`agt-<pid>-…`, deleted by a Drop guard even on panic), runs the
+//! namespaces (`carve_e2e::netns::Netns::unique`, deleted on drop even on panic), runs the
 //! planning + netlink/nft apply on a thread that entered the namespace, and
 //! asserts with `ip -j`, `bridge -j` and `nft -j` inside it. Needs root, `ip`,
 //! `bridge`, `nft` and `ping`.
 
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
+use carve_e2e::netns::Netns;
 use carve_node_plugin::dataplane::netlink::Netlink;
 use carve_node_plugin::dataplane::plan::{self, OverlayConfig, Peer, vtep_mac};
 use carve_node_plugin::dataplane::{self, Applied, DataplaneError};
 use carve_node_plugin::state::NodeState;
-use serde_json::Value;
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("agt-{}-{}-{tag}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs a command inside the namespace; panics with its stderr when it fails.
-    fn exec(&self, cmd: &[&str]) -> String {
-        let mut args = vec!["netns", "exec", &self.name];
-        args.extend_from_slice(cmd);
-        run("ip", &args)
-    }
-
-    fn try_exec(&self, cmd: &[&str]) -> bool {
-        Command::new("ip").args(["netns", "exec", &self.name]).args(cmd).output().unwrap().status.success()
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut cmd = vec!["ip"];
-        cmd.extend_from_slice(args);
-        self.exec(&cmd)
-    }
-
-    fn json(&self, cmd: &[&str]) -> Value {
-        let out = self.exec(cmd);
-        if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out).unwrap() }
-    }
-
-    /// Runs `f` with this thread in the namespace (and back afterwards).
-    fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
-        let fd = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
-        carve_node_plugin::netlink::in_netns(&fd, f).unwrap()
-    }
-
-    /// Plans and applies the dataplane inside the namespace.
-    fn apply(&self, state: &NodeState, peers: &[Peer], overlay: &OverlayConfig) -> Result<Applied, DataplaneError> {
-        let desired = plan::plan(state, peers, overlay).unwrap();
-        self.enter(|| {
-            let mut nl = Netlink::open()?;
-            dataplane::apply(&mut nl, &desired, &overlay.device, std::path::Path::new("/proc/sys"))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+/// Plans and applies the dataplane inside `ns`.
+fn apply(ns: &Netns, state: &NodeState, peers: &[Peer], overlay: &OverlayConfig) -> Result<Applied, DataplaneError> {
+    let desired = plan::plan(state, peers, overlay).unwrap();
+    ns.enter(|| {
+        let mut nl = Netlink::open()?;
+        dataplane::apply(&mut nl, &desired, &overlay.device, std::path::Path::new("/proc/sys"))
+    })
+    .unwrap()
 }
 
 fn node_state(mode: PoolMode, node: &str, node_ip: &str, blocks: &[&str], cluster: &[&str]) -> NodeState {
@@ -111,7 +53,8 @@ fn overlay_config() -> OverlayConfig {
 /// `(dst, gateway, dev, onlink)` of every route with carve's protocol.
 fn carve_routes(ns: &Netns) -> Vec<(String, String, String, bool)> {
     let mut routes: Vec<_> = ns
-        .json(&["ip", "-j", "route", "show", "proto", "202"])
+        .exec_json("ip", &["-j", "route", "show", "proto", "202"])
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
@@ -130,7 +73,8 @@ fn carve_routes(ns: &Netns) -> Vec<(String, String, String, bool)> {
 
 fn neighbours(ns: &Netns, dev: &str) -> Vec<(String, String)> {
     let mut n: Vec<_> = ns
-        .json(&["ip", "-j", "neigh", "show", "dev", dev, "nud", "permanent"])
+        .exec_json("ip", &["-j", "neigh", "show", "dev", dev, "nud", "permanent"])
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
@@ -142,7 +86,8 @@ fn neighbours(ns: &Netns, dev: &str) -> Vec<(String, String)> {
 
 fn fdb(ns: &Netns, dev: &str) -> Vec<(String, String)> {
     let mut f: Vec<_> = ns
-        .json(&["bridge", "-j", "fdb", "show", "dev", dev])
+        .exec_json("bridge", &["-j", "fdb", "show", "dev", dev])
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
@@ -155,10 +100,10 @@ fn fdb(ns: &Netns, dev: &str) -> Vec<(String, String)> {
 
 /// The no-masquerade set's elements and the masquerade rules' source prefixes of `table <family> carve`.
 fn snat(ns: &Netns, family: &str) -> Option<(Vec<String>, Vec<String>)> {
-    if !ns.try_exec(&["nft", "list", "table", family, "carve"]) {
+    if !ns.exec("nft", &["list", "table", family, "carve"]).is_ok() {
         return None;
     }
-    let doc = ns.json(&["nft", "-j", "list", "table", family, "carve"]);
+    let doc = ns.exec_json("nft", &["-j", "list", "table", family, "carve"]).unwrap();
     let mut elements = Vec::new();
     let mut sources = Vec::new();
     for obj in doc["nftables"].as_array().unwrap() {
@@ -184,11 +129,11 @@ fn mac(ip: &str) -> String {
 
 /// A node namespace with an underlay interface `eth0` (one end of a veth pair) holding `cidr`.
 fn node_with_underlay(tag: &str, cidr: &str) -> Netns {
-    let ns = Netns::new(tag);
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
-    ns.ip(&["addr", "add", cidr, "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0p", "up"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
+    let ns = Netns::unique(tag).unwrap();
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    ns.ip(&["addr", "add", cidr, "dev", "eth0"]).unwrap();
+    ns.ip(&["link", "set", "eth0p", "up"]).unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
     ns
 }
 
@@ -198,10 +143,10 @@ fn overlay_programs_vxlan_routes_neighbours_fdb_and_snat() {
     let me = node_state(PoolMode::Overlay, "node-a", "192.168.50.10", &["10.244.1.0/24"], &["10.244.0.0/16"]);
     let peers =
         [peer("node-b", "192.168.50.11", &["10.244.2.0/24"]), peer("node-c", "192.168.50.12", &["10.244.3.0/24"])];
-    let applied = ns.apply(&me, &peers, &overlay_config()).unwrap();
+    let applied = apply(&ns, &me, &peers, &overlay_config()).unwrap();
     assert_eq!(applied.routes.add.len(), 2);
 
-    let link = &ns.json(&["ip", "-d", "-j", "link", "show", "carve.vxlan"])[0];
+    let link = &ns.exec_json("ip", &["-d", "-j", "link", "show", "carve.vxlan"]).unwrap()[0];
     let data = &link["linkinfo"]["info_data"];
     assert_eq!(link["linkinfo"]["info_kind"], "vxlan");
     assert_eq!(data["id"], 4242);
@@ -210,7 +155,7 @@ fn overlay_programs_vxlan_routes_neighbours_fdb_and_snat() {
     assert_eq!(link["mtu"], 1400);
     assert_eq!(link["address"], mac("192.168.50.10"));
     assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "{link}");
-    let addrs = ns.json(&["ip", "-j", "-4", "addr", "show", "dev", "carve.vxlan"]);
+    let addrs = ns.exec_json("ip", &["-j", "-4", "addr", "show", "dev", "carve.vxlan"]).unwrap();
     assert_eq!(addrs[0]["addr_info"][0]["local"], "10.244.1.0");
     assert_eq!(addrs[0]["addr_info"][0]["prefixlen"], 32);
 
@@ -230,12 +175,12 @@ fn overlay_programs_vxlan_routes_neighbours_fdb_and_snat() {
     assert!(snat(&ns, "ip6").is_none(), "no IPv6 blocks, no ip6 table");
 
     // Applying again changes nothing, and the nft table still holds one rule.
-    let again = ns.apply(&me, &peers, &overlay_config()).unwrap();
+    let again = apply(&ns, &me, &peers, &overlay_config()).unwrap();
     assert!(again.is_noop(), "second apply changed {again:?}");
     assert_eq!(snat(&ns, "ip").unwrap().1.len(), 1);
 
     // node-c leaves: its route, neighbour and FDB entry go; node-b's stay.
-    let gone = ns.apply(&me, &peers[..1], &overlay_config()).unwrap();
+    let gone = apply(&ns, &me, &peers[..1], &overlay_config()).unwrap();
     assert_eq!(gone.routes.remove.len(), 1);
     assert_eq!(carve_routes(&ns), vec![onlink("10.244.2.0/24", "10.244.2.0")]);
     assert_eq!(neighbours(&ns, "carve.vxlan"), vec![("10.244.2.0".to_string(), mac("192.168.50.11"))]);
@@ -247,27 +192,29 @@ fn restart_removes_stale_carve_entries_and_keeps_foreign_ones() {
     let ns = node_with_underlay("stale", "192.168.51.10/24");
     let me = node_state(PoolMode::Overlay, "node-a", "192.168.51.10", &["10.244.1.0/24"], &["10.244.0.0/16"]);
     let peers = [peer("node-b", "192.168.51.11", &["10.244.2.0/24"])];
-    ns.apply(&me, &peers, &overlay_config()).unwrap();
+    apply(&ns, &me, &peers, &overlay_config()).unwrap();
 
     // What a previous run (or an admin) left behind.
-    ns.ip(&["route", "add", "10.244.9.0/24", "via", "10.244.9.0", "dev", "carve.vxlan", "onlink", "proto", "202"]);
-    ns.ip(&["neigh", "add", "10.244.9.0", "lladdr", "0e:ca:01:02:03:04", "dev", "carve.vxlan", "nud", "permanent"]);
+    ns.ip(&["route", "add", "10.244.9.0/24", "via", "10.244.9.0", "dev", "carve.vxlan", "onlink", "proto", "202"])
+        .unwrap();
+    ns.ip(&["neigh", "add", "10.244.9.0", "lladdr", "0e:ca:01:02:03:04", "dev", "carve.vxlan", "nud", "permanent"])
+        .unwrap();
     run_bridge(
         &ns,
         &["fdb", "add", "0e:ca:01:02:03:04", "dev", "carve.vxlan", "dst", "192.168.51.99", "self", "permanent"],
     );
-    ns.ip(&["route", "add", "10.99.0.0/24", "via", "192.168.51.1"]); // not carve's: kept
-    ns.exec(&["nft", "add", "rule", "ip", "carve", "postrouting", "masquerade"]); // stray rule in carve's table
+    ns.ip(&["route", "add", "10.99.0.0/24", "via", "192.168.51.1"]).unwrap(); // not carve's: kept
+    ns.exec("nft", &["add", "rule", "ip", "carve", "postrouting", "masquerade"]).unwrap(); // stray rule in carve's table
     // A pod's host route (what carve-cni installs): not carve's protocol, kept.
-    ns.ip(&["route", "add", "10.244.1.5/32", "dev", "eth0", "scope", "link"]);
-    let applied = ns.apply(&me, &peers, &overlay_config()).unwrap();
+    ns.ip(&["route", "add", "10.244.1.5/32", "dev", "eth0", "scope", "link"]).unwrap();
+    let applied = apply(&ns, &me, &peers, &overlay_config()).unwrap();
     assert_eq!(applied.routes.remove.len(), 1, "{applied:?}");
     assert_eq!(applied.neighbours.remove.len(), 1);
     assert_eq!(applied.fdb.remove.len(), 1);
     assert_eq!(carve_routes(&ns), vec![("10.244.2.0/24".into(), "10.244.2.0".into(), "carve.vxlan".into(), true)]);
     assert_eq!(neighbours(&ns, "carve.vxlan").len(), 1);
     assert_eq!(fdb(&ns, "carve.vxlan").len(), 1);
-    let all = ns.json(&["ip", "-j", "route", "show"]);
+    let all = ns.exec_json("ip", &["-j", "route", "show"]).unwrap();
     let dsts: Vec<&str> = all.as_array().unwrap().iter().map(|r| r["dst"].as_str().unwrap()).collect();
     assert!(dsts.contains(&"10.99.0.0/24") && dsts.contains(&"10.244.1.5"), "{dsts:?}");
     assert_eq!(snat(&ns, "ip").unwrap().1, ["10.244.1.0/24"], "the stray rule is gone");
@@ -275,29 +222,31 @@ fn restart_removes_stale_carve_entries_and_keeps_foreign_ones() {
     // A device whose VNI changed is recreated with the new settings.
     let mut cfg = overlay_config();
     cfg.vni = 4343;
-    let applied = ns.apply(&me, &peers, &cfg).unwrap();
-    assert_eq!(ns.json(&["ip", "-d", "-j", "link", "show", "carve.vxlan"])[0]["linkinfo"]["info_data"]["id"], 4343);
+    let applied = apply(&ns, &me, &peers, &cfg).unwrap();
+    assert_eq!(
+        ns.exec_json("ip", &["-d", "-j", "link", "show", "carve.vxlan"]).unwrap()[0]["linkinfo"]["info_data"]["id"],
+        4343
+    );
     assert_eq!(applied.routes.add.len(), 1);
     assert_eq!(carve_routes(&ns).len(), 1);
 }
 
 fn run_bridge(ns: &Netns, args: &[&str]) {
-    let mut cmd = vec!["bridge"];
-    cmd.extend_from_slice(args);
-    ns.exec(&cmd);
+    ns.exec("bridge", args).unwrap();
 }
 
 #[test]
 fn vnet_routes_via_node_ips_without_vxlan() {
     let ns = node_with_underlay("vnet", "10.1.0.4/16");
     // Left over from an Overlay configuration: VNet removes it.
-    ns.ip(&["link", "add", "carve.vxlan", "type", "vxlan", "id", "4242", "dstport", "4789", "local", "10.1.0.4"]);
+    ns.ip(&["link", "add", "carve.vxlan", "type", "vxlan", "id", "4242", "dstport", "4789", "local", "10.1.0.4"])
+        .unwrap();
     let me = node_state(PoolMode::VNet, "node-a", "10.1.0.4", &["10.1.1.0/28", "10.1.1.16/28"], &["10.1.0.0/16"]);
     let peers =
         [peer("node-b", "10.1.0.5", &["10.1.1.32/28"]), peer("node-c", "10.1.0.6", &["10.1.1.48/28", "10.1.1.64/28"])];
-    let applied = ns.apply(&me, &peers, &overlay_config()).unwrap();
+    let applied = apply(&ns, &me, &peers, &overlay_config()).unwrap();
     assert!(applied.vxlan_removed);
-    assert!(!ns.try_exec(&["ip", "link", "show", "carve.vxlan"]), "no VXLAN device in VNet mode");
+    assert!(!ns.exec("ip", &["link", "show", "carve.vxlan"]).is_ok(), "no VXLAN device in VNet mode");
     let plain = |dst: &str, gw: &str| (dst.to_string(), gw.to_string(), "eth0".to_string(), false);
     assert_eq!(
         carve_routes(&ns),
@@ -306,8 +255,8 @@ fn vnet_routes_via_node_ips_without_vxlan() {
     let (elements, sources) = snat(&ns, "ip").unwrap();
     assert_eq!(elements, ["10.1.0.0/16", "172.16.0.0/12"], "no SNAT inside the VNet");
     assert_eq!(sources, ["10.1.1.0/28", "10.1.1.16/28"]);
-    assert!(ns.apply(&me, &peers, &overlay_config()).unwrap().is_noop());
-    ns.apply(&me, &peers[1..], &overlay_config()).unwrap();
+    assert!(apply(&ns, &me, &peers, &overlay_config()).unwrap().is_noop());
+    apply(&ns, &me, &peers[1..], &overlay_config()).unwrap();
     assert_eq!(carve_routes(&ns).len(), 2);
 }
 
@@ -317,47 +266,53 @@ fn vnet_routes_via_node_ips_without_vxlan() {
 /// the ping only comes back when SNAT happened).
 #[test]
 fn two_overlay_nodes_reach_each_other_over_vxlan_and_snat_to_the_outside() {
-    let lan = Netns::new("lan");
-    lan.ip(&["link", "add", "br0", "type", "bridge"]);
-    lan.ip(&["link", "set", "br0", "up"]);
-    let a = Netns::new("a");
-    let b = Netns::new("b");
-    let ext = Netns::new("ext");
-    for (ns, addr) in [(&a, "192.168.60.1/24"), (&b, "192.168.60.2/24"), (&ext, "192.168.60.3/24")] {
-        let port = format!("p{}", NEXT.fetch_add(1, Ordering::SeqCst));
-        lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-        lan.ip(&["link", "set", &port, "master", "br0", "up"]);
-        ns.ip(&["addr", "add", addr, "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
+    let lan = Netns::unique("lan").unwrap();
+    lan.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    lan.ip(&["link", "set", "br0", "up"]).unwrap();
+    let a = Netns::unique("a").unwrap();
+    let b = Netns::unique("b").unwrap();
+    let ext = Netns::unique("ext").unwrap();
+    for (i, (ns, addr)) in
+        [(&a, "192.168.60.1/24"), (&b, "192.168.60.2/24"), (&ext, "192.168.60.3/24")].into_iter().enumerate()
+    {
+        let port = format!("p{i}");
+        lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]).unwrap();
+        lan.ip(&["link", "set", &port, "master", "br0", "up"]).unwrap();
+        ns.ip(&["addr", "add", addr, "dev", "eth0"]).unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
     }
     let cluster = ["10.244.0.0/16"];
     let sa = node_state(PoolMode::Overlay, "node-a", "192.168.60.1", &["10.244.1.0/24"], &cluster);
     let sb = node_state(PoolMode::Overlay, "node-b", "192.168.60.2", &["10.244.2.0/24"], &cluster);
     let peers =
         [peer("node-a", "192.168.60.1", &["10.244.1.0/24"]), peer("node-b", "192.168.60.2", &["10.244.2.0/24"])];
-    a.apply(&sa, &peers, &overlay_config()).unwrap();
-    b.apply(&sb, &peers, &overlay_config()).unwrap();
+    apply(&a, &sa, &peers, &overlay_config()).unwrap();
+    apply(&b, &sb, &peers, &overlay_config()).unwrap();
     for (ns, pod) in [(&a, "10.244.1.10/32"), (&b, "10.244.2.10/32")] {
-        ns.ip(&["link", "add", "pod0", "type", "veth", "peer", "name", "pod0p"]);
-        ns.ip(&["addr", "add", pod, "dev", "pod0"]);
-        ns.ip(&["link", "set", "pod0p", "up"]);
-        ns.ip(&["link", "set", "pod0", "up"]);
+        ns.ip(&["link", "add", "pod0", "type", "veth", "peer", "name", "pod0p"]).unwrap();
+        ns.ip(&["addr", "add", pod, "dev", "pod0"]).unwrap();
+        ns.ip(&["link", "set", "pod0p", "up"]).unwrap();
+        ns.ip(&["link", "set", "pod0", "up"]).unwrap();
     }
 
     let tx_before =
-        a.json(&["ip", "-s", "-j", "link", "show", "carve.vxlan"])[0]["stats64"]["tx"]["packets"].as_u64().unwrap();
-    a.exec(&["ping", "-c", "2", "-W", "2", "-I", "10.244.1.10", "10.244.2.10"]);
+        a.exec_json("ip", &["-s", "-j", "link", "show", "carve.vxlan"]).unwrap()[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .unwrap();
+    a.exec("ping", &["-c", "2", "-W", "2", "-I", "10.244.1.10", "10.244.2.10"]).unwrap();
     let tx_after =
-        a.json(&["ip", "-s", "-j", "link", "show", "carve.vxlan"])[0]["stats64"]["tx"]["packets"].as_u64().unwrap();
+        a.exec_json("ip", &["-s", "-j", "link", "show", "carve.vxlan"]).unwrap()[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .unwrap();
     assert!(tx_after >= tx_before + 2, "the pings did not cross carve.vxlan ({tx_before} → {tx_after})");
-    b.exec(&["ping", "-c", "1", "-W", "2", "-I", "10.244.2.10", "10.244.1.10"]);
+    b.exec("ping", &["-c", "1", "-W", "2", "-I", "10.244.2.10", "10.244.1.10"]).unwrap();
 
     // External host: reachable from a pod address only through SNAT.
-    a.exec(&["ping", "-c", "1", "-W", "2", "-I", "10.244.1.10", "192.168.60.3"]);
-    ext.exec(&["nft", "add", "table", "ip", "probe"]);
-    ext.exec(&["nft", "add", "chain", "ip", "probe", "in", "{ type filter hook input priority 0; }"]);
-    ext.exec(&["nft", "add", "rule", "ip", "probe", "in", "ip", "saddr", "10.244.0.0/16", "counter", "drop"]);
-    b.exec(&["ping", "-c", "1", "-W", "2", "-I", "10.244.2.10", "192.168.60.3"]);
-    let rules = ext.exec(&["nft", "list", "chain", "ip", "probe", "in"]);
+    a.exec("ping", &["-c", "1", "-W", "2", "-I", "10.244.1.10", "192.168.60.3"]).unwrap();
+    ext.exec("nft", &["add", "table", "ip", "probe"]).unwrap();
+    ext.exec("nft", &["add", "chain", "ip", "probe", "in", "{ type filter hook input priority 0; }"]).unwrap();
+    ext.exec("nft", &["add", "rule", "ip", "probe", "in", "ip", "saddr", "10.244.0.0/16", "counter", "drop"]).unwrap();
+    b.exec("ping", &["-c", "1", "-W", "2", "-I", "10.244.2.10", "192.168.60.3"]).unwrap();
+    let rules = ext.exec("nft", &["list", "chain", "ip", "probe", "in"]).unwrap();
     assert!(rules.contains("packets 0 "), "a pod address reached the external host: {rules}");
 }

@@ -237,16 +237,16 @@ fn works_under_the_reference_bridge_plugin() {
             "ipam": { "type": "carve-ipam", "stateFile": state, "dataDir": dirs.root.path().join("data") }
         }]),
     );
-    let node = NetNs::new("node");
-    let pod = NetNs::new("pod");
-    let (ok, stdout, stderr) = dirs.cnitool(&node, "add", &name, &pod.path(), "eth0");
+    let node = Netns::unique("node").unwrap();
+    let pod = Netns::unique("pod").unwrap();
+    let (ok, stdout, stderr) = dirs.cnitool(&node, "add", &name, pod.path().to_str().unwrap(), "eth0");
     assert!(ok, "cnitool add: {stdout} {stderr}");
     let result: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(result["ips"][0]["address"], "10.78.0.2/24", "{result}");
     assert_eq!(addrs(&pod, "eth0"), vec!["10.78.0.2/24".to_owned()]);
-    assert!(pod.ping("10.78.0.1"), "pod cannot ping the bridge gateway");
-    assert!(node.ping("10.78.0.2"), "node cannot ping the pod");
-    let (ok, _, stderr) = dirs.cnitool(&node, "del", &name, &pod.path(), "eth0");
+    assert!(pod.ping("10.78.0.1", 3), "pod cannot ping the bridge gateway");
+    assert!(node.ping("10.78.0.2", 3), "node cannot ping the pod");
+    let (ok, _, stderr) = dirs.cnitool(&node, "del", &name, pod.path().to_str().unwrap(), "eth0");
     assert!(ok, "cnitool del: {stderr}");
     assert!(stored(&dirs.root.path().join("data")).is_empty());
 }

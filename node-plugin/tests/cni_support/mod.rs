@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
+pub use carve_e2e::netns::Netns;
 use carve_node_plugin::state::{self, NodeState};
 use serde_json::Value;
 
@@ -17,12 +18,8 @@ pub fn unique() -> String {
     format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
 }
 
+pub use carve_e2e::testkit::temp_dir;
 pub use tempfile::TempDir;
-
-/// A directory (`carve-test-<tag>-…` in the temp dir) removed on drop.
-pub fn temp_dir(tag: &str) -> TempDir {
-    tempfile::Builder::new().prefix(&format!("carve-test-{tag}-")).tempdir().unwrap()
-}
 
 /// Writes a node state file with one IPv4 block (and its gateway, the first address).
 pub fn write_state(path: &Path, cidr: &str, gateway: &str, mtu: u32) {
@@ -123,60 +120,6 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// A named network namespace `cnit-<pid>-<n>-<tag>`, deleted on drop (also on panic).
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new(tag: &str) -> Self {
-        let name = format!("cnit-{}-{tag}", unique());
-        sh(&["ip", "netns", "add", &name]);
-        let ns = NetNs { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-
-    /// Runs a command inside the namespace; panics on failure.
-    pub fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    /// Runs a command inside the namespace; returns whether it succeeded.
-    pub fn try_exec(&self, args: &[&str]) -> bool {
-        Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().is_ok_and(|o| o.status.success())
-    }
-
-    /// `ip -j <args>` inside the namespace, parsed.
-    pub fn ip_json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["ip", "-j"];
-        full.extend_from_slice(args);
-        let out = self.exec(&full);
-        if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out).unwrap() }
-    }
-
-    /// `ping -c1 -W1 <dst>` from this namespace (retried briefly).
-    pub fn ping(&self, dst: &str) -> bool {
-        (0..3).any(|_| self.try_exec(&["ping", "-c", "1", "-W", "1", dst]))
-    }
-
-    pub fn delete(&self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        self.delete();
-    }
-}
-
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -184,8 +127,9 @@ pub fn sh(args: &[&str]) -> String {
 }
 
 /// Global addresses (as "ip/prefix") on `dev` in `ns` (link-local ones left out).
-pub fn addrs(ns: &NetNs, dev: &str) -> Vec<String> {
+pub fn addrs(ns: &Netns, dev: &str) -> Vec<String> {
     ns.ip_json(&["addr", "show", "dev", dev])
+        .unwrap()
         .as_array()
         .into_iter()
         .flatten()
@@ -195,21 +139,9 @@ pub fn addrs(ns: &NetNs, dev: &str) -> Vec<String> {
         .collect()
 }
 
-/// The control plane bin dir (cnitool, cnitool-v1.1.2, cni-plugins/), from the
-/// control plane bins script, run once per test process (builds nothing when cached).
+/// The control plane bin dir (cnitool, cnitool-v1.1.2, cni-plugins/), built once and cached.
 pub fn control_plane_bin_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
-            return PathBuf::from(dir);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/scripts/control-plane-bins.sh");
-        let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
-        assert!(out.status.success(), "control-plane-bins.sh failed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(stdout.lines().last().unwrap().trim())
-    })
-    .clone()
+    carve_e2e::controlplane::control_plane_bins().expect("the control plane binaries")
 }
 
 /// The current cnitool (libcni >= 1.2: reads a conflist's `cniVersions`, knows CNI 1.1.0).
@@ -296,7 +228,7 @@ impl CniDirs {
 
     /// `cnitool <cmd> <net> <netns>`, run inside `host` (the "node" namespace);
     /// returns success, stdout and stderr.
-    pub fn cnitool(&self, host: &NetNs, cmd: &str, net: &str, netns: &str, ifname: &str) -> (bool, String, String) {
+    pub fn cnitool(&self, host: &Netns, cmd: &str, net: &str, netns: &str, ifname: &str) -> (bool, String, String) {
         self.run_cnitool(&cnitool(), host, cmd, net, netns, ifname)
     }
 
@@ -304,7 +236,7 @@ impl CniDirs {
     pub fn run_cnitool(
         &self,
         tool: &Path,
-        host: &NetNs,
+        host: &Netns,
         cmd: &str,
         net: &str,
         netns: &str,

@@ -29,12 +29,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::bench::{metrics, process};
+use crate::{ControlPlane, Options};
 use anyhow::{Context, Result, anyhow, bail};
 use carve_controller::allocator::{PoolBlocks, PoolLayout};
 use carve_crds::net::IpFamily;
 use carve_crds::{NodeBlock, NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidr, PoolMode};
-use crate::bench::{metrics, process};
-use crate::{ControlPlane, Options};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
@@ -46,7 +46,6 @@ use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::oneshot;
-
 
 mod contender;
 mod micro;

@@ -80,7 +80,12 @@ pub(super) async fn raw_writes(client: Client, name: String, uid: String) -> Res
 }
 
 /// The raw contender: a Node watch feeding `concurrency` Nodes' writes at a time.
-pub(super) async fn raw_writer(client: Client, concurrency: usize, ready: oneshot::Sender<()>, errors: Arc<AtomicUsize>) {
+pub(super) async fn raw_writer(
+    client: Client,
+    concurrency: usize,
+    ready: oneshot::Sender<()>,
+    errors: Arc<AtomicUsize>,
+) {
     let (tx, rx) = futures::channel::mpsc::unbounded::<(String, String)>();
     let feed_client = client.clone();
     let feeder = async move {

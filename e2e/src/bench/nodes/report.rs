@@ -139,7 +139,11 @@ pub(super) fn print_table(sizes: &[usize], results: &Results) {
         );
         let rss = rss(n);
         if n >= 5000 {
-            println!("  N={n:<5} carve peak RSS {:>6} MiB (<= 40 MiB at 5000 nodes) {}", fmt_opt(rss, 1), verdict(rss.map(|r| r <= 40.0)));
+            println!(
+                "  N={n:<5} carve peak RSS {:>6} MiB (<= 40 MiB at 5000 nodes) {}",
+                fmt_opt(rss, 1),
+                verdict(rss.map(|r| r <= 40.0))
+            );
         } else {
             println!("  N={n:<5} carve peak RSS {:>6} MiB (the 40 MiB target is set at 5000 nodes)", fmt_opt(rss, 1));
         }
