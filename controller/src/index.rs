@@ -161,10 +161,6 @@ fn layout_of(view: &PoolView) -> Result<PoolLayout, String> {
 }
 
 impl Index {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Rebuilds every pool from `views`, keeping every block already held.
     pub fn set_pools(&mut self, mut views: Vec<PoolView>) {
         views.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
@@ -245,10 +241,6 @@ impl Index {
 
     pub fn holdings(&self) -> impl Iterator<Item = (&String, &Holding)> {
         self.holdings.iter()
-    }
-
-    pub fn owner_of(&self, block: &IpNet) -> Option<&str> {
-        self.owners.get(block).map(String::as_str)
     }
 
     /// Records blocks the API says node `node` (incarnation `uid`) holds.
@@ -469,6 +461,16 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Index {
+        fn new() -> Self {
+            Self::default()
+        }
+
+        fn owner_of(&self, block: &IpNet) -> Option<&str> {
+            self.owners.get(block).map(String::as_str)
+        }
+    }
 
     fn pool(name: &str, created: &str, cidrs: &[&str]) -> PoolView {
         PoolView {

@@ -4,6 +4,7 @@
 //! `views` translates objects, `reconcile` does the API I/O, `leader` holds
 //! the Lease and `metrics` serves /metrics.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod allocator;
 pub mod check;
@@ -13,6 +14,6 @@ pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod run;
-pub mod selector;
+mod selector;
 mod status;
 pub mod views;

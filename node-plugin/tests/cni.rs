@@ -113,7 +113,7 @@ impl Node {
             assert!(ok, "{} {cmd} failed: {out} {err}\nconflist: {}", tool.display(), self.agent_conflist());
         }
         assert!(stored(&self.data).is_empty(), "address left: {:?}", stored(&self.data));
-        assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok(), "eth0 still in the pod");
+        assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err(), "eth0 still in the pod");
     }
 
     fn add(&self, pod: &Netns) -> Value {
@@ -196,8 +196,8 @@ fn add_wires_the_pod_check_del_and_readd() {
     // DEL: veth and address gone, twice is fine, the address is reused.
     let (ok, _, err) = node.cnitool("del", &pod);
     assert!(ok, "DEL: {err}");
-    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok(), "eth0 still in the pod");
-    assert!(!node.ns.exec("ip", &["link", "show", &host_veth]).is_ok(), "host veth still there");
+    assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err(), "eth0 still in the pod");
+    assert!(node.ns.exec("ip", &["link", "show", &host_veth]).is_err(), "host veth still there");
     assert!(stored(&node.data).is_empty());
     let (ok, _, err) = node.cnitool("del", &pod);
     assert!(ok, "second DEL: {err}");
@@ -211,7 +211,7 @@ fn add_wires_the_pod_check_del_and_readd() {
     let (code, out) = node.direct("DEL", &stored(&node.data)[0].1, &path, &node.plugin_conf("1.1.0"));
     assert_eq!((code, out), (0, Value::Null));
     assert!(stored(&node.data).is_empty());
-    assert!(!node.ns.exec("ip", &["link", "show", &host_veth]).is_ok());
+    assert!(node.ns.exec("ip", &["link", "show", &host_veth]).is_err());
 }
 
 #[test]
@@ -306,7 +306,7 @@ fn status_is_50_until_the_state_file_exists() {
     assert!(!ok, "ADD without state succeeded");
     assert!(err.contains("node-state.json"), "{err}");
     assert!(stored(&node.data).is_empty());
-    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok());
+    assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err());
 }
 
 #[test]
@@ -551,5 +551,5 @@ fn any_other_ipam_type_is_exec_d_from_cni_path() {
     let (code, out) = node.direct("DEL", "delegated", pod.path().to_str().unwrap(), &conf);
     assert_eq!(code, 0, "{out}");
     assert!(!data.join(&node.net).join(&ip).exists(), "DEL went through host-local");
-    assert!(!pod.exec("ip", &["link", "show", "eth0"]).is_ok());
+    assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err());
 }

@@ -100,7 +100,7 @@ fn fdb(ns: &Netns, dev: &str) -> Vec<(String, String)> {
 
 /// The no-masquerade set's elements and the masquerade rules' source prefixes of `table <family> carve`.
 fn snat(ns: &Netns, family: &str) -> Option<(Vec<String>, Vec<String>)> {
-    if !ns.exec("nft", &["list", "table", family, "carve"]).is_ok() {
+    if ns.exec("nft", &["list", "table", family, "carve"]).is_err() {
         return None;
     }
     let doc = ns.exec_json("nft", &["-j", "list", "table", family, "carve"]).unwrap();
@@ -246,7 +246,7 @@ fn vnet_routes_via_node_ips_without_vxlan() {
         [peer("node-b", "10.1.0.5", &["10.1.1.32/28"]), peer("node-c", "10.1.0.6", &["10.1.1.48/28", "10.1.1.64/28"])];
     let applied = apply(&ns, &me, &peers, &overlay_config()).unwrap();
     assert!(applied.vxlan_removed);
-    assert!(!ns.exec("ip", &["link", "show", "carve.vxlan"]).is_ok(), "no VXLAN device in VNet mode");
+    assert!(ns.exec("ip", &["link", "show", "carve.vxlan"]).is_err(), "no VXLAN device in VNet mode");
     let plain = |dst: &str, gw: &str| (dst.to_string(), gw.to_string(), "eth0".to_string(), false);
     assert_eq!(
         carve_routes(&ns),
