@@ -341,15 +341,19 @@ async fn write_nnc_status(ctx: &Ctx, nnc: &NodeNetworkConfig, desired: NodeNetwo
 /// Kubenet compatibility: an Overlay node without podCIDRs gets its blocks
 /// there, once (the API server refuses to change them later).
 async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Result<(), Error> {
+    let name = node.name_any();
+    if !views::node_view(node).pod_cidrs.is_empty() {
+        // Set (by us or anyone): nothing to remember.
+        ctx.state().written_pod_cidrs.remove(&name);
+        return Ok(());
+    }
     if !ctx.cfg.set_node_pod_cidrs
         || assignment.mode != Some(PoolMode::Overlay)
-        || !views::node_view(node).pod_cidrs.is_empty()
         || assignment.blocks.is_empty()
         || assignment.problem.is_some()
     {
         return Ok(());
     }
-    let name = node.name_any();
     let seen = node.resource_version();
     if ctx.state().written_pod_cidrs.get(&name) == Some(&seen) {
         return Ok(());

@@ -134,7 +134,7 @@ impl Contender {
             Contender::Raw => format!(
                 "raw write limit: plain kube-rs client, carve's 3 writes per Node (create NNC, apply NNC status, \
                  apply Node podCIDR), precomputed blocks, {concurrency} Nodes in flight (buffer_unordered), \
-                 like carve-controller's default --concurrency 64"
+                 carve-controller reconciles 16 Nodes at once by default (--concurrency)"
             ),
         }
     }
