@@ -293,7 +293,9 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
     // Checked as soon as replica-b holds the Lease: replica-a had already stopped.
     let exit = cp.exited("replica-a");
     assert!(exit.is_some_and(|s| !s.success()), "replica-a still runs while replica-b leads: {exit:?}");
-    assert!(cp.log_tail("replica-a", 20).contains("lost the leader Lease"), "{}", cp.log_tail("replica-a", 20));
+    // The whole log: with RUST_BACKTRACE set, a backtrace follows the error.
+    let log = cp.log_tail("replica-a", 1000);
+    assert!(log.contains("lost the leader Lease"), "{log}");
     create_node(&client, "after", "192.168.21.2").await;
     nnc_ready(&client, "after").await;
     all_blocks_distinct(&client).await;
@@ -307,7 +309,8 @@ async fn a_missing_lease_namespace_stops_the_controller_with_the_fix() {
         wait_for("the controller to exit", WAIT, || async { cp.exited("ctrl").ok_or_else(|| cp.log_tail("ctrl", 20)) })
             .await;
     assert!(!exit.success());
-    let log = cp.log_tail("ctrl", 20);
+    // The whole log: with RUST_BACKTRACE set, a backtrace follows the error.
+    let log = cp.log_tail("ctrl", 1000);
     assert!(
         log.contains("carve-nowhere")
             && log.contains("create the namespace")
