@@ -52,20 +52,12 @@ impl Netns {
     pub fn ip_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = vec!["-j"];
         all.extend_from_slice(args);
-        let out = self.ip(&all)?;
-        if out.trim().is_empty() {
-            return Ok(Value::Array(vec![]));
-        }
-        serde_json::from_str(&out).with_context(|| format!("ip -j {} output {out:?}", args.join(" ")))
+        parse_json(&self.ip(&all)?, "ip", &all)
     }
 
     /// `ip netns exec <name> <program> <args>`, its JSON output parsed (an empty answer is `[]`).
     pub fn exec_json(&self, program: &str, args: &[&str]) -> Result<Value> {
-        let out = self.exec(program, args)?;
-        if out.trim().is_empty() {
-            return Ok(Value::Array(vec![]));
-        }
-        serde_json::from_str(&out).with_context(|| format!("{program} {} output {out:?}", args.join(" ")))
+        parse_json(&self.exec(program, args)?, program, args)
     }
 
     /// Runs `f` with the calling thread inside this namespace, then back.
@@ -218,6 +210,14 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
+}
+
+/// A tool's JSON answer (an empty one is `[]`).
+fn parse_json(out: &str, program: &str, args: &[&str]) -> Result<Value> {
+    if out.trim().is_empty() {
+        return Ok(Value::Array(vec![]));
+    }
+    serde_json::from_str(out).with_context(|| format!("{program} {} output {out:?}", args.join(" ")))
 }
 
 /// Runs `f` with the calling thread in the network namespace at `path`, then back.

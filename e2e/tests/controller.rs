@@ -24,6 +24,11 @@ async fn cluster() -> (ControlPlane, Client) {
     (cp, client)
 }
 
+/// Who holds the controller's Lease.
+async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity
+}
+
 fn apply_pool(cp: &ControlPlane, name: &str, spec: &str) {
     let yaml = format!("apiVersion: carve.dev/v1alpha1\nkind: PodCIDR\nmetadata:\n  name: {name}\nspec:\n{spec}");
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
@@ -232,7 +237,7 @@ async fn two_replicas_never_duplicate_and_the_standby_takes_over() {
     })
     .await;
     let leases = Api::<Lease>::namespaced(client.clone(), "default");
-    let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let holder = lease_holder(&leases).await.unwrap();
     let standby = if holder == "replica-a" { "replica-b" } else { "replica-a" };
     assert!(cp.log_tail(standby, 100).contains("waiting for leadership"));
     assert!(!cp.log_tail(standby, 100).contains("became leader"), "only one replica leads");
@@ -242,7 +247,7 @@ async fn two_replicas_never_duplicate_and_the_standby_takes_over() {
     nodes.create(&PostParams::default(), &node("after-failover", "192.168.20.2")).await.unwrap();
     nnc_ready(&client, "after-failover").await;
     let took = killed_at.elapsed();
-    let new_holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let new_holder = lease_holder(&leases).await.unwrap();
     assert_eq!(new_holder, standby);
     // SIGTERM released the Lease (a rollout does not wait out its duration).
     assert!(cp.log_tail(&holder, 20).contains("released the leader Lease"), "{}", cp.log_tail(&holder, 20));
@@ -286,7 +291,7 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let leases = Api::<Lease>::namespaced(client.clone(), "default");
     wait_for("replica-b to take the Lease", WAIT, || async {
-        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        let holder = lease_holder(&leases).await;
         if holder.as_deref() == Some("replica-b") { Ok(()) } else { Err(format!("{holder:?}")) }
     })
     .await;
@@ -619,14 +624,14 @@ async fn a_live_lease_is_not_taken_whatever_the_holders_clock_says() {
     while Instant::now() < renewing_until {
         let patch = json!({"spec": {"renewTime": skewed()}});
         leases.patch("carve-controller", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
-        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        let holder = lease_holder(&leases).await;
         assert_eq!(holder.as_deref(), Some("elsewhere"), "the candidate took a Lease that is being renewed");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(!cp.log_tail("candidate", 100).contains("became leader"));
     // Renewals stop: the candidate takes over once the record stays unchanged for a lease duration.
     wait_for("the candidate to take the abandoned Lease", WAIT, || async {
-        let holder = leases.get("carve-controller").await.unwrap().spec.unwrap().holder_identity;
+        let holder = lease_holder(&leases).await;
         if holder.as_deref() == Some("candidate") { Ok(()) } else { Err(format!("{holder:?}")) }
     })
     .await;
