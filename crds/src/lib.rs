@@ -70,6 +70,7 @@ impl PoolMode {
 )]
 #[x_kube(validation = schema::rule_block_v4_not_shorter_than_pool())]
 #[x_kube(validation = schema::rule_block_v6_not_shorter_than_pool())]
+#[x_kube(validation = schema::rule_blocks_per_node_only_in_vnet())]
 #[serde(rename_all = "camelCase")]
 pub struct PodCidrSpec {
     /// Networking model of the pool: Overlay (private pod CIDR, VXLAN, SNAT for
@@ -107,6 +108,88 @@ pub struct PodCidrSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub exclusions: Vec<Cidr>,
+
+    /// How many blocks each node gets, and when. Absent: one block per family
+    /// (Overlay's only strategy; kubenet podCIDRs need it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<BlockAllocation>,
+}
+
+/// How a node's blocks are sized (the Pod Subnet strategies of Azure CNI).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum AllocationStrategy {
+    /// One block per family per node, carved when the node joins.
+    #[default]
+    Single,
+    /// Up front, the blocks the node's max pods need (Azure's static block
+    /// allocation): `maxPods`, else the Node's `status.capacity.pods`.
+    Static,
+    /// One block to start; the node asks for more through its NNC spec as its
+    /// pods grow and gives back empty blocks (Azure's dynamic IP allocation).
+    Dynamic,
+}
+
+/// Block allocation settings of a pool. Static and Dynamic need `mode: VNet`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = schema::rule_release_above_request())]
+pub struct BlockAllocation {
+    /// Single (default), Static or Dynamic.
+    #[serde(default)]
+    pub strategy: AllocationStrategy,
+    /// Most blocks of one family a node may hold (Static and Dynamic). Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_blocks_per_node: Option<i32>,
+    /// Static: the pods each node must fit. Default: the Node's
+    /// `status.capacity.pods`, else 110 (kubelet's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_pods: Option<i32>,
+    /// Dynamic: a node asks for another block when its free addresses fall
+    /// below this percentage of a block. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub request_threshold_percent: Option<i32>,
+    /// Dynamic: a node gives back an empty block only while its free addresses
+    /// exceed this percentage of a block; at least 100 above the request
+    /// threshold, so a steady pod count never flaps. Default 150.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 101, max = 1000))]
+    pub release_threshold_percent: Option<i32>,
+    /// Seconds a given-back block waits before any node can get it, so routes
+    /// and conntrack entries elsewhere drain. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub release_quarantine_seconds: Option<i32>,
+}
+
+impl BlockAllocation {
+    pub const DEFAULT_MAX_BLOCKS_PER_NODE: u32 = 16;
+    pub const DEFAULT_MAX_PODS: u32 = 110;
+    pub const DEFAULT_REQUEST_THRESHOLD_PERCENT: u32 = 50;
+    pub const DEFAULT_RELEASE_THRESHOLD_PERCENT: u32 = 150;
+    pub const DEFAULT_RELEASE_QUARANTINE_SECONDS: u32 = 30;
+
+    pub fn max_blocks_per_node(&self) -> u32 {
+        positive(self.max_blocks_per_node).unwrap_or(Self::DEFAULT_MAX_BLOCKS_PER_NODE)
+    }
+    pub fn request_threshold_percent(&self) -> u32 {
+        positive(self.request_threshold_percent).unwrap_or(Self::DEFAULT_REQUEST_THRESHOLD_PERCENT)
+    }
+    pub fn release_threshold_percent(&self) -> u32 {
+        // The schema refuses less; a hand-built value still never flaps.
+        positive(self.release_threshold_percent)
+            .unwrap_or(Self::DEFAULT_RELEASE_THRESHOLD_PERCENT)
+            .max(self.request_threshold_percent() + 100)
+    }
+    pub fn release_quarantine_seconds(&self) -> u32 {
+        self.release_quarantine_seconds.map(|s| s.max(0) as u32).unwrap_or(Self::DEFAULT_RELEASE_QUARANTINE_SECONDS)
+    }
+}
+
+fn positive(v: Option<i32>) -> Option<u32> {
+    v.filter(|v| *v > 0).map(|v| v as u32)
 }
 
 /// Block prefix lengths per IP family.
@@ -186,11 +269,51 @@ pub struct FamilyUsage {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeNetworkConfigSpec {
-    /// Pod IPs the node asks for in dynamic (pod subnet) mode; the controller
-    /// grants whole blocks to cover it. 0 outside dynamic mode.
-    #[serde(default)]
-    #[schemars(range(min = 0))]
-    pub requested_ip_count: i64,
+    /// Dynamic pools: pod IPs the node needs, per family, as an absolute
+    /// count (never a delta); the controller grants whole blocks until the
+    /// node's usable addresses cover it. Unset outside dynamic pools.
+    #[serde(default, rename = "requestedIPs", skip_serializing_if = "Option::is_none")]
+    pub requested_ips: Option<FamilyCounts>,
+    /// Blocks the node gives back, each named by the allocation ID it was
+    /// granted with in status.blocks; a release whose ID no longer matches
+    /// (the block was granted again since) is refused, never applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["allocationID"]))]
+    pub releases: Vec<BlockRelease>,
+}
+
+/// A count per IP family.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FamilyCounts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub ipv4: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub ipv6: Option<i64>,
+}
+
+impl FamilyCounts {
+    pub fn get(&self, family: IpFamily) -> i64 {
+        match family {
+            IpFamily::IPv4 => self.ipv4,
+            IpFamily::IPv6 => self.ipv6,
+        }
+        .unwrap_or(0)
+    }
+}
+
+/// A block the node gives back: the node has proven it empty and carve-ipam
+/// no longer allocates from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockRelease {
+    /// The block, as in status.blocks[].cidr.
+    pub cidr: String,
+    /// status.blocks[].allocationID of the grant being given back.
+    #[serde(rename = "allocationID")]
+    pub allocation_id: String,
 }
 
 /// What the controller carved for the node.
@@ -203,9 +326,24 @@ pub struct NodeNetworkConfigStatus {
     /// Mode of that pool: Overlay or VNet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<PoolMode>,
-    /// Blocks carved for this node, at most one per family outside dynamic mode.
+    /// How the pool sizes this node's blocks: Single, Static or Dynamic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<AllocationStrategy>,
+    /// Blocks carved for this node; pods get addresses from these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<NodeBlock>,
+    /// Addresses inside `blocks` that pods must not get: in VNet, Azure's five
+    /// reserved addresses of the subnet and every Node's own address.
+    #[serde(default, rename = "reservedIPs", skip_serializing_if = "Vec::is_empty")]
+    pub reserved_ips: Vec<String>,
+    /// Blocks this node gave back, held here until `until` so routes and
+    /// conntrack entries elsewhere drain before another node gets them. Pods
+    /// never get addresses from these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<QuarantinedBlock>,
+    /// Dynamic pools: the thresholds the node's agent follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<Scaler>,
     /// The CIDRs of `blocks` joined by commas, for `kubectl get nnc` (printer
     /// columns show only the first match of a list); `blocks` is authoritative.
     #[serde(default, rename = "blockCIDRs", skip_serializing_if = "Option::is_none")]
@@ -219,6 +357,10 @@ pub struct NodeNetworkConfigStatus {
     pub node_ip: Option<String>,
     /// Ready: blocks are carved and usable. Reasons for False include
     /// PoolExhausted, NoMatchingPool, AmbiguousPool and InvalidStatus.
+    /// RequestsMet (dynamic and static pools): False while the node's blocks
+    /// do not cover what it needs (AboveMaximum, PoolExhausted) or a release
+    /// was refused (UnknownRelease). AddressConflict: True while a Node's own
+    /// address lies inside this node's blocks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -235,9 +377,39 @@ pub struct NodeBlock {
     pub cidr: String,
     /// IPv4 or IPv6.
     pub family: IpFamily,
-    /// First usable address of the block; pods on the node route through it.
+    /// Overlay: the block's first address, kept for the node (never a pod's).
+    /// Unset in VNet, where pods route through a link-local next hop and the
+    /// block's every address but `reservedIPs` is a pod's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// Opaque, new on every grant: a release names it, so a stale release can
+    /// never remove a CIDR granted again later.
+    #[serde(default, rename = "allocationID", skip_serializing_if = "Option::is_none")]
+    pub allocation_id: Option<String>,
+}
+
+/// A block given back, waiting out its quarantine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantinedBlock {
+    pub cidr: String,
+    pub family: IpFamily,
+    #[serde(rename = "allocationID")]
+    pub allocation_id: String,
+    /// When the block returns to the pool (RFC 3339).
+    pub until: String,
+}
+
+/// The dynamic scaler's parameters, from the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scaler {
+    /// Ask for another block when free addresses fall below this percentage of a block.
+    pub request_threshold_percent: i32,
+    /// Give back an empty block only while free addresses exceed this percentage of a block.
+    pub release_threshold_percent: i32,
+    /// Most blocks of one family the node may hold.
+    pub max_blocks_per_node: i32,
 }
 
 /// Both CRDs, in the order `kubectl apply -f crds/` should see them.

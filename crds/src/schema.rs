@@ -151,3 +151,26 @@ pub fn rule_max_prefix(field: &str, max: u8) -> Rule {
     Rule::new(format!("self <= {max}"))
         .message(Message::Message(format!("{field} must be {max} or less: a block needs at least 4 addresses")))
 }
+
+pub fn rule_blocks_per_node_only_in_vnet() -> Rule {
+    Rule::new("!has(self.allocation) || !has(self.allocation.strategy) || self.allocation.strategy == 'Single' || self.mode == 'VNet'")
+        .message(Message::Message(
+            "spec.allocation.strategy Static and Dynamic need mode VNet (an Overlay node has one /24 per family); \
+             use strategy Single or mode VNet"
+                .into(),
+        ))
+        .field_path(".allocation.strategy")
+}
+
+pub fn rule_release_above_request() -> Rule {
+    Rule::new(
+        "(has(self.releaseThresholdPercent) ? self.releaseThresholdPercent : 150) >= \
+         (has(self.requestThresholdPercent) ? self.requestThresholdPercent : 50) + 100",
+    )
+    .message(Message::Message(
+        "spec.allocation.releaseThresholdPercent must be at least requestThresholdPercent + 100: a node gives a \
+         block back only while a whole block more than its request threshold is free (no flapping)"
+            .into(),
+    ))
+    .field_path(".releaseThresholdPercent")
+}
