@@ -11,15 +11,15 @@
 //! Allocation takes the lowest free block. The hint makes sequential
 //! allocation O(1) amortised; a release moves the hint back.
 //!
-//! VNet reserved addresses: Azure reserves the first four and the last address
-//! of every subnet. carve never hands out a *block* that holds one of them
-//! (the first and last block of each VNet CIDR are marked reserved), so the
-//! node IPAM needs no knowledge of them. With /28 blocks that costs 2 of every
-//! 4096 blocks of a /16.
+//! VNet reserved addresses (Azure's first four and last of every subnet) and
+//! Node addresses are not the allocator's business: blocks holding them are
+//! handed out like any other, and the index withholds those addresses from
+//! pods (`reservedIPs` in NNC status), so a /24 yields 251 pod addresses as on
+//! Azure instead of losing two whole blocks.
 
 use std::collections::BTreeMap;
 
-use carve_crds::net::{IpFamily, azure_reserved, from_u128, overlaps, to_u128};
+use carve_crds::net::{IpFamily, from_u128, overlaps, to_u128};
 use ipnet::IpNet;
 
 /// Blocks beyond this many per CIDR are not used: 4M blocks is more nodes than
@@ -34,7 +34,7 @@ pub enum OccupyError {
     OutsidePool { block: IpNet },
     #[error("{block} is already allocated")]
     AlreadyAllocated { block: IpNet },
-    #[error("{block} is reserved (an exclusion or an address Azure reserves)")]
+    #[error("{block} is reserved (it overlaps spec.exclusions)")]
     Reserved { block: IpNet },
 }
 
@@ -151,14 +151,6 @@ impl CidrBlocks {
         self.reserved_count += 1;
     }
 
-    /// Marks the blocks holding Azure's five reserved addresses of this subnet.
-    pub fn reserve_azure_addresses(&mut self) {
-        for addr in azure_reserved(&self.cidr) {
-            let host = IpNet::new(addr, self.family().bits()).expect("host prefix");
-            self.reserve_overlapping(&host);
-        }
-    }
-
     pub fn set_accepting(&mut self, accepting: bool) {
         self.accepting = accepting;
     }
@@ -251,8 +243,6 @@ pub struct Usage {
 /// Everything a pool needs to build its allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLayout {
-    /// Skip the blocks holding Azure's reserved addresses (VNet mode).
-    pub azure_reserved: bool,
     pub cidrs: Vec<IpNet>,
     pub block_prefix_v4: u8,
     pub block_prefix_v6: u8,
@@ -288,9 +278,6 @@ impl PoolBlocks {
 
     fn cidr_blocks(layout: &PoolLayout, cidr: IpNet) -> CidrBlocks {
         let mut blocks = CidrBlocks::new(cidr, layout.block_prefix(IpFamily::of(&cidr)));
-        if layout.azure_reserved {
-            blocks.reserve_azure_addresses();
-        }
         for excluded in &layout.exclusions {
             blocks.reserve_overlapping(excluded);
         }
@@ -367,7 +354,6 @@ mod tests {
 
     fn overlay(cidrs: &[&str]) -> PoolLayout {
         PoolLayout {
-            azure_reserved: false,
             cidrs: cidrs.iter().map(|c| net(c)).collect(),
             block_prefix_v4: 24,
             block_prefix_v6: 80,
@@ -407,15 +393,12 @@ mod tests {
     }
 
     #[test]
-    fn vnet_skips_blocks_with_azure_reserved_addresses() {
-        let layout = PoolLayout { azure_reserved: true, block_prefix_v4: 28, ..overlay(&["10.224.0.0/24"]) };
+    fn blocks_holding_azure_reserved_addresses_are_handed_out() {
+        // The index withholds the addresses; every /28 of a /24 is a block.
+        let layout = PoolLayout { block_prefix_v4: 28, ..overlay(&["10.224.0.0/24"]) };
         let mut pool = PoolBlocks::new(layout);
-        assert_eq!(pool.usage(IpFamily::IPv4).capacity, 14, "16 blocks minus the first and last");
-        let first = pool.allocate(IpFamily::IPv4).unwrap();
-        assert_eq!(first, net("10.224.0.16/28"));
-        let all: Vec<_> = std::iter::from_fn(|| pool.allocate(IpFamily::IPv4)).collect();
-        assert_eq!(all.last(), Some(&net("10.224.0.224/28")));
-        assert_eq!(pool.occupy(&net("10.224.0.240/28")), Err(OccupyError::Reserved { block: net("10.224.0.240/28") }));
+        assert_eq!(pool.usage(IpFamily::IPv4).capacity, 16);
+        assert_eq!(pool.allocate(IpFamily::IPv4), Some(net("10.224.0.0/28")));
     }
 
     #[test]

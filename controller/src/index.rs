@@ -3,19 +3,24 @@
 //!
 //! ```text
 //!   PoolView ──set_pools──▶ pools: name → PoolBlocks (or why it is invalid)
-//!   NNC status ──observe──▶ holdings: node → (uid, pool, blocks)   ◀── the API is the truth
-//!   Node podCIDRs ─adopt──▶ holdings                                (kubenet migration)
-//!   NodeView ────assign───▶ blocks for every family of the node's pool
-//!   node gone ───release──▶ blocks back to their pool
+//!   NNC status ──observe──▶ holdings: node → (uid, pool, grants, quarantine)  ◀── the API is the truth
+//!   Node podCIDRs ─adopt──▶ holdings                                        (kubenet migration)
+//!   NodeView + Request ─assign─▶ Assignment: grants to keep and carve, releases to quarantine
+//!   status written ─commit─▶ released grants quarantined, expired quarantine back to the pool
+//!   node gone ───release──▶ every block back to its pool
 //! ```
 //!
-//! Every block appears in at most one holding (`owners`), and a pool's bitmap
-//! marks exactly the blocks held from it. Nothing here talks to Kubernetes.
+//! Every block appears in at most one holding (`owners`, quarantined blocks
+//! included), and a pool's bitmap marks exactly the blocks held from it. A
+//! block leaves a node only through a release naming its allocation ID (and
+//! then a quarantine) or when the node is gone. Nothing here talks to
+//! Kubernetes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
-use carve_crds::PoolMode;
 use carve_crds::net::{self, IpFamily};
+use carve_crds::{AllocationStrategy, BlockAllocation, PoolMode};
 use ipnet::IpNet;
 
 use crate::allocator::{OccupyError, PoolBlocks, PoolLayout, Usage};
@@ -34,6 +39,7 @@ pub struct PoolView {
     pub exclusions: Vec<String>,
     pub disabled: bool,
     pub selector: Result<Selector, String>,
+    pub allocation: BlockAllocation,
 }
 
 /// A Node as the index needs it.
@@ -44,6 +50,25 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// `spec.podCIDRs` (or `spec.podCIDR`), as written by whoever set them.
     pub pod_cidrs: Vec<String>,
+    /// InternalIP addresses: never a pod's.
+    pub internal_ips: Vec<IpAddr>,
+    /// `status.capacity.pods`.
+    pub max_pods: Option<u32>,
+}
+
+/// A block granted to a node, with the ID of that grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub block: IpNet,
+    pub id: String,
+}
+
+/// A block given back, held until `until` (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    pub block: IpNet,
+    pub id: String,
+    pub until: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +76,24 @@ pub struct Holding {
     /// UID of the Node incarnation the blocks belong to.
     pub uid: String,
     pub pool: String,
-    pub blocks: Vec<IpNet>,
+    /// Per family in grant order (oldest first), IPv4 first.
+    pub grants: Vec<Grant>,
+    pub quarantined: Vec<Quarantine>,
+}
+
+impl Holding {
+    pub fn blocks(&self) -> Vec<IpNet> {
+        self.grants.iter().map(|g| g.block).collect()
+    }
+}
+
+/// What a node asks for in its NNC spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `spec.requestedIPs` per family (dynamic pools).
+    pub ips: BTreeMap<IpFamily, u64>,
+    /// `spec.releases`: (CIDR, allocation ID).
+    pub releases: Vec<(String, String)>,
 }
 
 struct Pool {
@@ -62,6 +104,8 @@ struct Pool {
     /// CIDRs removed from the spec that still hold blocks.
     retired: Vec<IpNet>,
     exhausted: BTreeSet<IpFamily>,
+    /// Nodes whose blocks do not cover what they need.
+    unmet: BTreeSet<String>,
 }
 
 /// Something wrong with a recorded block or a podCIDR; it is reported, never used.
@@ -109,25 +153,96 @@ impl AssignProblem {
     }
 }
 
-/// The outcome of `assign` for one node.
+/// Why a node holding blocks still has fewer addresses than it needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unmet {
+    #[error(
+        "{field} asks for {wanted} {family} addresses but pool {pool} allows at most {max} blocks per node \
+         ({usable} usable addresses); raise spec.allocation.maxBlocksPerNode of PodCIDR {pool} or run fewer pods here"
+    )]
+    AboveMaximum { field: String, family: IpFamily, wanted: u64, usable: u64, max: u32, pool: String },
+    #[error(
+        "{field} needs {wanted} {family} addresses, the node has {usable}, and pool {pool} has no free block; \
+         append a CIDR to spec.cidrs of PodCIDR {pool}"
+    )]
+    Exhausted { field: String, family: IpFamily, wanted: u64, usable: u64, pool: String },
+}
+
+impl Unmet {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unmet::AboveMaximum { .. } => "AboveMaximum",
+            Unmet::Exhausted { .. } => "PoolExhausted",
+        }
+    }
+}
+
+/// A release in the NNC spec that is refused (nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseProblem {
+    #[error("spec.releases names {cidr:?}, which is not a CIDR; remove the entry")]
+    Malformed { cidr: String },
+    #[error("spec.releases names {cidr}, which this node does not hold; remove the entry")]
+    NotHeld { cidr: IpNet },
+    #[error(
+        "spec.releases names {cidr} with allocationID {given}, but the node holds it under allocationID {current} \
+         (granted again since); the stale release is ignored: remove it, or name {current} to give the block back"
+    )]
+    StaleId { cidr: IpNet, given: String, current: String },
+}
+
+/// A Node's address that lies in another node's block.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignAddress {
+    pub ip: IpAddr,
+    pub node: String,
+}
+
+/// The outcome of `assign` for one node: the status to write. Nothing of
+/// `released` or `expired` has changed in the index yet: `commit` does that
+/// once the status is written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Assignment {
     pub pool: Option<String>,
     pub mode: Option<PoolMode>,
-    /// Every block the node holds, IPv4 first.
-    pub blocks: Vec<IpNet>,
+    pub allocation: Option<BlockAllocation>,
+    /// Every grant the node keeps, IPv4 first, oldest first.
+    pub grants: Vec<Grant>,
     /// The blocks carved by this call.
     pub carved: Vec<IpNet>,
+    /// Grants the node gave back (spec.releases), to be quarantined.
+    pub released: Vec<Grant>,
+    /// The quarantine to record: still running and newly released.
+    pub quarantined: Vec<Quarantine>,
+    /// Quarantined blocks whose time is up: back to the pool once written.
+    pub expired: Vec<IpNet>,
+    /// Addresses inside the grants that pods must not get.
+    pub reserved: Vec<IpAddr>,
+    /// Other Nodes' addresses inside this node's grants.
+    pub foreign: Vec<ForeignAddress>,
+    /// Nodes whose grants hold one of this node's addresses (to reconcile).
+    pub holders_of_my_ips: Vec<String>,
     pub problem: Option<AssignProblem>,
+    pub unmet: Vec<Unmet>,
+    pub release_problems: Vec<ReleaseProblem>,
+}
+
+impl Assignment {
+    pub fn blocks(&self) -> Vec<IpNet> {
+        self.grants.iter().map(|g| g.block).collect()
+    }
 }
 
 /// A pool's health and usage for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolReport {
     pub usage: Vec<(IpFamily, u8, Usage)>,
+    /// Quarantined blocks per family.
+    pub quarantined: BTreeMap<IpFamily, u64>,
     pub invalid: Option<String>,
     pub exhausted: Vec<IpFamily>,
     pub retired: Vec<IpNet>,
+    pub unmet: u64,
 }
 
 #[derive(Default)]
@@ -135,6 +250,15 @@ pub struct Index {
     pools: BTreeMap<String, Pool>,
     holdings: BTreeMap<String, Holding>,
     owners: HashMap<IpNet, String>,
+    /// Every Node's InternalIPs, by address.
+    node_ips: BTreeMap<IpAddr, String>,
+}
+
+/// A fresh allocation ID: random, so no restart or counter can repeat one.
+pub fn new_allocation_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the kernel's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn layout_of(view: &PoolView) -> Result<PoolLayout, String> {
@@ -145,19 +269,24 @@ fn layout_of(view: &PoolView) -> Result<PoolLayout, String> {
     if !errors.is_empty() {
         return Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
     }
+    if view.mode == PoolMode::Overlay && view.allocation.strategy != AllocationStrategy::Single {
+        return Err(format!(
+            "spec.allocation.strategy {:?} needs mode VNet (an Overlay node has one block per family); use Single",
+            view.allocation.strategy
+        ));
+    }
     let cidrs = view.cidrs.iter().map(|c| net::parse_cidr(c).expect("validated")).collect();
     let exclusions = view
         .exclusions
         .iter()
         .map(|c| net::parse_cidr(c).map_err(|e| format!("spec.exclusions: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(PoolLayout {
-        azure_reserved: view.mode == PoolMode::VNet,
-        cidrs,
-        block_prefix_v4: v4,
-        block_prefix_v6: v6,
-        exclusions,
-    })
+    Ok(PoolLayout { cidrs, block_prefix_v4: v4, block_prefix_v6: v6, exclusions })
+}
+
+fn sort_grants(grants: &mut [Grant]) {
+    // Stable: within a family, grant order stays.
+    grants.sort_by_key(|g| IpFamily::of(&g.block));
 }
 
 impl Index {
@@ -172,6 +301,7 @@ impl Index {
                 invalid: None,
                 retired: Vec::new(),
                 exhausted: BTreeSet::new(),
+                unmet: previous.get(&view.name).map(|p| p.unmet.clone()).unwrap_or_default(),
                 view: view.clone(),
             };
             let layout =
@@ -197,17 +327,22 @@ impl Index {
         self.reoccupy(&previous);
     }
 
+    /// Every block a holding keeps in its pool: granted and quarantined.
+    fn held_blocks(holding: &Holding) -> impl Iterator<Item = IpNet> + '_ {
+        holding.grants.iter().map(|g| g.block).chain(holding.quarantined.iter().map(|q| q.block))
+    }
+
     /// Puts every held block back into its pool's bitmap after a rebuild.
     fn reoccupy(&mut self, previous: &BTreeMap<String, Pool>) {
         let mut orphans: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
         for holding in self.holdings.values() {
             let Some(pool) = self.pools.get_mut(&holding.pool) else { continue };
             let Some(blocks) = pool.blocks.as_mut() else { continue };
-            for block in &holding.blocks {
-                if blocks.holds(block) {
-                    let _ = blocks.occupy(block);
+            for block in Self::held_blocks(holding) {
+                if blocks.holds(&block) {
+                    let _ = blocks.occupy(&block);
                 } else {
-                    orphans.entry(holding.pool.clone()).or_default().push(*block);
+                    orphans.entry(holding.pool.clone()).or_default().push(block);
                 }
             }
         }
@@ -243,23 +378,33 @@ impl Index {
         self.holdings.iter()
     }
 
-    /// Records blocks the API says node `node` (incarnation `uid`) holds.
-    /// Blocks that are malformed, outside every pool or held by another node
-    /// are reported and not recorded.
+    /// Records `node`'s InternalIPs (replacing what was known).
+    pub fn set_node_ips(&mut self, node: &str, ips: &[IpAddr]) {
+        self.node_ips.retain(|_, n| n != node);
+        for ip in ips {
+            self.node_ips.insert(*ip, node.to_string());
+        }
+    }
+
+    /// Records blocks the API says node `node` (incarnation `uid`) holds,
+    /// each `(cidr, allocation ID, quarantined until)`. A block the node
+    /// already holds keeps its state here (the index is ahead of a lagging
+    /// cache); one that is malformed, outside every pool or held by another
+    /// node is reported and not recorded. A block without an ID gets one.
     pub fn observe(
         &mut self,
         node: &str,
         uid: &str,
         pool_hint: Option<&str>,
-        recorded: &[String],
+        recorded: &[(String, Option<String>, Option<i64>)],
     ) -> Vec<BlockProblem> {
         let mut problems = Vec::new();
-        for raw in recorded {
+        for (raw, id, until) in recorded {
             let Ok(block) = net::parse_cidr(raw) else {
                 problems.push(BlockProblem::Malformed(raw.clone()));
                 continue;
             };
-            if let Some(problem) = self.take(node, uid, pool_hint, block) {
+            if let Some(problem) = self.take(node, uid, pool_hint, block, id.clone(), *until) {
                 problems.push(problem);
             }
         }
@@ -267,7 +412,15 @@ impl Index {
     }
 
     /// Occupies `block` for `node` in the pool that holds it.
-    fn take(&mut self, node: &str, uid: &str, pool_hint: Option<&str>, block: IpNet) -> Option<BlockProblem> {
+    fn take(
+        &mut self,
+        node: &str,
+        uid: &str,
+        pool_hint: Option<&str>,
+        block: IpNet,
+        id: Option<String>,
+        quarantined_until: Option<i64>,
+    ) -> Option<BlockProblem> {
         match self.owners.get(&block) {
             Some(owner) if owner == node => return None,
             Some(owner) => return Some(BlockProblem::HeldByOther { block, other: owner.clone() }),
@@ -289,10 +442,17 @@ impl Index {
         let holding = self.holdings.entry(node.to_string()).or_insert_with(|| Holding {
             uid: uid.to_string(),
             pool: name.clone(),
-            blocks: Vec::new(),
+            grants: Vec::new(),
+            quarantined: Vec::new(),
         });
-        holding.blocks.push(block);
-        holding.blocks.sort_by_key(|b| (IpFamily::of(b), *b));
+        let id = id.unwrap_or_else(new_allocation_id);
+        match quarantined_until {
+            Some(until) => holding.quarantined.push(Quarantine { block, id, until }),
+            None => {
+                holding.grants.push(Grant { block, id });
+                sort_grants(&mut holding.grants);
+            }
+        }
         None
     }
 
@@ -306,14 +466,14 @@ impl Index {
             if self
                 .holdings
                 .get(&node.name)
-                .is_some_and(|h| h.blocks.iter().any(|b| IpFamily::of(b) == IpFamily::of(&cidr)))
+                .is_some_and(|h| h.grants.iter().any(|g| IpFamily::of(&g.block) == IpFamily::of(&cidr)))
             {
                 continue;
             }
             let covering = self.pools.iter().find(|(_, p)| p.blocks.as_ref().is_some_and(|b| b.covers(&cidr)));
             let Some((name, _)) = covering else { continue }; // not carve's range: leave it alone
             let name = name.clone();
-            match self.take(&node.name, &node.uid, Some(&name), cidr) {
+            match self.take(&node.name, &node.uid, Some(&name), cidr, None, None) {
                 None => {}
                 Some(BlockProblem::HeldByOther { other, .. }) => {
                     problems.push(BlockProblem::PodCidrConflict { cidr, other })
@@ -357,85 +517,295 @@ impl Index {
         }
     }
 
-    /// Gives `node` a block of every family its pool serves, adopting its
-    /// podCIDRs first. Blocks already held never change.
-    pub fn assign(&mut self, node: &NodeView) -> (Assignment, Vec<BlockProblem>) {
+    /// Addresses of `block` no pod may get: in VNet, Azure's five reserved
+    /// addresses of the pool CIDR holding it and every Node's InternalIP.
+    fn reserved_in(&self, pool: &Pool, block: &IpNet) -> Vec<IpAddr> {
+        if pool.view.mode != PoolMode::VNet {
+            return Vec::new();
+        }
+        let mut out: BTreeSet<IpAddr> = BTreeSet::new();
+        if let Some(blocks) = &pool.blocks {
+            let cidrs = blocks.layout().cidrs.iter().chain(pool.retired.iter());
+            for cidr in cidrs.filter(|c| c.contains(&block.network())) {
+                out.extend(net::azure_reserved(cidr).into_iter().filter(|ip| block.contains(ip)));
+            }
+        }
+        out.extend(self.node_ips.range(block.network()..=block.broadcast()).map(|(ip, _)| *ip));
+        out.into_iter().collect()
+    }
+
+    /// Addresses pods can get from `block`.
+    fn usable(&self, pool: &Pool, block: &IpNet) -> u64 {
+        let size = net::size(block).min(u64::MAX as u128) as u64;
+        size.saturating_sub(self.reserved_in(pool, block).len() as u64)
+    }
+
+    /// The node's blocks for its pool, its releases honoured and its request
+    /// (or static size) covered: adopts podCIDRs first, never takes a block
+    /// the node did not give back. Carved blocks are the node's at once;
+    /// releases and expired quarantine wait for `commit`.
+    pub fn assign(&mut self, node: &NodeView, request: &Request, now: i64) -> (Assignment, Vec<BlockProblem>) {
+        self.set_node_ips(&node.name, &node.internal_ips);
         let problems = self.adopt(node);
-        let pool_name = match self.holdings.get(&node.name) {
+        let mut a =
+            Assignment { holders_of_my_ips: self.holders_of(&node.name, &node.internal_ips), ..Default::default() };
+        let name = match self.holdings.get(&node.name) {
             Some(h) => Ok(h.pool.clone()),
             None => self.select_pool(node),
         };
-        let mut assignment =
-            Assignment { pool: None, mode: None, blocks: Vec::new(), carved: Vec::new(), problem: None };
-        let name = match pool_name {
+        let name = match name {
             Ok(n) => n,
             Err(problem) => {
-                assignment.problem = Some(problem);
-                return (assignment, problems);
+                a.problem = Some(problem);
+                return (a, problems);
             }
         };
-        assignment.pool = Some(name.clone());
-        let held: Vec<IpNet> = self.holdings.get(&node.name).map(|h| h.blocks.clone()).unwrap_or_default();
-        if let Some(pool) = self.pools.get_mut(&name) {
-            assignment.mode = Some(pool.view.mode);
-            match (&pool.invalid, pool.view.disabled, pool.blocks.as_mut()) {
+        a.pool = Some(name.clone());
+        self.honour_releases(&node.name, request, now, &mut a);
+        if let Some(pool) = self.pools.get(&name) {
+            a.mode = Some(pool.view.mode);
+            a.allocation = Some(pool.view.allocation.clone());
+            match (&pool.invalid, pool.view.disabled, pool.blocks.is_some()) {
                 (Some(reason), _, _) => {
-                    assignment.problem = Some(AssignProblem::PoolInvalid { pool: name.clone(), reason: reason.clone() })
+                    a.problem = Some(AssignProblem::PoolInvalid { pool: name.clone(), reason: reason.clone() })
                 }
-                (None, true, _) if held.is_empty() => {
-                    assignment.problem = Some(AssignProblem::PoolDisabled(name.clone()))
-                }
-                (None, true, _) => {}
-                (None, false, Some(blocks)) => {
-                    let mut exhausted = Vec::new();
-                    for family in blocks.families() {
-                        if held.iter().any(|b| IpFamily::of(b) == family) {
-                            continue;
-                        }
-                        match blocks.allocate(family) {
-                            Some(b) => assignment.carved.push(b),
-                            None => exhausted.push(family),
-                        }
-                    }
-                    pool.exhausted.extend(exhausted.iter().copied());
-                    if !exhausted.is_empty() {
-                        assignment.problem = Some(AssignProblem::Exhausted { pool: name.clone(), families: exhausted });
-                    }
-                }
-                (None, false, None) => {}
+                (None, true, _) if a.grants.is_empty() => a.problem = Some(AssignProblem::PoolDisabled(name.clone())),
+                (None, false, true) => self.grow(node, request, &name, &mut a),
+                _ => {}
             }
         }
-        if !assignment.carved.is_empty() {
-            let holding = self.holdings.entry(node.name.clone()).or_insert_with(|| Holding {
-                uid: node.uid.clone(),
-                pool: name.clone(),
-                blocks: Vec::new(),
-            });
-            for b in &assignment.carved {
-                self.owners.insert(*b, node.name.clone());
-                holding.blocks.push(*b);
+        if let Some(pool) = self.pools.get_mut(&name) {
+            if a.unmet.is_empty() {
+                pool.unmet.remove(&node.name);
+            } else {
+                pool.unmet.insert(node.name.clone());
             }
-            holding.blocks.sort_by_key(|b| (IpFamily::of(b), *b));
         }
-        assignment.blocks = self.holdings.get(&node.name).map(|h| h.blocks.clone()).unwrap_or_default();
-        (assignment, problems)
+        if let Some(pool) = self.pools.get(&name) {
+            let mut reserved: Vec<IpAddr> = a.grants.iter().flat_map(|g| self.reserved_in(pool, &g.block)).collect();
+            reserved.sort();
+            reserved.dedup();
+            a.foreign = reserved
+                .iter()
+                .filter_map(|ip| self.node_ips.get(ip).filter(|n| **n != node.name).map(|n| (ip, n)))
+                .map(|(ip, n)| ForeignAddress { ip: *ip, node: n.clone() })
+                .collect();
+            a.reserved = reserved;
+        }
+        (a, problems)
+    }
+
+    /// Splits the node's holding into what it keeps, what it gives back (a
+    /// release naming the grant's exact ID) and quarantine that is over.
+    fn honour_releases(&self, node: &str, request: &Request, now: i64, a: &mut Assignment) {
+        let Some(holding) = self.holdings.get(node) else {
+            for (cidr, _) in &request.releases {
+                a.release_problems.push(match net::parse_cidr(cidr) {
+                    Ok(cidr) => ReleaseProblem::NotHeld { cidr },
+                    Err(_) => ReleaseProblem::Malformed { cidr: cidr.clone() },
+                });
+            }
+            return;
+        };
+        let quarantine = self
+            .pools
+            .get(&holding.pool)
+            .map(|p| p.view.allocation.release_quarantine_seconds())
+            .unwrap_or(BlockAllocation::DEFAULT_RELEASE_QUARANTINE_SECONDS);
+        let mut keep = holding.grants.clone();
+        for (raw, id) in &request.releases {
+            let Ok(cidr) = net::parse_cidr(raw) else {
+                a.release_problems.push(ReleaseProblem::Malformed { cidr: raw.clone() });
+                continue;
+            };
+            match keep.iter().position(|g| g.block == cidr) {
+                Some(i) if keep[i].id == *id => {
+                    let grant = keep.remove(i);
+                    a.quarantined.push(Quarantine {
+                        block: grant.block,
+                        id: grant.id.clone(),
+                        until: now + i64::from(quarantine),
+                    });
+                    a.released.push(grant);
+                }
+                Some(i) => a.release_problems.push(ReleaseProblem::StaleId {
+                    cidr,
+                    given: id.clone(),
+                    current: keep[i].id.clone(),
+                }),
+                // Already given back (quarantined) or never held.
+                None if holding.quarantined.iter().any(|q| q.block == cidr && q.id == *id) => {}
+                None => a.release_problems.push(ReleaseProblem::NotHeld { cidr }),
+            }
+        }
+        for q in &holding.quarantined {
+            if q.until <= now {
+                a.expired.push(q.block);
+            } else {
+                a.quarantined.push(q.clone());
+            }
+        }
+        a.grants = keep;
+    }
+
+    /// Carves blocks until every family of the pool has what the node needs.
+    fn grow(&mut self, node: &NodeView, request: &Request, name: &str, a: &mut Assignment) {
+        let pool = self.pools.get(name).expect("caller checked");
+        let allocation = pool.view.allocation.clone();
+        let families = pool.blocks.as_ref().map(|b| b.families()).unwrap_or_default();
+        let max_blocks = match allocation.strategy {
+            AllocationStrategy::Single => 1,
+            _ => allocation.max_blocks_per_node(),
+        };
+        let mut exhausted = Vec::new();
+        for family in families {
+            let (field, wanted) = match allocation.strategy {
+                AllocationStrategy::Single => (String::new(), 0),
+                AllocationStrategy::Static => (
+                    match allocation.max_pods {
+                        Some(_) => format!("spec.allocation.maxPods of PodCIDR {name}"),
+                        None => format!("status.capacity.pods of Node {}", node.name),
+                    },
+                    allocation
+                        .max_pods
+                        .map(|p| p.max(0) as u32)
+                        .or(node.max_pods)
+                        .unwrap_or(BlockAllocation::DEFAULT_MAX_PODS) as u64,
+                ),
+                AllocationStrategy::Dynamic => (
+                    format!("spec.requestedIPs.{}", family.to_string().to_lowercase()),
+                    request.ips.get(&family).copied().unwrap_or(0),
+                ),
+            };
+            loop {
+                let pool = self.pools.get(name).expect("caller checked");
+                let mine: Vec<IpNet> = a.grants.iter().map(|g| g.block).filter(|b| IpFamily::of(b) == family).collect();
+                let usable: u64 = mine.iter().map(|b| self.usable(pool, b)).sum();
+                // Static follows Azure's StaticBlock count, ceil(maxPods / block size);
+                // dynamic counts what pods can really get.
+                let covered = match allocation.strategy {
+                    AllocationStrategy::Static => mine.iter().map(|b| net::size(b).min(u64::MAX as u128) as u64).sum(),
+                    _ => usable,
+                };
+                if !mine.is_empty() && covered >= wanted {
+                    break;
+                }
+                if mine.len() as u32 >= max_blocks {
+                    if !mine.is_empty() && allocation.strategy != AllocationStrategy::Single {
+                        a.unmet.push(Unmet::AboveMaximum {
+                            field: field.clone(),
+                            family,
+                            wanted,
+                            usable,
+                            max: max_blocks,
+                            pool: name.to_string(),
+                        });
+                    }
+                    break;
+                }
+                let pool = self.pools.get_mut(name).expect("caller checked");
+                let Some(block) = pool.blocks.as_mut().and_then(|b| b.allocate(family)) else {
+                    pool.exhausted.insert(family);
+                    if mine.is_empty() {
+                        exhausted.push(family);
+                    } else {
+                        a.unmet.push(Unmet::Exhausted {
+                            field: field.clone(),
+                            family,
+                            wanted,
+                            usable,
+                            pool: name.to_string(),
+                        });
+                    }
+                    break;
+                };
+                self.owners.insert(block, node.name.clone());
+                let grant = Grant { block, id: new_allocation_id() };
+                let holding = self.holdings.entry(node.name.clone()).or_insert_with(|| Holding {
+                    uid: node.uid.clone(),
+                    pool: name.to_string(),
+                    grants: Vec::new(),
+                    quarantined: Vec::new(),
+                });
+                holding.grants.push(grant.clone());
+                sort_grants(&mut holding.grants);
+                a.grants.push(grant);
+                sort_grants(&mut a.grants);
+                a.carved.push(block);
+            }
+        }
+        if !exhausted.is_empty() {
+            a.problem = Some(AssignProblem::Exhausted { pool: name.to_string(), families: exhausted });
+        }
+    }
+
+    /// Nodes other than `me` whose grants hold one of `ips`.
+    fn holders_of(&self, me: &str, ips: &[IpAddr]) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for ip in ips {
+            for pool in self.pools.values().filter(|p| p.view.mode == PoolMode::VNet) {
+                let Some(blocks) = &pool.blocks else { continue };
+                let prefix = blocks.layout().block_prefix(IpFamily::of_addr(ip));
+                let Ok(block) = IpNet::new(*ip, prefix).map(|b| b.trunc()) else { continue };
+                if let Some(owner) = self.owners.get(&block).filter(|o| *o != me) {
+                    out.insert(owner.clone());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// After the assignment's status was written: released grants enter
+    /// quarantine, expired quarantine returns to the pool.
+    pub fn commit(&mut self, node: &str, a: &Assignment) {
+        let Some(holding) = self.holdings.get_mut(node) else { return };
+        for grant in &a.released {
+            if let Some(i) = holding.grants.iter().position(|g| g == grant) {
+                holding.grants.remove(i);
+            }
+        }
+        for q in &a.quarantined {
+            if !holding.quarantined.iter().any(|h| h.block == q.block) {
+                holding.quarantined.push(q.clone());
+            }
+        }
+        let mut freed = Vec::new();
+        holding.quarantined.retain(|q| {
+            let expired = a.expired.contains(&q.block);
+            if expired {
+                freed.push(q.block);
+            }
+            !expired
+        });
+        for block in freed {
+            self.free_block(&block);
+        }
+    }
+
+    fn free_block(&mut self, block: &IpNet) {
+        self.owners.remove(block);
+        for pool in self.pools.values_mut() {
+            if let Some(blocks) = pool.blocks.as_mut()
+                && blocks.release(block)
+            {
+                pool.exhausted.remove(&IpFamily::of(block));
+                break;
+            }
+        }
     }
 
     /// Returns every block of `node` to its pool; the blocks released.
     pub fn release(&mut self, node: &str) -> Vec<IpNet> {
-        let Some(holding) = self.holdings.remove(node) else { return Vec::new() };
-        for block in &holding.blocks {
-            self.owners.remove(block);
-            for pool in self.pools.values_mut() {
-                if let Some(blocks) = pool.blocks.as_mut()
-                    && blocks.release(block)
-                {
-                    pool.exhausted.remove(&IpFamily::of(block));
-                    break;
-                }
-            }
+        self.set_node_ips(node, &[]);
+        for pool in self.pools.values_mut() {
+            pool.unmet.remove(node);
         }
-        holding.blocks
+        let Some(holding) = self.holdings.remove(node) else { return Vec::new() };
+        let blocks: Vec<IpNet> = Self::held_blocks(&holding).collect();
+        for block in &blocks {
+            self.free_block(block);
+        }
+        blocks
     }
 
     pub fn report(&self, pool: &str) -> Option<PoolReport> {
@@ -451,10 +821,23 @@ impl Index {
                 families.into_iter().map(|f| (f, b.layout().block_prefix(f), b.usage(f))).collect()
             })
             .unwrap_or_default();
+        let mut quarantined = BTreeMap::new();
+        for h in self.holdings.values().filter(|h| h.pool == pool) {
+            for q in &h.quarantined {
+                *quarantined.entry(IpFamily::of(&q.block)).or_insert(0) += 1;
+            }
+        }
         // A pool is exhausted for a family only while it has no free block of it.
         let exhausted =
             p.exhausted.iter().copied().filter(|f| p.blocks.as_ref().is_some_and(|b| b.usage(*f).free == 0)).collect();
-        Some(PoolReport { usage, invalid: p.invalid.clone(), exhausted, retired: p.retired.clone() })
+        Some(PoolReport {
+            usage,
+            quarantined,
+            invalid: p.invalid.clone(),
+            exhausted,
+            retired: p.retired.clone(),
+            unmet: p.unmet.len() as u64,
+        })
     }
 }
 
@@ -483,6 +866,7 @@ mod tests {
             exclusions: vec![],
             disabled: false,
             selector: Ok(Selector::default()),
+            allocation: BlockAllocation::default(),
         }
     }
 
@@ -494,16 +878,20 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn rec(cidrs: &[&str]) -> Vec<(String, Option<String>, Option<i64>)> {
+        cidrs.iter().map(|c| (c.to_string(), None, None)).collect()
+    }
+
     #[test]
     fn nodes_get_distinct_blocks_and_keep_them() {
         let mut index = Index::new();
         index.set_pools(vec![pool("overlay", "1", &["10.244.0.0/16"])]);
-        let (a, _) = index.assign(&node("a"));
-        let (b, _) = index.assign(&node("b"));
-        assert_eq!(a.blocks, [net("10.244.0.0/24")]);
-        assert_eq!(b.blocks, [net("10.244.1.0/24")]);
-        let (again, _) = index.assign(&node("a"));
-        assert_eq!(again.blocks, a.blocks);
+        let (a, _) = index.assign(&node("a"), &Request::default(), 0);
+        let (b, _) = index.assign(&node("b"), &Request::default(), 0);
+        assert_eq!(a.blocks(), [net("10.244.0.0/24")]);
+        assert_eq!(b.blocks(), [net("10.244.1.0/24")]);
+        let (again, _) = index.assign(&node("a"), &Request::default(), 0);
+        assert_eq!(again.blocks(), a.blocks());
         assert!(again.carved.is_empty());
     }
 
@@ -511,18 +899,17 @@ mod tests {
     fn recorded_blocks_are_occupied_before_new_allocations() {
         let mut index = Index::new();
         index.set_pools(vec![pool("overlay", "1", &["10.244.0.0/16"])]);
-        assert!(index.observe("old", "u1", Some("overlay"), &["10.244.0.0/24".into()]).is_empty());
-        let (fresh, _) = index.assign(&node("new"));
-        assert_eq!(fresh.blocks, [net("10.244.1.0/24")]);
+        assert!(index.observe("old", "u1", Some("overlay"), &rec(&["10.244.0.0/24"])).is_empty());
+        let (fresh, _) = index.assign(&node("new"), &Request::default(), 0);
+        assert_eq!(fresh.blocks(), [net("10.244.1.0/24")]);
     }
 
     #[test]
     fn bad_recorded_blocks_are_reported_not_used() {
         let mut index = Index::new();
         index.set_pools(vec![pool("overlay", "1", &["10.244.0.0/16"])]);
-        index.observe("a", "ua", None, &["10.244.0.0/24".into()]);
-        let problems =
-            index.observe("b", "ub", None, &["garbage".into(), "10.9.0.0/24".into(), "10.244.0.0/24".into()]);
+        index.observe("a", "ua", None, &rec(&["10.244.0.0/24"]));
+        let problems = index.observe("b", "ub", None, &rec(&["garbage", "10.9.0.0/24", "10.244.0.0/24"]));
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(matches!(problems[2], BlockProblem::HeldByOther { .. }));
         assert!(index.holding("b").is_none());
@@ -547,10 +934,10 @@ mod tests {
         index.set_pools(vec![pool("all", "1", &["10.244.0.0/16"]), gpu.clone()]);
         let mut n = node("g");
         n.labels.insert("pool".into(), "gpu".into());
-        assert_eq!(index.assign(&n).0.pool.as_deref(), Some("gpu"));
-        assert_eq!(index.assign(&node("plain")).0.pool.as_deref(), Some("all"));
+        assert_eq!(index.assign(&n, &Request::default(), 0).0.pool.as_deref(), Some("gpu"));
+        assert_eq!(index.assign(&node("plain"), &Request::default(), 0).0.pool.as_deref(), Some("all"));
         index.set_pools(vec![pool("all", "1", &["10.244.0.0/16"]), gpu, gpu2]);
-        let (tie, _) = index.assign(&NodeView { name: "g2".into(), ..n });
+        let (tie, _) = index.assign(&NodeView { name: "g2".into(), ..n }, &Request::default(), 0);
         assert!(matches!(tie.problem, Some(AssignProblem::AmbiguousPool(_))), "{tie:?}");
     }
 
@@ -558,13 +945,13 @@ mod tests {
     fn exhaustion_then_growth_serves_the_waiting_node() {
         let mut index = Index::new();
         index.set_pools(vec![pool("small", "1", &["10.244.0.0/24"])]);
-        index.assign(&node("a"));
-        let (b, _) = index.assign(&node("b"));
+        index.assign(&node("a"), &Request::default(), 0);
+        let (b, _) = index.assign(&node("b"), &Request::default(), 0);
         assert_eq!(b.problem.as_ref().map(|p| p.reason()), Some("PoolExhausted"));
         assert_eq!(index.report("small").unwrap().exhausted, [IpFamily::IPv4]);
         index.set_pools(vec![pool("small", "1", &["10.244.0.0/24", "10.244.1.0/24"])]);
-        let (b, _) = index.assign(&node("b"));
-        assert_eq!(b.blocks, [net("10.244.1.0/24")]);
+        let (b, _) = index.assign(&node("b"), &Request::default(), 0);
+        assert_eq!(b.blocks(), [net("10.244.1.0/24")]);
         assert!(b.problem.is_none());
     }
 
@@ -572,12 +959,12 @@ mod tests {
     fn removed_cidr_in_use_is_retired_not_reused() {
         let mut index = Index::new();
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/24", "10.250.0.0/24"])]);
-        index.observe("a", "ua", None, &["10.250.0.0/24".into()]);
+        index.observe("a", "ua", None, &rec(&["10.250.0.0/24"]));
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/24"])]);
         assert_eq!(index.report("p").unwrap().retired, [net("10.250.0.0/24")]);
-        assert_eq!(index.holding("a").unwrap().blocks, [net("10.250.0.0/24")]);
-        assert_eq!(index.assign(&node("b")).0.blocks, [net("10.244.0.0/24")]);
-        assert!(index.assign(&node("c")).0.problem.is_some());
+        assert_eq!(index.holding("a").unwrap().blocks(), [net("10.250.0.0/24")]);
+        assert_eq!(index.assign(&node("b"), &Request::default(), 0).0.blocks(), [net("10.244.0.0/24")]);
+        assert!(index.assign(&node("c"), &Request::default(), 0).0.problem.is_some());
         index.release("a");
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/24"])]);
         assert!(index.report("p").unwrap().retired.is_empty());
@@ -587,10 +974,10 @@ mod tests {
     fn release_returns_blocks() {
         let mut index = Index::new();
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/24"])]);
-        index.assign(&node("a"));
+        index.assign(&node("a"), &Request::default(), 0);
         assert_eq!(index.release("a"), [net("10.244.0.0/24")]);
         assert!(index.owner_of(&net("10.244.0.0/24")).is_none());
-        assert_eq!(index.assign(&node("b")).0.blocks, [net("10.244.0.0/24")]);
+        assert_eq!(index.assign(&node("b"), &Request::default(), 0).0.blocks(), [net("10.244.0.0/24")]);
     }
 
     #[test]
@@ -599,34 +986,183 @@ mod tests {
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/16"])]);
         let mut kcm = node("kcm");
         kcm.pod_cidrs = vec!["10.244.7.0/24".into()];
-        let (a, problems) = index.assign(&kcm);
+        let (a, problems) = index.assign(&kcm, &Request::default(), 0);
         assert!(problems.is_empty());
-        assert_eq!(a.blocks, [net("10.244.7.0/24")]);
+        assert_eq!(a.blocks(), [net("10.244.7.0/24")]);
         assert!(a.carved.is_empty());
         let mut clash = node("clash");
         clash.pod_cidrs = vec!["10.244.7.0/24".into()];
-        let (c, problems) = index.assign(&clash);
+        let (c, problems) = index.assign(&clash, &Request::default(), 0);
         assert!(matches!(problems[0], BlockProblem::PodCidrConflict { .. }), "{problems:?}");
-        assert_eq!(c.blocks, [net("10.244.0.0/24")]);
+        assert_eq!(c.blocks(), [net("10.244.0.0/24")]);
     }
 
     #[test]
     fn dual_stack_gets_one_block_per_family() {
         let mut index = Index::new();
         index.set_pools(vec![pool("ds", "1", &["10.244.0.0/16", "fd12:3456:789a::/64"])]);
-        let (a, _) = index.assign(&node("a"));
-        assert_eq!(a.blocks, [net("10.244.0.0/24"), net("fd12:3456:789a::/80")]);
+        let (a, _) = index.assign(&node("a"), &Request::default(), 0);
+        assert_eq!(a.blocks(), [net("10.244.0.0/24"), net("fd12:3456:789a::/80")]);
     }
 
     #[test]
     fn disabled_pool_keeps_blocks_but_carves_none() {
         let mut index = Index::new();
         index.set_pools(vec![pool("p", "1", &["10.244.0.0/16"])]);
-        index.assign(&node("a"));
+        index.assign(&node("a"), &Request::default(), 0);
         let mut disabled = pool("p", "1", &["10.244.0.0/16"]);
         disabled.disabled = true;
         index.set_pools(vec![disabled]);
-        assert_eq!(index.assign(&node("a")).0.blocks, [net("10.244.0.0/24")]);
-        assert_eq!(index.assign(&node("b")).0.problem.map(|p| p.reason()), Some("PoolDisabled"));
+        assert_eq!(index.assign(&node("a"), &Request::default(), 0).0.blocks(), [net("10.244.0.0/24")]);
+        assert_eq!(
+            index.assign(&node("b"), &Request::default(), 0).0.problem.map(|p| p.reason()),
+            Some("PoolDisabled")
+        );
+    }
+
+    fn vnet(name: &str, cidrs: &[&str], strategy: AllocationStrategy) -> PoolView {
+        PoolView {
+            mode: PoolMode::VNet,
+            allocation: BlockAllocation { strategy, ..Default::default() },
+            ..pool(name, "1", cidrs)
+        }
+    }
+
+    fn at_ip(name: &str, ip: &str) -> NodeView {
+        NodeView { internal_ips: vec![ip.parse().unwrap()], ..node(name) }
+    }
+
+    fn wants(v4: u64) -> Request {
+        Request { ips: [(IpFamily::IPv4, v4)].into(), releases: vec![] }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn vnet_withholds_azure_and_node_addresses_instead_of_skipping_blocks() {
+        let mut index = Index::new();
+        index.set_pools(vec![vnet("subnet", &["10.224.0.0/24"], AllocationStrategy::Single)]);
+        for (n, ip) in [("n1", "10.224.0.4"), ("n2", "10.224.0.5"), ("n3", "10.224.0.6")] {
+            index.set_node_ips(n, &ips(&[ip]));
+        }
+        let (a, _) = index.assign(&at_ip("n1", "10.224.0.4"), &Request::default(), 0);
+        assert_eq!(a.blocks(), [net("10.224.0.0/28")], "the first block is handed out");
+        assert_eq!(
+            a.reserved,
+            ips(&["10.224.0.0", "10.224.0.1", "10.224.0.2", "10.224.0.3", "10.224.0.4", "10.224.0.5", "10.224.0.6"])
+        );
+        // Nodes known when the block was granted are only withheld; they are foreign to n1.
+        assert_eq!(a.foreign.iter().map(|f| f.node.as_str()).collect::<Vec<_>>(), ["n2", "n3"]);
+        // The whole /24 across its 16 blocks: 256 - 5 reserved - 3 node IPs = 248 pod addresses.
+        let mut total = 0;
+        for i in 0..16 {
+            let n = if i == 0 { at_ip("n1", "10.224.0.4") } else { node(&format!("m{i}")) };
+            let (a, _) = index.assign(&n, &Request::default(), 0);
+            total += a.blocks().iter().map(|b| net::size(b) as usize).sum::<usize>() - a.reserved.len();
+        }
+        assert_eq!(total, 256 - 5 - 3);
+    }
+
+    #[test]
+    fn static_pool_grants_the_blocks_max_pods_need_at_once() {
+        let mut index = Index::new();
+        index.set_pools(vec![vnet("static", &["10.10.0.0/24"], AllocationStrategy::Static)]);
+        let n = NodeView { max_pods: Some(30), ..node("a") };
+        let (a, _) = index.assign(&n, &Request::default(), 0);
+        assert_eq!(a.blocks(), [net("10.10.0.0/28"), net("10.10.0.16/28")], "30 pods: ceil(30 / 16) /28 blocks");
+        // Without capacity.pods or spec.allocation.maxPods: kubelet's 110, ceil(110 / 16) = 7 blocks.
+        let (b, _) = index.assign(&node("b"), &Request::default(), 0);
+        assert_eq!(b.grants.len(), 7, "{:?}", b.blocks());
+        assert!(b.unmet.is_empty());
+    }
+
+    #[test]
+    fn dynamic_pool_grows_to_the_request_and_reports_what_it_cannot_grant() {
+        let mut index = Index::new();
+        let mut p = vnet("dyn", &["10.10.0.0/26"], AllocationStrategy::Dynamic);
+        p.allocation.max_blocks_per_node = Some(3);
+        index.set_pools(vec![p]);
+        let (a, _) = index.assign(&node("a"), &Request::default(), 0);
+        assert_eq!(a.grants.len(), 1, "one block to start");
+        let first = a.grants[0].clone();
+        let (a, _) = index.assign(&node("a"), &wants(20), 0);
+        assert_eq!(a.grants.len(), 2, "12 + 16 usable cover 20");
+        assert_eq!(a.grants[0], first, "an existing grant keeps its ID");
+        let (a, _) = index.assign(&node("a"), &wants(60), 0);
+        assert_eq!(a.grants.len(), 3);
+        assert!(matches!(a.unmet[..], [Unmet::AboveMaximum { max: 3, .. }]), "{:?}", a.unmet);
+        assert!(a.unmet[0].to_string().contains("spec.requestedIPs.ipv4"), "{}", a.unmet[0]);
+        let (b, _) = index.assign(&node("b"), &wants(40), 0);
+        assert_eq!(b.grants.len(), 1, "the pool had one block left");
+        assert!(matches!(b.unmet[..], [Unmet::Exhausted { .. }]), "{:?}", b.unmet);
+        assert_eq!(index.report("dyn").unwrap().unmet, 2);
+    }
+
+    #[test]
+    fn release_needs_the_exact_allocation_id_and_quarantines_until_committed_and_expired() {
+        let mut index = Index::new();
+        index.set_pools(vec![vnet("dyn", &["10.10.0.0/27"], AllocationStrategy::Dynamic)]);
+        let (a, _) = index.assign(&node("a"), &wants(20), 0);
+        let tail = a.grants[1].clone();
+        let stale = Request { releases: vec![(tail.block.to_string(), "not-the-id".into())], ..wants(0) };
+        let (r, _) = index.assign(&node("a"), &stale, 10);
+        assert!(r.released.is_empty());
+        assert!(matches!(r.release_problems[..], [ReleaseProblem::StaleId { .. }]), "{:?}", r.release_problems);
+        let unheld = Request { releases: vec![("10.99.0.0/28".into(), "x".into())], ..wants(0) };
+        assert!(matches!(
+            index.assign(&node("a"), &unheld, 10).0.release_problems[..],
+            [ReleaseProblem::NotHeld { .. }]
+        ));
+
+        let release = Request { releases: vec![(tail.block.to_string(), tail.id.clone())], ..wants(0) };
+        let (r, _) = index.assign(&node("a"), &release, 10);
+        assert_eq!(r.released, [tail.clone()]);
+        assert_eq!(r.blocks(), [a.grants[0].block]);
+        assert_eq!(r.quarantined[0].until, 40, "30 s by default");
+        // Not written yet: the block is still the node's alone.
+        assert!(index.assign(&node("b"), &Request::default(), 10).0.problem.is_some(), "nothing free for b");
+        index.commit("a", &r);
+        assert_eq!(index.holding("a").unwrap().quarantined.len(), 1);
+        assert!(index.assign(&node("b"), &Request::default(), 20).0.problem.is_some(), "quarantined, not free");
+        // The agent still names it (the cache lags): nothing more happens.
+        let (again, _) = index.assign(&node("a"), &release, 20);
+        assert!(again.release_problems.is_empty() && again.released.is_empty(), "{again:?}");
+        let (expired, _) = index.assign(&node("a"), &Request::default(), 40);
+        assert_eq!(expired.expired, [tail.block]);
+        index.commit("a", &expired);
+        let (b, _) = index.assign(&node("b"), &Request::default(), 41);
+        assert_eq!(b.blocks(), [tail.block]);
+        assert_ne!(b.grants[0].id, tail.id, "a new grant, a new ID");
+    }
+
+    #[test]
+    fn rebuild_keeps_quarantined_blocks_out_of_the_pool() {
+        let mut index = Index::new();
+        index.set_pools(vec![vnet("dyn", &["10.10.0.0/27"], AllocationStrategy::Dynamic)]);
+        let recorded = vec![
+            ("10.10.0.0/28".to_string(), Some("g1".to_string()), None),
+            ("10.10.0.16/28".to_string(), Some("q1".to_string()), Some(100)),
+        ];
+        assert!(index.observe("a", "uid-a", Some("dyn"), &recorded).is_empty());
+        let h = index.holding("a").unwrap();
+        assert_eq!(h.grants, [Grant { block: net("10.10.0.0/28"), id: "g1".into() }]);
+        assert_eq!(h.quarantined[0].id, "q1");
+        assert!(index.assign(&node("b"), &Request::default(), 0).0.problem.is_some());
+        assert_eq!(index.release("a").len(), 2, "a gone node returns its quarantined blocks too");
+    }
+
+    #[test]
+    fn a_node_joining_inside_a_granted_block_is_withheld_and_its_holder_named() {
+        let mut index = Index::new();
+        index.set_pools(vec![vnet("subnet", &["10.224.0.0/24"], AllocationStrategy::Single)]);
+        let (a, _) = index.assign(&at_ip("n1", "10.224.0.4"), &Request::default(), 0);
+        assert_eq!(a.blocks(), [net("10.224.0.0/28")]);
+        let (late, _) = index.assign(&at_ip("late", "10.224.0.9"), &Request::default(), 0);
+        assert_eq!(late.holders_of_my_ips, ["n1"]);
+        let (a, _) = index.assign(&at_ip("n1", "10.224.0.4"), &Request::default(), 0);
+        assert!(a.reserved.contains(&"10.224.0.9".parse().unwrap()));
+        assert_eq!(a.foreign, [ForeignAddress { ip: "10.224.0.9".parse().unwrap(), node: "late".into() }]);
     }
 }

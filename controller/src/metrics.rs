@@ -24,6 +24,10 @@ pub struct Metrics {
     pub allocation_seconds: Histogram,
     pub blocks: Family<Labels, Gauge>,
     pub leader: Gauge,
+    /// Blocks nodes gave back (released into quarantine).
+    pub releases: Counter,
+    /// Nodes per pool whose blocks do not cover what they need.
+    pub unmet: Family<Labels, Gauge>,
     /// The CRDs are served: a standby is ready to take over, a leader serves.
     pub ready: AtomicBool,
 }
@@ -36,6 +40,8 @@ impl Metrics {
         let allocation_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
         let blocks = Family::<Labels, Gauge>::default();
         let leader = Gauge::default();
+        let releases = Counter::default();
+        let unmet = Family::<Labels, Gauge>::default();
         registry.register("reconciles", "Node reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by reason", reconcile_errors.clone());
         registry.register(
@@ -43,8 +49,10 @@ impl Metrics {
             "Time to carve a node's blocks in memory",
             allocation_seconds.clone(),
         );
-        registry.register("blocks", "Blocks per pool, family and state (allocated, free)", blocks.clone());
+        registry.register("blocks", "Blocks per pool, family and state (allocated, free, quarantined)", blocks.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register("block_releases", "Blocks nodes gave back (into quarantine)", releases.clone());
+        registry.register("unmet_requests", "Nodes per pool whose blocks do not cover what they need", unmet.clone());
         Metrics {
             registry,
             reconciles,
@@ -52,12 +60,14 @@ impl Metrics {
             allocation_seconds,
             blocks,
             leader,
+            releases,
+            unmet,
             ready: AtomicBool::new(false),
         }
     }
 
-    pub fn set_blocks(&self, pool: &str, family: IpFamily, allocated: i64, free: i64) {
-        for (state, v) in [("allocated", allocated), ("free", free)] {
+    pub fn set_blocks(&self, pool: &str, family: IpFamily, allocated: i64, free: i64, quarantined: i64) {
+        for (state, v) in [("allocated", allocated), ("free", free), ("quarantined", quarantined)] {
             let labels = vec![
                 ("pool".to_string(), pool.to_string()),
                 ("family".to_string(), family.to_string()),

@@ -12,11 +12,13 @@
 //! what AKS would need: Overlay takes one block per node (nodes + surge
 //! blocks), flat VNet takes `(nodes + surge) × (maxPods + 1)` addresses plus 5
 //! reserved per subnet. carve's view counts what carve really hands out: whole
-//! blocks, the blocks holding Azure's reserved addresses skipped in VNet mode
-//! (the allocator's own capacity), and per block the addresses carve-ipam may
-//! give pods — all but the network address, the gateway and (IPv4) broadcast.
-//! Azure's "+1" per node is the node's own address; in carve that role is the
-//! block's gateway, which the per-block count already leaves out.
+//! blocks (the allocator's own capacity) and per block the addresses
+//! carve-ipam may give pods. Overlay: all but the network address, the gateway
+//! and (IPv4) broadcast. VNet: pods are /32-routed, so every address of a
+//! block is a pod's but Azure's five per subnet and the Nodes' own addresses,
+//! which the controller withholds address by address (as Azure's "+1" per
+//! node does); a node in a static or dynamic pool holds as many blocks as its
+//! pods need.
 
 use carve_crds::PoolMode;
 use carve_crds::net::{IpFamily, NetError, check_block_size, forbidden_overlap, overlaps};
@@ -144,20 +146,23 @@ fn ceil_log2(n: u64) -> u32 {
 }
 
 /// Pod addresses of a block as carve-ipam counts them (node-plugin's
-/// `NodePool::from_state`): network and gateway reserved, and the broadcast in IPv4.
-pub fn pod_addresses_per_block(family: IpFamily, block: u8) -> u64 {
+/// `NodePool::from_state`). Overlay: network and gateway reserved, and the
+/// broadcast in IPv4. VNet: every address (the subnet's reserved ones and the
+/// Nodes' are withheld per pool, not per block).
+pub fn pod_addresses_per_block(mode: PoolMode, family: IpFamily, block: u8) -> u64 {
     let size = pow2(u32::from(family.bits() - block));
-    let reserved = match family {
-        IpFamily::IPv4 => 3,
-        IpFamily::IPv6 => 2,
+    let reserved = match (mode, family) {
+        (PoolMode::VNet, _) => 0,
+        (PoolMode::Overlay, IpFamily::IPv4) => 3,
+        (PoolMode::Overlay, IpFamily::IPv6) => 2,
     };
     size.saturating_sub(reserved)
 }
 
 /// Longest block prefix whose pod addresses reach `pods`: the block size to
 /// suggest when a node's pods do not fit one block.
-pub fn block_for_pods(family: IpFamily, pods: u64) -> u8 {
-    (1..=family.max_block_prefix()).rev().find(|&b| pod_addresses_per_block(family, b) >= pods).unwrap_or(1)
+pub fn block_for_pods(mode: PoolMode, family: IpFamily, pods: u64) -> u8 {
+    (1..=family.max_block_prefix()).rev().find(|&b| pod_addresses_per_block(mode, family, b) >= pods).unwrap_or(1)
 }
 
 /// The `carvectl plan` flag that sets `family`'s block size.
@@ -169,31 +174,26 @@ pub fn block_flag(family: IpFamily) -> &'static str {
 }
 
 /// Blocks carve's allocator would hand out from `cidrs` (all of one family).
-fn carve_capacity(mode: PoolMode, cidrs: &[IpNet], block: u8) -> u64 {
+fn carve_capacity(cidrs: &[IpNet], block: u8) -> u64 {
     let family = IpFamily::of(&cidrs[0]);
-    let layout = PoolLayout {
-        azure_reserved: mode == PoolMode::VNet,
-        cidrs: cidrs.to_vec(),
-        block_prefix_v4: block,
-        block_prefix_v6: block,
-        exclusions: Vec::new(),
-    };
+    let layout =
+        PoolLayout { cidrs: cidrs.to_vec(), block_prefix_v4: block, block_prefix_v6: block, exclusions: Vec::new() };
     PoolBlocks::new(layout).usage(family).capacity
 }
 
 /// Smallest single CIDR (as a prefix length) from which carve carves `blocks` blocks.
-fn smallest_carve_prefix(mode: PoolMode, like: &IpNet, block: u8, blocks: u64) -> Option<u8> {
+fn smallest_carve_prefix(like: &IpNet, block: u8, blocks: u64) -> Option<u8> {
     (0..=block).rev().find(|&p| {
         let candidate = IpNet::new(like.network(), p).expect("prefix within the family").trunc();
-        carve_capacity(mode, &[candidate], block) >= blocks
+        carve_capacity(&[candidate], block) >= blocks
     })
 }
 
 fn plan_family(input: &PlanInput, family: IpFamily, cidrs: Vec<IpNet>, block: u8) -> FamilyPlan {
     let hosts = input.nodes + input.surge;
     let max_pods = u64::from(input.max_pods);
-    let per_block = pod_addresses_per_block(family, block);
-    let blocks_available = carve_capacity(input.mode, &cidrs, block);
+    let per_block = pod_addresses_per_block(input.mode, family, block);
+    let blocks_available = carve_capacity(&cidrs, block);
     let mut shortfalls = Vec::new();
 
     let (pods_per_node, blocks_per_node) = match input.mode {
@@ -205,7 +205,7 @@ fn plan_family(input: &PlanInput, family: IpFamily, cidrs: Vec<IpNet>, block: u8
         shortfalls.push(format!(
             "a /{block} block holds {pods_per_node} pods, fewer than --max-pods {max_pods}; use {} {} or shorter",
             block_flag(family),
-            block_for_pods(family, max_pods)
+            block_for_pods(input.mode, family, max_pods)
         ));
     }
     let blocks_needed = hosts.saturating_mul(blocks_per_node);
@@ -213,7 +213,7 @@ fn plan_family(input: &PlanInput, family: IpFamily, cidrs: Vec<IpNet>, block: u8
         shortfalls.push(format!("{blocks_needed} blocks needed, the CIDRs hold {blocks_available}"));
     }
     let mut max_nodes = (blocks_available / blocks_per_node).saturating_sub(input.surge);
-    let mut smallest_prefix = smallest_carve_prefix(input.mode, &cidrs[0], block, blocks_needed);
+    let mut smallest_prefix = smallest_carve_prefix(&cidrs[0], block, blocks_needed);
 
     let azure_flat = (input.mode == PoolMode::VNet).then(|| {
         let per_node = max_pods + 1;
@@ -290,18 +290,6 @@ fn warnings(input: &PlanInput, families: &[FamilyPlan]) -> Vec<String> {
         && let Some(range) = forbidden_overlap(&service)
     {
         warnings.push(format!("--service-cidr {}", NetError::Forbidden { cidr: service, range }));
-    }
-    for f in families.iter().filter(|f| input.mode == PoolMode::VNet && f.blocks_per_node > 1) {
-        warnings.push(format!(
-            "carve-controller gives a node one {} block today (dynamic mode, which adds blocks as pods grow, is not built yet): \
-             with /{} blocks a node runs at most {} pods; {} {} holds {} pods per node",
-            f.family,
-            f.block_size,
-            f.pod_addresses_per_block,
-            block_flag(f.family),
-            block_for_pods(f.family, u64::from(input.max_pods)),
-            input.max_pods,
-        ));
     }
     warnings
 }
@@ -413,27 +401,27 @@ mod tests {
         assert_eq!(azure.addresses_needed, 1581);
         assert_eq!(azure.addresses_available, 2048 - 5);
         assert_eq!(azure.smallest_prefix, Some(21));
-        // carve: a /28 has 16 - 3 = 13 pod addresses, so 30 pods take ceil(30/13) = 3 blocks per node,
-        // 51 × 3 = 153 blocks; a /21 has 2^(28-21) = 128 blocks less the first and last (Azure's reserved
-        // addresses) = 126. 256 - 2 = 254 blocks (a /20) is the smallest that holds 153.
-        assert_eq!((f.pod_addresses_per_block, f.blocks_per_node, f.blocks_needed), (13, 3, 153));
-        assert_eq!(f.blocks_available, 126);
-        assert_eq!(f.smallest_prefix, Some(20));
-        assert_eq!(f.shortfalls, ["153 blocks needed, the CIDRs hold 126", "a /20 CIDR or larger fits"]);
-        assert!(!p.fits);
-        // 126 / 3 = 42 nodes - 1 surge = 41; Azure alone: 2043 / 31 = 65 - 1 = 64; the smaller wins.
-        assert_eq!(p.capacity, Capacity { nodes: 41, pods: 41 * 30 });
-        assert!(p.warnings.iter().any(|w| w.contains("--block-size 26 holds 30 pods per node")), "{:?}", p.warnings);
+        // carve: pods are /32-routed in VNet, so a /28 holds 16 pod addresses (the subnet's reserved ones
+        // and the node IPs are withheld per pool, as Azure's "+1" per node); 30 pods take ceil(30/16) = 2
+        // blocks per node (Azure's static block: maxPods/16), 51 × 2 = 102 of the /21's 128 blocks.
+        assert_eq!((f.pod_addresses_per_block, f.blocks_per_node, f.blocks_needed), (16, 2, 102));
+        assert_eq!(f.blocks_available, 128);
+        assert_eq!(f.smallest_prefix, Some(21));
+        assert!(f.shortfalls.is_empty(), "{:?}", f.shortfalls);
+        assert!(p.fits);
+        // 128 / 2 = 64 nodes - 1 surge = 63; Azure alone: 2043 / 31 = 65 - 1 = 64; the smaller wins.
+        assert_eq!(p.capacity, Capacity { nodes: 63, pods: 63 * 30 });
+        assert!(p.warnings.is_empty(), "a node holds several blocks: {:?}", p.warnings);
     }
 
     #[test]
     fn vnet_with_room_fits() {
-        // /16: 2^16 - 5 = 65531 addresses, 65531 / 31 = 2113 nodes (Azure); /28 blocks: 4096 - 2 = 4094,
-        // 4094 / 3 = 1364 nodes (carve); less 1 surge = 1363.
+        // /16: 2^16 - 5 = 65531 addresses, 65531 / 31 = 2113 nodes (Azure); 4096 /28 blocks, 2 per node:
+        // 2048 nodes (carve); less 1 surge = 2047.
         let p = plan(&input(PoolMode::VNet, &["10.224.0.0/16"], 50)).unwrap();
         assert!(p.fits);
-        assert_eq!(p.capacity, Capacity { nodes: 1363, pods: 1363 * 30 });
-        assert_eq!(p.families[0].smallest_prefix, Some(20));
+        assert_eq!(p.capacity, Capacity { nodes: 2047, pods: 2047 * 30 });
+        assert_eq!(p.families[0].smallest_prefix, Some(21));
     }
 
     #[test]
@@ -472,10 +460,11 @@ mod tests {
     #[test]
     fn block_for_pods_picks_the_longest_block_that_holds_them() {
         // /27: 32 - 3 = 29 < 30; /26: 64 - 3 = 61.
-        assert_eq!(block_for_pods(IpFamily::IPv4, 30), 26);
-        assert_eq!(block_for_pods(IpFamily::IPv4, 250), 24);
+        assert_eq!(block_for_pods(PoolMode::Overlay, IpFamily::IPv4, 30), 26);
+        assert_eq!(block_for_pods(PoolMode::Overlay, IpFamily::IPv4, 250), 24);
+        assert_eq!(block_for_pods(PoolMode::VNet, IpFamily::IPv4, 16), 28);
         // IPv6 /123: 32 - 2 = 30.
-        assert_eq!(block_for_pods(IpFamily::IPv6, 30), 123);
+        assert_eq!(block_for_pods(PoolMode::Overlay, IpFamily::IPv6, 30), 123);
     }
 
     #[test]

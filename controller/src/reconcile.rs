@@ -2,8 +2,10 @@
 //! the index carved, and each PodCIDR's status.
 //!
 //! ```text
-//!   Node ─reconcile─▶ current_nnc ─▶ assign (index) ─▶ create_nnc ─▶ status::nnc_status ─▶ write_nnc_status
-//!                     ─▶ Events (status::nnc_notices) ─▶ write_pod_cidrs (kubenet)
+//!   Node ─reconcile─▶ current_nnc ─▶ assign (index: releases, grants) ─▶ create_nnc ─▶ status::nnc_status
+//!                     ─▶ write_nnc_status (conditioned on the resourceVersion when it honours a release)
+//!                     ─▶ index.commit (quarantine) ─▶ Events (status::nnc_notices, address conflicts)
+//!                     ─▶ write_pod_cidrs (kubenet) ─▶ nudge the nodes whose blocks hold this node's address
 //!   PodCIDR change ─▶ index.set_pools ─▶ every Node re-reconciled
 //!   sweep (timer) ──▶ NNCs/holdings whose Node is really gone ─▶ delete NNC, release blocks
 //!   pool_status (timer) ─▶ status::pool_status ─▶ PodCIDR status, Events on transitions
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidr, PoolMode};
+use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -29,10 +32,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::index::{Assignment, BlockProblem, Index, PoolView};
+use crate::index::{Assignment, BlockProblem, Index, PoolView, Request};
 use crate::metrics::Metrics;
 use crate::status::{self, Notice, Subject};
 use crate::views;
+use carve_crds::AddressConflict;
+use k8s_openapi::api::core::v1::Pod;
 
 pub const FIELD_MANAGER: &str = "carve-controller";
 
@@ -98,6 +103,8 @@ pub struct Ctx {
     nodes: Store<Node>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    /// Reconciles another Node (one whose blocks hold a new node's address).
+    nudge: UnboundedSender<ObjectRef<Node>>,
 }
 
 /// The caches the controller reads.
@@ -108,9 +115,16 @@ pub struct Stores {
 }
 
 impl Ctx {
-    pub fn new(client: Client, cfg: Config, stores: Stores, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        cfg: Config,
+        stores: Stores,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        nudge: UnboundedSender<ObjectRef<Node>>,
+    ) -> Self {
         let Stores { pools, nncs, nodes } = stores;
-        Ctx { client, cfg, state: Mutex::default(), pools, nncs, nodes, recorder, metrics }
+        Ctx { client, cfg, state: Mutex::default(), pools, nncs, nodes, recorder, metrics, nudge }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -131,6 +145,45 @@ impl Ctx {
         };
         if let Some(reference) = reference {
             self.publish_to(reference, notice).await;
+        }
+    }
+
+    /// A Node that joined with an address inside `holder`'s blocks: Events on
+    /// both Nodes, and on any pod already using the address (found by
+    /// `status.podIP`; carve does not evict it).
+    async fn announce_conflict(&self, holder: &Node, nnc: &NodeNetworkConfig, conflict: &AddressConflict) {
+        let note = format!(
+            "Node {} has address {}, inside a block of node {}: withheld from new pods there",
+            conflict.node,
+            conflict.ip,
+            holder.name_any()
+        );
+        let notice = |note: String| Notice { subject: Subject::Nnc, reason: "NodeAddressInBlock".into(), note };
+        self.publish_to(nnc.object_ref(&()), notice(note.clone())).await;
+        self.publish_to(holder.object_ref(&()), notice(note.clone())).await;
+        if let Some(other) = self.nodes.get(&ObjectRef::new(&conflict.node)) {
+            self.publish_to(other.object_ref(&()), notice(note.clone())).await;
+        }
+        let by_ip = ListParams::default().fields(&format!("status.podIP={}", conflict.ip));
+        match Api::<Pod>::all(self.client.clone()).list(&by_ip).await {
+            Ok(pods) => {
+                for pod in pods.items.iter().filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true)) {
+                    let note = format!(
+                        "pod {}/{} uses {}, the address of Node {}: traffic to one of them goes astray; move the pod \
+                         (carve withholds the address from new pods)",
+                        pod.namespace().unwrap_or_default(),
+                        pod.name_any(),
+                        conflict.ip,
+                        conflict.node
+                    );
+                    self.publish_to(pod.object_ref(&()), notice(note.clone())).await;
+                    self.publish_to(holder.object_ref(&()), notice(note.clone())).await;
+                    if let Some(other) = self.nodes.get(&ObjectRef::new(&conflict.node)) {
+                        self.publish_to(other.object_ref(&()), notice(note)).await;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, ip = %conflict.ip, "could not look for a pod using a Node's address"),
         }
     }
 
@@ -170,6 +223,10 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
         }
     }
     for node in &nodes.items {
+        let view = views::node_view(node);
+        state.index.set_node_ips(&view.name, &view.internal_ips);
+    }
+    for node in &nodes.items {
         let problems = state.index.adopt(&views::node_view(node));
         if !problems.is_empty() {
             state.stash.entry(node.name_any()).or_default().extend(problems);
@@ -196,25 +253,40 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     }
     ctx.refresh_pools();
     let existing = current_nnc(&ctx, &node).await?;
-    let (assignment, problems) = assign(&ctx, &node, existing.as_deref());
+    let request = views::request(existing.as_deref());
+    let now = Time(Timestamp::now());
+    let (assignment, problems) = assign(&ctx, &node, existing.as_deref(), &request, now.0.as_second());
     let nnc = match existing {
         Some(n) => n,
         None => create_nnc(&ctx, &node).await?,
     };
     let previous = known_status(&ctx, &nnc);
-    let now = Time(Timestamp::now());
     let desired =
         status::nnc_status(&assignment, &problems, views::internal_ip(&node), nnc.metadata.generation, &previous, &now);
+    let conflicts = status::new_conflicts(&previous, &desired);
     if desired != previous {
-        write_nnc_status(&ctx, &nnc, desired).await?;
+        // A release is honoured only against the spec that carried it.
+        let fence = (!assignment.released.is_empty()).then(|| nnc.resource_version()).flatten();
+        write_nnc_status(&ctx, &nnc, desired, fence).await?;
     }
+    ctx.state().index.commit(&node.name_any(), &assignment);
+    ctx.metrics.releases.inc_by(assignment.released.len() as u64);
     for notice in status::nnc_notices(&node.name_any(), &assignment, &problems, &previous) {
         ctx.publish(notice, &node, Some(&nnc)).await;
     }
+    for conflict in &conflicts {
+        ctx.announce_conflict(&node, &nnc, conflict).await;
+    }
     write_pod_cidrs(&ctx, &node, &assignment).await?;
-    Ok(match assignment.problem {
-        Some(_) => Action::requeue(Duration::from_secs(60)),
-        None => Action::await_change(),
+    for holder in &assignment.holders_of_my_ips {
+        let _ = ctx.nudge.unbounded_send(ObjectRef::new(holder));
+    }
+    let quarantine_ends = assignment.quarantined.iter().map(|q| q.until).min();
+    Ok(match (quarantine_ends, &assignment.problem) {
+        (Some(until), _) => Action::requeue(Duration::from_secs((until - now.0.as_second()).clamp(1, 3600) as u64)),
+        (None, Some(_)) => Action::requeue(Duration::from_secs(60)),
+        (None, None) if !assignment.unmet.is_empty() => Action::requeue(Duration::from_secs(60)),
+        (None, None) => Action::await_change(),
     })
 }
 
@@ -238,7 +310,13 @@ async fn current_nnc(ctx: &Ctx, node: &Node) -> Result<Option<Arc<NodeNetworkCon
 
 /// The node's blocks: what its NNC records is occupied first (the API is the
 /// truth), then whatever its pool still owes it is carved.
-fn assign(ctx: &Ctx, node: &Node, nnc: Option<&NodeNetworkConfig>) -> (Assignment, Vec<BlockProblem>) {
+fn assign(
+    ctx: &Ctx,
+    node: &Node,
+    nnc: Option<&NodeNetworkConfig>,
+    request: &Request,
+    now: i64,
+) -> (Assignment, Vec<BlockProblem>) {
     let name = node.name_any();
     let uid = node.uid().unwrap_or_default();
     let started = Instant::now();
@@ -253,7 +331,7 @@ fn assign(ctx: &Ctx, node: &Node, nnc: Option<&NodeNetworkConfig>) -> (Assignmen
         let pool = nnc.status.as_ref().and_then(|s| s.pool.as_deref());
         problems.extend(state.index.observe(&name, &uid, pool, &views::recorded_blocks(nnc)));
     }
-    let (assignment, adopt_problems) = state.index.assign(&views::node_view(node));
+    let (assignment, adopt_problems) = state.index.assign(&views::node_view(node), request, now);
     problems.extend(adopt_problems);
     if !assignment.carved.is_empty() {
         ctx.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
@@ -329,10 +407,20 @@ fn known_status(ctx: &Ctx, nnc: &NodeNetworkConfig) -> NodeNetworkConfigStatus {
 }
 
 /// Applies `desired` as the NNC's status and remembers it against the
-/// version the cache showed.
-async fn write_nnc_status(ctx: &Ctx, nnc: &NodeNetworkConfig, desired: NodeNetworkConfigStatus) -> Result<(), Error> {
+/// version the cache showed. With `fence`, only if the NNC is still at that
+/// resourceVersion (a 409 otherwise: the agent changed its spec meanwhile).
+async fn write_nnc_status(
+    ctx: &Ctx,
+    nnc: &NodeNetworkConfig,
+    desired: NodeNetworkConfigStatus,
+    fence: Option<String>,
+) -> Result<(), Error> {
     let name = nnc.name_any();
-    let body = apply_body::<NodeNetworkConfig>(&name, json!({ "status": desired }));
+    let mut body = json!({ "status": desired });
+    if let Some(rv) = fence {
+        body["metadata"] = json!({ "name": name, "resourceVersion": rv });
+    }
+    let body = apply_body::<NodeNetworkConfig>(&name, body);
     Api::<NodeNetworkConfig>::all(ctx.client.clone()).patch_status(&name, &apply(), &body).await?;
     ctx.state().written_status.insert(name, (nnc.resource_version(), desired));
     Ok(())
@@ -349,7 +437,7 @@ async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Res
     }
     if !ctx.cfg.set_node_pod_cidrs
         || assignment.mode != Some(PoolMode::Overlay)
-        || assignment.blocks.is_empty()
+        || assignment.grants.is_empty()
         || assignment.problem.is_some()
     {
         return Ok(());
@@ -358,7 +446,7 @@ async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Res
     if ctx.state().written_pod_cidrs.get(&name) == Some(&seen) {
         return Ok(());
     }
-    let cidrs: Vec<String> = assignment.blocks.iter().map(|b| b.to_string()).collect();
+    let cidrs: Vec<String> = assignment.blocks().iter().map(|b| b.to_string()).collect();
     let body = apply_body::<Node>(&name, json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } }));
     Api::<Node>::all(ctx.client.clone()).patch(&name, &apply(), &body).await?;
     ctx.state().written_pod_cidrs.insert(name, seen);
@@ -422,8 +510,9 @@ pub async fn pool_status(ctx: &Ctx) -> Result<(), Error> {
         let Some(report) = ctx.state().index.report(&name) else { continue };
         let desired = status::pool_status(&pool, &report, &Time(Timestamp::now()));
         for f in &desired.families {
-            ctx.metrics.set_blocks(&name, f.family, f.allocated, f.free);
+            ctx.metrics.set_blocks(&name, f.family, f.allocated, f.free, f.quarantined);
         }
+        ctx.metrics.unmet.get_or_create(&vec![("pool".to_string(), name.clone())]).set(desired.unmet_requests);
         let previous = pool.status.clone().unwrap_or_default();
         if desired == previous {
             continue;

@@ -76,8 +76,11 @@ fn prune_node(node: &mut Node) {
     node.metadata.annotations = None;
     if let Some(status) = node.status.as_mut() {
         let addresses = status.addresses.take();
+        // Static pools size a node's blocks by its pod capacity.
+        let pods = status.capacity.take().and_then(|mut c| c.remove("pods"));
         *status = Default::default();
         status.addresses = addresses;
+        status.capacity = pods.map(|p| [("pods".to_string(), p)].into());
     }
 }
 
@@ -164,6 +167,8 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
         // Only changes to what carve reads reconcile (not kubelet's status reports).
         .predicate_filter(views::node_fields, Default::default());
 
+    // Reconciles one reconcile asks for another Node (see `Ctx::nudge`).
+    let (nudge, nudges) = mpsc::unbounded();
     let reporter = Reporter { controller: "carve-controller".into(), instance: Some(settings.identity.clone()) };
     let stores = Stores { pools: pools.clone(), nncs: nncs.clone(), nodes: nodes.clone() };
     let ctx = Arc::new(Ctx::new(
@@ -172,13 +177,14 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
         stores,
         Recorder::new(client.clone(), reporter),
         metrics,
+        nudge,
     ));
     pools.wait_until_ready().await?;
     nncs.wait_until_ready().await?;
     reconcile::rebuild(&ctx).await.context("rebuilding allocations from the API")?;
 
     let controller = Controller::for_stream(node_changes, nodes.clone())
-        .reconcile_on(nnc_owners)
+        .reconcile_on(futures::stream::select(nnc_owners, nudges))
         .reconcile_all_on(pool_changes)
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()

@@ -13,7 +13,9 @@
 //! the same, so an unchanged status compares equal and is not rewritten.
 
 use carve_crds::net::IpFamily;
-use carve_crds::{FamilyUsage, NodeNetworkConfigStatus, PodCidr, PodCidrStatus};
+use carve_crds::{
+    AddressConflict, AllocationStrategy, FamilyUsage, NodeNetworkConfigStatus, PodCidr, PodCidrStatus, Scaler,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::index::{AssignProblem, Assignment, BlockProblem, PoolReport};
@@ -86,7 +88,7 @@ pub(crate) fn nnc_status(
             "BlocksCarved",
             format!(
                 "{} carved from pool {}",
-                assignment.blocks.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
+                assignment.blocks().iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
                 assignment.pool.clone().unwrap_or_default()
             ),
             generation,
@@ -105,17 +107,104 @@ pub(crate) fn nnc_status(
             conditions.push(prev.clone());
         }
     }
-    let blocks = views::node_blocks(&assignment.blocks);
+    let strategy = assignment.allocation.as_ref().map(|a| a.strategy);
+    if matches!(strategy, Some(AllocationStrategy::Static | AllocationStrategy::Dynamic)) {
+        let mut unmet: Vec<(String, &str)> = assignment.unmet.iter().map(|u| (u.to_string(), u.reason())).collect();
+        unmet.extend(assignment.release_problems.iter().map(|p| (p.to_string(), "ReleaseRefused")));
+        conditions.push(match unmet.first() {
+            None => condition(
+                "RequestsMet",
+                true,
+                "Covered",
+                "the node's blocks cover what it needs".into(),
+                generation,
+                now,
+            ),
+            Some((_, reason)) => {
+                let message = unmet.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join("; ");
+                condition("RequestsMet", false, reason, message, generation, now)
+            }
+        });
+    }
+    let address_conflicts = address_conflicts(assignment, previous);
+    if !address_conflicts.is_empty() || previous.conditions.iter().any(|c| c.type_ == "AddressConflict") {
+        conditions.push(if address_conflicts.is_empty() {
+            condition(
+                "AddressConflict",
+                false,
+                "NoConflict",
+                "no Node address lies in this node's blocks".into(),
+                generation,
+                now,
+            )
+        } else {
+            condition(
+                "AddressConflict",
+                true,
+                "NodeAddressInBlock",
+                conflict_message(&address_conflicts),
+                generation,
+                now,
+            )
+        });
+    }
+    let blocks = views::node_blocks(&assignment.grants, assignment.mode);
+    let scaler = assignment.allocation.as_ref().filter(|a| a.strategy == AllocationStrategy::Dynamic).map(|a| Scaler {
+        request_threshold_percent: a.request_threshold_percent() as i32,
+        release_threshold_percent: a.release_threshold_percent() as i32,
+        max_blocks_per_node: a.max_blocks_per_node() as i32,
+    });
     NodeNetworkConfigStatus {
         pool: assignment.pool.clone(),
         mode: assignment.mode,
+        strategy,
         block_cidrs: (!blocks.is_empty()).then(|| blocks.iter().map(|b| b.cidr.as_str()).collect::<Vec<_>>().join(",")),
         gateway: blocks.first().and_then(|b| b.gateway.clone()),
         blocks,
+        reserved_ips: views::addresses(&assignment.reserved),
+        quarantined: views::quarantined_blocks(&assignment.quarantined),
+        address_conflicts,
+        scaler,
         node_ip,
         conditions: settle(conditions, &previous.conditions),
         observed_generation: generation,
     }
+}
+
+/// Other Nodes' addresses inside the node's blocks that were not withheld
+/// when the block was granted (the Node joined later), or were conflicts
+/// already. Addresses known at grant time are simply withheld.
+fn address_conflicts(assignment: &Assignment, previous: &NodeNetworkConfigStatus) -> Vec<AddressConflict> {
+    assignment
+        .foreign
+        .iter()
+        .filter(|f| {
+            let ip = f.ip.to_string();
+            let known = previous.address_conflicts.iter().any(|c| c.ip == ip);
+            let block_was_held = assignment.grants.iter().any(|g| {
+                g.block.contains(&f.ip)
+                    && previous.blocks.iter().any(|b| b.allocation_id.as_deref() == Some(g.id.as_str()))
+            });
+            known || (block_was_held && !previous.reserved_ips.contains(&ip))
+        })
+        .map(|f| AddressConflict { ip: f.ip.to_string(), node: f.node.clone() })
+        .collect()
+}
+
+fn conflict_message(conflicts: &[AddressConflict]) -> String {
+    let list = conflicts.iter().map(|c| format!("{} (Node {})", c.ip, c.node)).collect::<Vec<_>>().join(", ");
+    format!(
+        "{list} lie in this node's blocks: withheld from new pods; a pod that already has one keeps it and is \
+         reported by Event (carve does not evict it: move the pod or the Node)"
+    )
+}
+
+/// Conflicts in `desired` that `previous` did not list: each is announced once.
+pub(crate) fn new_conflicts(
+    previous: &NodeNetworkConfigStatus,
+    desired: &NodeNetworkConfigStatus,
+) -> Vec<AddressConflict> {
+    desired.address_conflicts.iter().filter(|c| !previous.address_conflicts.contains(c)).cloned().collect()
 }
 
 /// The Events for node `name`'s reconcile: one per problem found on the NNC;
@@ -148,6 +237,22 @@ pub(crate) fn nnc_notices(
             });
         }
     }
+    // A node short of addresses, or a refused release: once per new message.
+    let said =
+        |message: &str| previous.conditions.iter().any(|c| c.type_ == "RequestsMet" && c.message.contains(message));
+    for u in assignment.unmet.iter().filter(|u| !said(&u.to_string())) {
+        notices.push(Notice { subject: Subject::Nnc, reason: u.reason().into(), note: u.to_string() });
+        if let crate::index::Unmet::Exhausted { pool, .. } = u {
+            notices.push(Notice {
+                subject: Subject::Pool(pool.clone()),
+                reason: "PoolExhausted".into(),
+                note: format!("node {name} needs more addresses: {u}"),
+            });
+        }
+    }
+    for p in assignment.release_problems.iter().filter(|p| !said(&p.to_string())) {
+        notices.push(Notice { subject: Subject::Nnc, reason: "ReleaseRefused".into(), note: p.to_string() });
+    }
     notices
 }
 
@@ -165,6 +270,7 @@ pub(crate) fn pool_status(pool: &PodCidr, report: &PoolReport, now: &Time) -> Po
             capacity: u.capacity.min(i64::MAX as u64) as i64,
             allocated: u.allocated as i64,
             free: u.free.min(i64::MAX as u64) as i64,
+            quarantined: report.quarantined.get(family).copied().unwrap_or(0) as i64,
         })
         .collect();
     let mut conditions = vec![];
@@ -201,6 +307,7 @@ pub(crate) fn pool_status(pool: &PodCidr, report: &PoolReport, now: &Time) -> Po
     PodCidrStatus {
         allocated: families.iter().map(|f| f.allocated).sum(),
         free: families.iter().map(|f| f.free).fold(0i64, |a, b| a.saturating_add(b)),
+        unmet_requests: report.unmet as i64,
         families,
         conditions: settle(conditions, &previous.conditions),
         observed_generation: generation,
@@ -224,6 +331,7 @@ pub(crate) fn pool_notices(previous: &PodCidrStatus, desired: &PodCidrStatus, po
 mod tests {
     use super::*;
     use crate::allocator::Usage;
+    use crate::index::Grant;
     use carve_crds::{PodCidrSpec, PoolMode};
     use ipnet::IpNet;
     use k8s_openapi::jiff::Timestamp;
@@ -241,14 +349,14 @@ mod tests {
         Assignment {
             pool: Some("a".into()),
             mode: Some(PoolMode::Overlay),
-            blocks: blocks.iter().map(|b| net(b)).collect(),
-            carved: vec![],
-            problem: None,
+            allocation: Some(Default::default()),
+            grants: blocks.iter().enumerate().map(|(i, b)| Grant { block: net(b), id: format!("id{i}") }).collect(),
+            ..Default::default()
         }
     }
 
     fn waiting(problem: AssignProblem) -> Assignment {
-        Assignment { pool: None, mode: None, blocks: vec![], carved: vec![], problem: Some(problem) }
+        Assignment { problem: Some(problem), ..Default::default() }
     }
 
     fn exhausted() -> AssignProblem {
@@ -383,6 +491,7 @@ mod tests {
             node_selector: None,
             disabled,
             exclusions: vec![],
+            allocation: None,
         };
         let mut p = PodCidr::new("a", spec);
         p.metadata.generation = Some(3);
@@ -396,6 +505,8 @@ mod tests {
             invalid: None,
             exhausted: if free == 0 { vec![IpFamily::IPv4] } else { vec![] },
             retired: vec![],
+            quarantined: Default::default(),
+            unmet: 0,
         }
     }
 
@@ -450,5 +561,66 @@ mod tests {
         let again = pool_status(&pool(false, Some(s.clone())), &r, &at(20));
         assert_eq!(again, s, "an unchanged pool status compares equal");
         assert!(pool_notices(&s, &again, "a").is_empty());
+    }
+
+    fn dynamic(blocks: &[&str]) -> Assignment {
+        Assignment {
+            mode: Some(PoolMode::VNet),
+            allocation: Some(carve_crds::BlockAllocation {
+                strategy: AllocationStrategy::Dynamic,
+                ..Default::default()
+            }),
+            ..carved(blocks)
+        }
+    }
+
+    #[test]
+    fn dynamic_status_names_unmet_requests_refused_releases_and_the_scaler() {
+        let mut a = dynamic(&["10.10.0.0/28"]);
+        let ok = nnc_status(&a, &[], None, None, &Default::default(), &at(1));
+        assert_eq!(cond(&ok, "RequestsMet").status, "True");
+        assert_eq!(
+            ok.scaler.as_ref().map(|s| (s.request_threshold_percent, s.release_threshold_percent)),
+            Some((50, 150))
+        );
+        assert_eq!(ok.blocks[0].gateway, None, "VNet blocks have no gateway address");
+        assert_eq!(ok.blocks[0].allocation_id.as_deref(), Some("id0"));
+        a.unmet.push(crate::index::Unmet::AboveMaximum {
+            field: "spec.requestedIPs.ipv4".into(),
+            family: IpFamily::IPv4,
+            wanted: 300,
+            usable: 256,
+            max: 16,
+            pool: "a".into(),
+        });
+        a.release_problems.push(crate::index::ReleaseProblem::NotHeld { cidr: net("10.99.0.0/28") });
+        let short = nnc_status(&a, &[], None, None, &ok, &at(2));
+        let c = cond(&short, "RequestsMet");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "AboveMaximum"));
+        assert!(c.message.contains("maxBlocksPerNode") && c.message.contains("spec.releases"), "{}", c.message);
+        let notices = nnc_notices("node-a", &a, &[], &ok);
+        assert_eq!(notices.iter().map(|n| n.reason.as_str()).collect::<Vec<_>>(), ["AboveMaximum", "ReleaseRefused"]);
+        assert!(nnc_notices("node-a", &a, &[], &short).is_empty(), "said once");
+    }
+
+    #[test]
+    fn a_node_address_that_appears_inside_a_held_block_is_a_conflict_once_known_at_grant_it_is_not() {
+        let mut a = dynamic(&["10.224.0.0/28"]);
+        a.reserved = vec!["10.224.0.4".parse().unwrap()];
+        a.foreign = vec![crate::index::ForeignAddress { ip: "10.224.0.4".parse().unwrap(), node: "n2".into() }];
+        let first = nnc_status(&a, &[], None, None, &Default::default(), &at(1));
+        assert!(first.address_conflicts.is_empty(), "known when the block was granted: withheld only");
+        let mut late = a.clone();
+        late.reserved.push("10.224.0.9".parse().unwrap());
+        late.foreign.push(crate::index::ForeignAddress { ip: "10.224.0.9".parse().unwrap(), node: "late".into() });
+        let second = nnc_status(&late, &[], None, None, &first, &at(2));
+        assert_eq!(second.address_conflicts, [AddressConflict { ip: "10.224.0.9".into(), node: "late".into() }]);
+        assert_eq!(cond(&second, "AddressConflict").status, "True");
+        assert_eq!(new_conflicts(&first, &second).len(), 1);
+        let third = nnc_status(&late, &[], None, None, &second, &at(3));
+        assert_eq!(third.address_conflicts, second.address_conflicts, "kept while it lasts");
+        assert!(new_conflicts(&second, &third).is_empty());
+        let gone = nnc_status(&a, &[], None, None, &third, &at(4));
+        assert_eq!(cond(&gone, "AddressConflict").status, "False");
     }
 }

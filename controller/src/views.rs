@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
+use std::net::IpAddr;
+
 use carve_crds::net::IpFamily;
-use carve_crds::{NodeBlock, NodeNetworkConfig, PodCidr};
-use ipnet::IpNet;
+use carve_crds::{NodeBlock, NodeNetworkConfig, PodCidr, PoolMode, QuarantinedBlock};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::index::{NodeView, PoolView};
+use crate::index::{Grant, NodeView, PoolView, Quarantine, Request};
 use crate::selector::Selector;
 
 pub fn pool_view(pool: &PodCidr) -> PoolView {
@@ -35,6 +37,7 @@ pub fn pool_view(pool: &PodCidr) -> PoolView {
         exclusions: pool.spec.exclusions.iter().map(|c| c.as_str().to_string()).collect(),
         disabled: pool.spec.disabled,
         selector,
+        allocation: pool.spec.allocation.clone().unwrap_or_default(),
     }
 }
 
@@ -46,26 +49,40 @@ pub fn node_view(node: &Node) -> NodeView {
     {
         pod_cidrs.push(c);
     }
-    NodeView { name: node.name_any(), uid: node.uid().unwrap_or_default(), labels: node.labels().clone(), pod_cidrs }
+    NodeView {
+        name: node.name_any(),
+        uid: node.uid().unwrap_or_default(),
+        labels: node.labels().clone(),
+        pod_cidrs,
+        internal_ips: internal_ips(node).iter().filter_map(|a| a.parse().ok()).collect(),
+        max_pods: max_pods(node),
+    }
+}
+
+fn internal_ips(node: &Node) -> Vec<&str> {
+    node.status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+        .collect()
+}
+
+/// `status.capacity.pods`: how many pods kubelet runs here (static pools size by it).
+pub fn max_pods(node: &Node) -> Option<u32> {
+    node.status.as_ref()?.capacity.as_ref()?.get("pods")?.0.parse().ok()
 }
 
 /// A digest of the Node fields carve reads: name, uid, labels, InternalIP
-/// addresses, podCIDR(s) and whether it is being deleted. The controller's
+/// addresses, podCIDR(s), capacity.pods and whether it is being deleted. The controller's
 /// Node trigger drops updates that change none of them (kubelet's status
 /// reports, carve-agent's own condition writes).
 pub fn node_fields(node: &Node) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let view = node_view(node);
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&view.name, &view.uid, &view.labels, &view.pod_cidrs).hash(&mut h);
-    let internal: Vec<&str> = node
-        .status
-        .iter()
-        .flat_map(|s| s.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.as_str())
-        .collect();
-    internal.hash(&mut h);
+    (&view.name, &view.uid, &view.labels, &view.pod_cidrs, view.max_pods).hash(&mut h);
+    internal_ips(node).hash(&mut h);
     node.metadata.deletion_timestamp.is_some().hash(&mut h);
     Some(h.finish())
 }
@@ -80,20 +97,59 @@ pub fn owner_uid(nnc: &NodeNetworkConfig) -> Option<String> {
     nnc.owner_references().iter().find(|o| o.kind == "Node" && o.controller == Some(true)).map(|o| o.uid.clone())
 }
 
-pub fn recorded_blocks(nnc: &NodeNetworkConfig) -> Vec<String> {
-    nnc.status.as_ref().map(|s| s.blocks.iter().map(|b| b.cidr.clone()).collect()).unwrap_or_default()
+/// The blocks NNC status records: (cidr, allocation ID, quarantined until).
+pub fn recorded_blocks(nnc: &NodeNetworkConfig) -> Vec<(String, Option<String>, Option<i64>)> {
+    let Some(status) = &nnc.status else { return Vec::new() };
+    let granted = status.blocks.iter().map(|b| (b.cidr.clone(), b.allocation_id.clone(), None));
+    let quarantined = status.quarantined.iter().map(|q| {
+        // An unreadable time ends the quarantine now: the block is still held until then.
+        let until = q.until.parse::<Timestamp>().map(|t| t.as_second()).unwrap_or(0);
+        (q.cidr.clone(), Some(q.allocation_id.clone()), Some(until))
+    });
+    granted.chain(quarantined).collect()
 }
 
-/// First usable address of a block (network + 1): the pods' gateway on the node.
-pub fn gateway(block: &IpNet) -> String {
-    carve_crds::net::nth(block, 1).to_string()
+/// What the node asks for in its NNC spec.
+pub fn request(nnc: Option<&NodeNetworkConfig>) -> Request {
+    let Some(spec) = nnc.map(|n| &n.spec) else { return Request::default() };
+    let mut ips = std::collections::BTreeMap::new();
+    if let Some(r) = &spec.requested_ips {
+        for family in [IpFamily::IPv4, IpFamily::IPv6] {
+            ips.insert(family, r.get(family).max(0) as u64);
+        }
+    }
+    Request { ips, releases: spec.releases.iter().map(|r| (r.cidr.clone(), r.allocation_id.clone())).collect() }
 }
 
-pub fn node_blocks(blocks: &[IpNet]) -> Vec<NodeBlock> {
-    blocks
+/// NNC status blocks. Overlay blocks name their first address as gateway
+/// (carve-ipam keeps it for the node); VNet blocks have none: pods route via
+/// a link-local next hop and every address but reservedIPs is a pod's.
+pub fn node_blocks(grants: &[Grant], mode: Option<PoolMode>) -> Vec<NodeBlock> {
+    grants
         .iter()
-        .map(|b| NodeBlock { cidr: b.to_string(), family: IpFamily::of(b), gateway: Some(gateway(b)) })
+        .map(|g| NodeBlock {
+            cidr: g.block.to_string(),
+            family: IpFamily::of(&g.block),
+            gateway: (mode != Some(PoolMode::VNet)).then(|| carve_crds::net::nth(&g.block, 1).to_string()),
+            allocation_id: Some(g.id.clone()),
+        })
         .collect()
+}
+
+pub fn quarantined_blocks(quarantine: &[Quarantine]) -> Vec<QuarantinedBlock> {
+    quarantine
+        .iter()
+        .map(|q| QuarantinedBlock {
+            cidr: q.block.to_string(),
+            family: IpFamily::of(&q.block),
+            allocation_id: q.id.clone(),
+            until: Timestamp::from_second(q.until).map(|t| t.to_string()).unwrap_or_default(),
+        })
+        .collect()
+}
+
+pub fn addresses(ips: &[IpAddr]) -> Vec<String> {
+    ips.iter().map(|ip| ip.to_string()).collect()
 }
 
 #[cfg(test)]

@@ -222,6 +222,10 @@ pub struct PodCidrStatus {
     /// Blocks still free, summed over families (saturates at 2^63-1).
     #[serde(default)]
     pub free: i64,
+    /// Nodes whose blocks do not cover what they need (their NNC's
+    /// RequestsMet condition says why).
+    #[serde(default)]
+    pub unmet_requests: i64,
     /// Ready: the pool serves nodes. Exhausted: no free block is left.
     /// Invalid: the spec is unusable (the message says why); nothing is carved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -246,6 +250,9 @@ pub struct FamilyUsage {
     pub allocated: i64,
     /// Blocks still free.
     pub free: i64,
+    /// Blocks given back and waiting out their quarantine (counted in allocated).
+    #[serde(default)]
+    pub quarantined: i64,
 }
 
 /// The network configuration of one node: the contract between the carve
@@ -341,6 +348,11 @@ pub struct NodeNetworkConfigStatus {
     /// never get addresses from these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarantined: Vec<QuarantinedBlock>,
+    /// Other Nodes' addresses that lie inside this node's blocks because those
+    /// Nodes joined after the block was granted: withheld from new pods (they
+    /// are in reservedIPs); a pod that already has one is reported by Event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_conflicts: Vec<AddressConflict>,
     /// Dynamic pools: the thresholds the node's agent follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaler: Option<Scaler>,
@@ -386,6 +398,15 @@ pub struct NodeBlock {
     /// never remove a CIDR granted again later.
     #[serde(default, rename = "allocationID", skip_serializing_if = "Option::is_none")]
     pub allocation_id: Option<String>,
+}
+
+/// A Node address inside another node's block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressConflict {
+    pub ip: String,
+    /// The Node whose InternalIP it is.
+    pub node: String,
 }
 
 /// A block given back, waiting out its quarantine.

@@ -36,6 +36,10 @@ impl IpFamily {
         }
     }
 
+    pub fn of_addr(ip: &std::net::IpAddr) -> Self {
+        if ip.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 }
+    }
+
     /// Address length in bits: 32 or 128.
     pub fn bits(self) -> u8 {
         match self {

@@ -413,7 +413,7 @@ fn status_of(snap: &Snapshot) -> Status {
                 .or_else(|| snap.nodes.iter().find(|n| n.name_any() == name).and_then(views::internal_ip));
             NodeStatus {
                 pool: status.and_then(|s| s.pool.clone()),
-                blocks: nnc.map(views::recorded_blocks).unwrap_or_default(),
+                blocks: nnc.map(views::recorded_blocks).unwrap_or_default().into_iter().map(|(c, _, _)| c).collect(),
                 node_ip,
                 ready: nnc.map(|_| ready.map_or_else(|| "Unknown".to_string(), |c| c.status.clone())),
                 reason: ready.filter(|c| c.status != "True").map(|c| c.reason.clone()),
@@ -516,8 +516,14 @@ async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| PoolInfo { name: p.name_any(), cidrs: p.spec.cidrs.iter().map(|c| c.as_str().to_string()).collect() })
         .collect();
-    let nncs: Vec<NncInfo> =
-        snap.nncs.iter().map(|n| NncInfo { name: n.name_any(), blocks: views::recorded_blocks(n) }).collect();
+    let nncs: Vec<NncInfo> = snap
+        .nncs
+        .iter()
+        .map(|n| NncInfo {
+            name: n.name_any(),
+            blocks: views::recorded_blocks(n).into_iter().map(|(c, _, _)| c).collect(),
+        })
+        .collect();
     let nodes: Vec<NodeInfo> = snap
         .nodes
         .iter()

@@ -7,7 +7,6 @@ use super::*;
 
 pub(super) fn micro_benchmark() -> Result<()> {
     let layout = PoolLayout {
-        azure_reserved: false,
         cidrs: vec![CLUSTER_CIDR.parse()?],
         block_prefix_v4: BLOCK_PREFIX,
         block_prefix_v6: 80,

@@ -40,10 +40,17 @@ pub(super) async fn raw_writes(client: Client, name: String, uid: String) -> Res
     let status = NodeNetworkConfigStatus {
         pool: Some(POOL.into()),
         mode: Some(PoolMode::Overlay),
-        blocks: vec![NodeBlock { cidr: cidr.clone(), family: IpFamily::IPv4, gateway: Some(gateway.clone()) }],
+        // An allocation ID of the same length as carve's.
+        blocks: vec![NodeBlock {
+            cidr: cidr.clone(),
+            family: IpFamily::IPv4,
+            gateway: Some(gateway.clone()),
+            allocation_id: Some(format!("{:016x}", cidr.len() as u64 ^ 0x5eed_0000_0000_0000)),
+        }],
         block_cidrs: Some(cidr.clone()),
         gateway: Some(gateway),
         node_ip: None,
+        strategy: Some(Default::default()),
         conditions: vec![Condition {
             type_: "Ready".into(),
             status: "True".into(),
@@ -53,6 +60,7 @@ pub(super) async fn raw_writes(client: Client, name: String, uid: String) -> Res
             last_transition_time: Time(Timestamp::now()),
         }],
         observed_generation: generation,
+        ..Default::default()
     };
     // The same kind of writes carve makes: server-side apply, forced, under one field manager.
     let apply = PatchParams::apply(RAW_MANAGER).force();
