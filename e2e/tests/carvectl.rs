@@ -48,25 +48,25 @@ fn plan_says_whether_a_pool_fits_and_exits_accordingly() {
     assert!(out.contains("FITS: room for 255 nodes + 1 surge, 63750 pods"), "{out}");
     assert_eq!(row(&out, &["smallest", "CIDR"]), ["smallest", "CIDR", "/18"], "51 blocks need 64 = a /18");
 
-    // Azure's flat example: 50 nodes, surge 1, 30 pods -> 1581 addresses + 5; carve's /28 blocks need more.
+    // Azure's flat example: 50 nodes, surge 1, 30 pods -> 1581 addresses + 5 = a /21; carve's /28 blocks
+    // (16 pod addresses each, /32-routed) take ceil(30/16) = 2 per node, 102 of the /21's 128.
     let args = ["plan", "--mode", "VNet", "--cidr", "10.224.0.0/21", "--nodes", "50", "-o", "json"];
     let (code, out, err) = carvectl(&args, None);
-    assert_eq!(code, 1, "does not fit: {out}{err}");
+    assert_eq!(code, 0, "fits: {out}{err}");
     let plan = json_of(&out);
-    assert_eq!(plan["fits"], false);
+    assert_eq!(plan["fits"], true);
     let v4 = &plan["families"][0];
     assert_eq!(v4["azureFlat"]["addressesNeeded"], 1581);
     assert_eq!(v4["azureFlat"]["smallestPrefix"], 21);
-    assert_eq!((v4["blocksNeeded"].as_u64(), v4["blocksAvailable"].as_u64()), (Some(153), Some(126)));
-    assert_eq!(v4["smallestPrefix"], 20);
-    let (code, out, _) = carvectl(&["plan", "--mode", "VNet", "--cidr", "10.224.0.0/21", "--nodes", "50"], None);
+    assert_eq!((v4["blocksNeeded"].as_u64(), v4["blocksAvailable"].as_u64()), (Some(102), Some(128)));
+    assert_eq!(v4["blocksPerNode"], 2);
+    assert!(plan["warnings"].as_array().unwrap().is_empty(), "no one-block-per-node warning: {out}");
+    let (code, out, _) = carvectl(&["plan", "--mode", "VNet", "--cidr", "10.224.0.0/22", "--nodes", "50"], None);
     assert_eq!(code, 1);
-    assert!(
-        out.contains("DOES NOT FIT\n  IPv4: 153 blocks needed, the CIDRs hold 126; a /20 CIDR or larger fits"),
-        "{out}"
-    );
+    assert!(out.contains("DOES NOT FIT\n  IPv4: 102 blocks needed, the CIDRs hold 64"), "{out}");
+    assert!(out.contains("a /21 CIDR or larger fits"), "{out}");
 
-    // The suggested /20 then fits; a forbidden range and the Service CIDR overlap are warnings, not failures.
+    // A /20 fits; a forbidden range and the Service CIDR overlap are warnings, not failures.
     let args = [
         "plan",
         "--mode",

@@ -20,11 +20,17 @@ struct Carved {
     mode: String,
     blocks: Vec<String>,
     pod_cidrs: Vec<String>,
+    reserved: Vec<String>,
 }
 
 /// Applies `example`, registers `nodes` (name, agent-pool label) and returns
 /// each node's NNC once all of them are Ready.
 async fn run_example(example: &str, nodes: &[(&str, Option<&str>)]) -> Vec<(String, Carved)> {
+    run_example_at(example, nodes, "192.168.72").await
+}
+
+/// `run_example` with the nodes' InternalIPs at `<subnet>.10`, `.11`, ...
+async fn run_example_at(example: &str, nodes: &[(&str, Option<&str>)], subnet: &str) -> Vec<(String, Carved)> {
     let cp = ControlPlane::start().await.expect("control plane");
     cp.install_crds().expect("CRDs");
     let client = cp.client().await.unwrap();
@@ -32,7 +38,7 @@ async fn run_example(example: &str, nodes: &[(&str, Option<&str>)]) -> Vec<(Stri
     start_controller(&cp, "controller", &[]).unwrap();
     let node_api = Api::<Node>::all(client.clone());
     for (i, (name, pool)) in nodes.iter().enumerate() {
-        let mut n = node(name, &format!("192.168.72.{}", 10 + i));
+        let mut n = node(name, &format!("{subnet}.{}", 10 + i));
         if let Some(p) = pool {
             n.metadata.labels = Some([("kubernetes.azure.com/agentpool".to_string(), p.to_string())].into());
         }
@@ -61,7 +67,8 @@ async fn run_example(example: &str, nodes: &[(&str, Option<&str>)]) -> Vec<(Stri
         let mut pod_cidrs = node.spec.and_then(|s| s.pod_cidrs).unwrap_or_default();
         pod_cidrs.sort();
         let mode = s.mode.map(|m| format!("{m:?}")).unwrap_or_default();
-        out.push((name.to_string(), Carved { pool: s.pool.unwrap_or_default(), mode, blocks, pod_cidrs }));
+        let reserved = s.reserved_ips.clone();
+        out.push((name.to_string(), Carved { pool: s.pool.unwrap_or_default(), mode, blocks, pod_cidrs, reserved }));
     }
     out
 }
@@ -85,15 +92,47 @@ async fn overlay_example_gives_each_node_a_24_and_its_pod_cidr() {
 }
 
 #[tokio::test]
-async fn vnet_example_carves_26_blocks_around_azure_reserved_addresses() {
+async fn vnet_example_carves_26_blocks_and_withholds_azure_reserved_addresses() {
     let carved = run_example("examples/vnet.yaml", &[("node-1", None), ("node-2", None), ("node-3", None)]).await;
     // 10.224.0.0/26 holds the subnet's network, gateway and two DNS addresses
-    // (10.224.0.0–3), which Azure reserves: the first usable /26 starts at .64.
-    assert_eq!(all_blocks(&carved), set(&["10.224.0.64/26", "10.224.0.128/26", "10.224.0.192/26"]));
+    // (10.224.0.0–3), which Azure reserves: the block is handed out, those
+    // four addresses withheld from its pods.
+    assert_eq!(all_blocks(&carved), set(&["10.224.0.0/26", "10.224.0.64/26", "10.224.0.128/26"]));
+    let first = carved.iter().find(|(_, c)| c.blocks == ["10.224.0.0/26"]).expect("someone holds the first block");
+    assert_eq!(first.1.reserved, ["10.224.0.0", "10.224.0.1", "10.224.0.2", "10.224.0.3"], "{first:?}");
     for (name, c) in &carved {
         assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("vnet", "VNet", 1), "{name}: {c:?}");
         assert!(c.pod_cidrs.is_empty(), "{name}: VNet blocks are not written as Node podCIDRs: {c:?}");
     }
+}
+
+#[tokio::test]
+async fn pod_subnet_static_example_grants_each_node_its_max_pods_worth_of_28s_on_the_node_subnet() {
+    let nodes = [("node-1", None), ("node-2", None), ("node-3", None)];
+    let carved = run_example_at("examples/pod-subnet-static.yaml", &nodes, "10.224.0").await;
+    // maxPods 30: ceil(30 / 16) = 2 blocks of /28 per node, at once.
+    assert_eq!(all_blocks(&carved).len(), 6, "{carved:?}");
+    for (name, c) in &carved {
+        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("pod-subnet-static", "VNet", 2), "{name}: {c:?}");
+    }
+    // The nodes live at 10.224.0.10-12, inside the first block: whoever holds it withholds
+    // Azure's four and the three node addresses from its pods.
+    let first = carved.iter().find(|(_, c)| c.blocks.contains(&"10.224.0.0/28".to_string())).expect("first block");
+    assert_eq!(
+        first.1.reserved,
+        ["10.224.0.0", "10.224.0.1", "10.224.0.2", "10.224.0.3", "10.224.0.10", "10.224.0.11", "10.224.0.12"],
+        "{first:?}"
+    );
+}
+
+#[tokio::test]
+async fn pod_subnet_dynamic_example_starts_each_node_with_one_28() {
+    let nodes = [("node-1", None), ("node-2", None)];
+    let carved = run_example_at("examples/pod-subnet-dynamic.yaml", &nodes, "10.224.0").await;
+    for (name, c) in &carved {
+        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("pod-subnet-dynamic", "VNet", 1), "{name}: {c:?}");
+    }
+    assert_eq!(all_blocks(&carved), set(&["10.224.0.0/28", "10.224.0.16/28"]));
 }
 
 #[tokio::test]

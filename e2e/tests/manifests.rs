@@ -454,7 +454,7 @@ async fn controller_and_agent_run_with_exactly_the_manifests_rbac() {
         .patch_status("node-a", &pp, &condition_patch("NetworkUnavailable", "False", "CarveReady"))
         .await
         .expect("its own NetworkUnavailable condition");
-    let spec = Patch::Merge(json!({ "spec": { "requestedIpCount": 16 } }));
+    let spec = Patch::Merge(json!({ "spec": { "requestedIPs": { "ipv4": 16 } } }));
     a_nncs.patch("node-a", &pp, &spec).await.expect("its own NNC spec");
     refused(
         "agent writing node-b's NNC spec",

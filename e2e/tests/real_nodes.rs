@@ -139,8 +139,8 @@ async fn carve_deployed_from_its_manifests_networks_pods_on_real_nodes() {
     let nncs: kube::Api<NodeNetworkConfig> = kube::Api::all(as_agent.clone());
     // The value node-1's NNC has already: a write that changes nothing but
     // still passes authorization and admission.
-    let current = kubectl_json(&cluster, &["get", "nnc", "node-1"])["spec"]["requestedIpCount"].clone();
-    let patch = kube::api::Patch::Merge(serde_json::json!({"spec": {"requestedIpCount": current}}));
+    let current = kubectl_json(&cluster, &["get", "nnc", "node-1"])["spec"]["releases"].clone();
+    let patch = kube::api::Patch::Merge(serde_json::json!({"spec": {"releases": current}}));
     let pp = kube::api::PatchParams::default();
     let own = nncs.patch("node-1", &pp, &patch).await;
     assert!(own.is_ok(), "the agent may patch its own NNC: {own:?}");
