@@ -13,6 +13,8 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+#[cfg(test)]
+mod release_model;
 pub mod run;
 mod selector;
 mod status;
