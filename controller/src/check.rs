@@ -29,6 +29,8 @@ pub struct PoolInfo {
 pub struct NncInfo {
     pub name: String,
     pub blocks: Vec<String>,
+    /// `status.reservedIPs`: addresses its pods never get.
+    pub reserved: Vec<String>,
 }
 
 /// A Node: its name and `spec.podCIDRs` (or `spec.podCIDR`).
@@ -36,6 +38,8 @@ pub struct NncInfo {
 pub struct NodeInfo {
     pub name: String,
     pub pod_cidrs: Vec<String>,
+    /// InternalIP addresses.
+    pub ips: Vec<String>,
 }
 
 /// One inconsistency. `Display` names the objects and the fix.
@@ -57,6 +61,9 @@ pub enum Finding {
     /// A Node whose podCIDRs are not its NNC's blocks: kube-proxy or Flannel
     /// would route one range while carve serves another.
     PodCidrMismatch { node: String, pod_cidrs: Vec<String>, blocks: Vec<String> },
+    /// A Node's own address inside a pod block that does not withhold it:
+    /// carve-ipam may give it to a pod.
+    NodeAddressInBlock { node: String, ip: String, nnc: String, block: IpNet },
 }
 
 fn list(items: &[String]) -> String {
@@ -125,6 +132,12 @@ impl fmt::Display for Finding {
                 list(pod_cidrs),
                 list(blocks),
                 recarve(&[node])
+            ),
+            Finding::NodeAddressInBlock { node, ip, nnc, block } => write!(
+                f,
+                "node address in a pod block: {ip} of node/{node} lies in {block} of nnc/{nnc}, which does not list it \
+                 in status.reservedIPs, so a pod may get it; run carve-controller (VNet pools withhold every Node's \
+                 address), or move the pool off the node subnet (Overlay)"
             ),
         }
     }
@@ -207,7 +220,7 @@ pub fn findings(pools: &[PoolInfo], nncs: &[NncInfo], nodes: &[NodeInfo]) -> Vec
 
     let pool_cidrs: Vec<IpNet> =
         pools.iter().flat_map(|p| &p.cidrs).filter_map(|c| c.trim().parse::<IpNet>().ok()).collect();
-    for (nnc, block) in blocks {
+    for (nnc, block) in blocks.iter().cloned() {
         if !pool_cidrs.iter().any(|c| c.contains(&block)) {
             findings.push(Finding::BlockOutsidePools { nnc, block });
         }
@@ -218,6 +231,22 @@ pub fn findings(pools: &[PoolInfo], nncs: &[NncInfo], nodes: &[NodeInfo]) -> Vec
     }
 
     let by_name: BTreeMap<&str, &NncInfo> = nncs.iter().map(|n| (n.name.as_str(), n)).collect();
+    for node in nodes {
+        for ip in node.ips.iter().filter_map(|i| i.parse::<std::net::IpAddr>().ok()) {
+            for (nnc, block) in blocks.iter().filter(|(_, b)| b.contains(&ip)) {
+                let withheld =
+                    by_name.get(nnc.as_str()).is_some_and(|n| n.reserved.iter().any(|r| *r == ip.to_string()));
+                if !withheld {
+                    findings.push(Finding::NodeAddressInBlock {
+                        node: node.name.clone(),
+                        ip: ip.to_string(),
+                        nnc: nnc.clone(),
+                        block: *block,
+                    });
+                }
+            }
+        }
+    }
     for node in nodes.iter().filter(|n| !n.pod_cidrs.is_empty()) {
         let Some(nnc) = by_name.get(node.name.as_str()) else { continue };
         let as_set = |cidrs: &[String]| -> BTreeSet<Result<IpNet, String>> {
@@ -243,11 +272,11 @@ mod tests {
     }
 
     fn nnc(name: &str, blocks: &[&str]) -> NncInfo {
-        NncInfo { name: name.into(), blocks: blocks.iter().map(|c| c.to_string()).collect() }
+        NncInfo { name: name.into(), blocks: blocks.iter().map(|c| c.to_string()).collect(), reserved: vec![] }
     }
 
     fn node(name: &str, pod_cidrs: &[&str]) -> NodeInfo {
-        NodeInfo { name: name.into(), pod_cidrs: pod_cidrs.iter().map(|c| c.to_string()).collect() }
+        NodeInfo { name: name.into(), pod_cidrs: pod_cidrs.iter().map(|c| c.to_string()).collect(), ips: vec![] }
     }
 
     fn net(s: &str) -> IpNet {
@@ -361,5 +390,17 @@ mod tests {
         let text: Vec<String> = got.iter().map(ToString::to_string).collect();
         assert!(text[2].contains("nnc/gone has no node/gone"), "{}", text[2]);
         assert!(text[3].contains("node/b has spec.podCIDRs 10.244.7.0/24 but nnc/b has blocks 10.244.2.0/24"));
+    }
+
+    #[test]
+    fn a_node_address_in_a_pod_block_is_found_unless_withheld() {
+        let pools = [pool("vnet", &["10.224.0.0/24"])];
+        let nodes = [NodeInfo { ips: vec!["10.224.0.4".into()], ..node("n1", &[]) }];
+        let open = nnc("n1", &["10.224.0.0/28"]);
+        let found = findings(&pools, &[open.clone()], &nodes);
+        assert!(matches!(&found[..], [Finding::NodeAddressInBlock { ip, .. }] if ip == "10.224.0.4"), "{found:?}");
+        assert!(found[0].to_string().contains("status.reservedIPs"), "{}", found[0]);
+        let withheld = NncInfo { reserved: vec!["10.224.0.4".into()], ..open };
+        assert!(findings(&pools, &[withheld], &nodes).is_empty());
     }
 }

@@ -250,8 +250,9 @@ pub struct Index {
     pools: BTreeMap<String, Pool>,
     holdings: BTreeMap<String, Holding>,
     owners: HashMap<IpNet, String>,
-    /// Every Node's InternalIPs, by address.
+    /// Every Node's InternalIPs, by address, and by node.
     node_ips: BTreeMap<IpAddr, String>,
+    ips_of: HashMap<String, Vec<IpAddr>>,
 }
 
 /// A fresh allocation ID: random, so no restart or counter can repeat one.
@@ -380,9 +381,19 @@ impl Index {
 
     /// Records `node`'s InternalIPs (replacing what was known).
     pub fn set_node_ips(&mut self, node: &str, ips: &[IpAddr]) {
-        self.node_ips.retain(|_, n| n != node);
+        if self.ips_of.get(node).map(Vec::as_slice) == Some(ips) {
+            return;
+        }
+        for ip in self.ips_of.remove(node).unwrap_or_default() {
+            if self.node_ips.get(&ip).is_some_and(|n| n == node) {
+                self.node_ips.remove(&ip);
+            }
+        }
         for ip in ips {
             self.node_ips.insert(*ip, node.to_string());
+        }
+        if !ips.is_empty() {
+            self.ips_of.insert(node.to_string(), ips.to_vec());
         }
     }
 

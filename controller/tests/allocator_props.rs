@@ -1,28 +1,20 @@
 //! Property tests for the block allocator.
 
 use carve_controller::allocator::{PoolBlocks, PoolLayout};
-use carve_crds::net::{IpFamily, azure_reserved, overlaps};
+use carve_crds::net::{IpFamily, overlaps};
 use ipnet::{IpNet, Ipv4Net};
 use proptest::prelude::*;
 
 /// A random IPv4 pool: a /16../24 CIDR somewhere in 10.0.0.0/8, blocks 0..8 bits longer.
 fn pool_layout() -> impl Strategy<Value = PoolLayout> {
-    (16u8..=24, 0u8..=8, any::<u32>(), any::<bool>(), proptest::option::of(0u8..=6)).prop_map(
-        |(prefix, extra, seed, vnet, exclusion)| {
-            let cidr = Ipv4Net::new((0x0a00_0000 | (seed & 0x00ff_ffff)).into(), prefix).unwrap().trunc();
-            let block = (prefix + extra).min(30);
-            let exclusions = exclusion
-                .map(|e| vec![IpNet::V4(Ipv4Net::new(cidr.network(), (prefix + e).min(32)).unwrap())])
-                .unwrap_or_default();
-            PoolLayout {
-                azure_reserved: vnet,
-                cidrs: vec![IpNet::V4(cidr)],
-                block_prefix_v4: block,
-                block_prefix_v6: 80,
-                exclusions,
-            }
-        },
-    )
+    (16u8..=24, 0u8..=8, any::<u32>(), proptest::option::of(0u8..=6)).prop_map(|(prefix, extra, seed, exclusion)| {
+        let cidr = Ipv4Net::new((0x0a00_0000 | (seed & 0x00ff_ffff)).into(), prefix).unwrap().trunc();
+        let block = (prefix + extra).min(30);
+        let exclusions = exclusion
+            .map(|e| vec![IpNet::V4(Ipv4Net::new(cidr.network(), (prefix + e).min(32)).unwrap())])
+            .unwrap_or_default();
+        PoolLayout { cidrs: vec![IpNet::V4(cidr)], block_prefix_v4: block, block_prefix_v6: 80, exclusions }
+    })
 }
 
 fn drain(pool: &mut PoolBlocks) -> Vec<IpNet> {
@@ -33,7 +25,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
-    fn blocks_are_disjoint_inside_the_pool_and_avoid_reserved(layout in pool_layout()) {
+    fn blocks_are_disjoint_inside_the_pool_and_avoid_exclusions(layout in pool_layout()) {
         let mut pool = PoolBlocks::new(layout.clone());
         let blocks = drain(&mut pool);
         let cidr = layout.cidrs[0];
@@ -47,11 +39,6 @@ proptest! {
             prop_assert_eq!(b.prefix_len(), layout.block_prefix_v4);
             for e in &layout.exclusions {
                 prop_assert!(!overlaps(b, e), "{b} overlaps exclusion {e}");
-            }
-            if layout.azure_reserved {
-                for addr in azure_reserved(&cidr) {
-                    prop_assert!(!b.contains(&addr), "{b} holds Azure-reserved {addr}");
-                }
             }
         }
     }
@@ -67,7 +54,6 @@ proptest! {
                 let base = match cidr { IpNet::V4(n) => u32::from(n.network()), _ => unreachable!() };
                 let block = IpNet::V4(Ipv4Net::new((base + ((*i as u32) << (32 - layout.block_prefix_v4))).into(), layout.block_prefix_v4).unwrap());
                 layout.exclusions.iter().any(|e| overlaps(&block, e))
-                    || (layout.azure_reserved && azure_reserved(&cidr).iter().any(|a| block.contains(a)))
             })
             .count() as u64;
         let capacity = pool.usage(IpFamily::IPv4).capacity;

@@ -413,7 +413,7 @@ fn status_of(snap: &Snapshot) -> Status {
                 .or_else(|| snap.nodes.iter().find(|n| n.name_any() == name).and_then(views::internal_ip));
             NodeStatus {
                 pool: status.and_then(|s| s.pool.clone()),
-                blocks: nnc.map(views::recorded_blocks).unwrap_or_default().into_iter().map(|(c, _, _)| c).collect(),
+                blocks: status.map(|s| s.blocks.iter().map(|b| b.cidr.clone()).collect()).unwrap_or_default(),
                 node_ip,
                 ready: nnc.map(|_| ready.map_or_else(|| "Unknown".to_string(), |c| c.status.clone())),
                 reason: ready.filter(|c| c.status != "True").map(|c| c.reason.clone()),
@@ -521,7 +521,9 @@ async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
         .iter()
         .map(|n| NncInfo {
             name: n.name_any(),
+            // Quarantined blocks are still held: a duplicate of one matters too.
             blocks: views::recorded_blocks(n).into_iter().map(|(c, _, _)| c).collect(),
+            reserved: n.status.as_ref().map(|s| s.reserved_ips.clone()).unwrap_or_default(),
         })
         .collect();
     let nodes: Vec<NodeInfo> = snap
@@ -529,7 +531,8 @@ async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
         .iter()
         .map(|n| {
             let view = views::node_view(n);
-            NodeInfo { name: view.name, pod_cidrs: view.pod_cidrs }
+            let ips = view.internal_ips.iter().map(|ip| ip.to_string()).collect();
+            NodeInfo { name: view.name, pod_cidrs: view.pod_cidrs, ips }
         })
         .collect();
     let findings = check::findings(&pools, &nncs, &nodes);
