@@ -113,7 +113,11 @@ async fn pod_subnet_static_example_grants_each_node_its_max_pods_worth_of_28s_on
     // maxPods 30: ceil(30 / 16) = 2 blocks of /28 per node, at once.
     assert_eq!(all_blocks(&carved).len(), 6, "{carved:?}");
     for (name, c) in &carved {
-        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("pod-subnet-static", "VNet", 2), "{name}: {c:?}");
+        assert_eq!(
+            (c.pool.as_str(), c.mode.as_str(), c.blocks.len()),
+            ("pod-subnet-static", "VNet", 2),
+            "{name}: {c:?}"
+        );
     }
     // The nodes live at 10.224.0.10-12, inside the first block: whoever holds it withholds
     // Azure's four and the three node addresses from its pods.
@@ -130,7 +134,11 @@ async fn pod_subnet_dynamic_example_starts_each_node_with_one_28() {
     let nodes = [("node-1", None), ("node-2", None)];
     let carved = run_example_at("examples/pod-subnet-dynamic.yaml", &nodes, "10.224.0").await;
     for (name, c) in &carved {
-        assert_eq!((c.pool.as_str(), c.mode.as_str(), c.blocks.len()), ("pod-subnet-dynamic", "VNet", 1), "{name}: {c:?}");
+        assert_eq!(
+            (c.pool.as_str(), c.mode.as_str(), c.blocks.len()),
+            ("pod-subnet-dynamic", "VNet", 1),
+            "{name}: {c:?}"
+        );
     }
     assert_eq!(all_blocks(&carved), set(&["10.224.0.0/28", "10.224.0.16/28"]));
 }

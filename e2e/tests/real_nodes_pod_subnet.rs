@@ -15,7 +15,9 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 mod real_nodes_support;
-use real_nodes_support::{EXTERNAL_IP, Pod, deploy_carve, example, external_host, kubectl_json, running_pods, store_ips};
+use real_nodes_support::{
+    EXTERNAL_IP, Pod, deploy_carve, example, external_host, kubectl_json, running_pods, store_ips,
+};
 
 /// The dynamic example with a short quarantine, so the test sees a block go back to the pool.
 fn dynamic_pool() -> String {
@@ -71,7 +73,11 @@ async fn scale_to(cluster: &Cluster, name: &str, replicas: usize) -> Vec<Pod> {
             Ok(pods)
         } else {
             let events = cp.kubectl_ok(&["get", "events", "--field-selector", "type=Warning"]).unwrap_or_default();
-            Err(format!("{} running of {total}\n{}", pods.len(), events.lines().rev().take(8).collect::<Vec<_>>().join("\n")))
+            Err(format!(
+                "{} running of {total}\n{}",
+                pods.len(),
+                events.lines().rev().take(8).collect::<Vec<_>>().join("\n")
+            ))
         }
     })
     .await
