@@ -397,7 +397,7 @@ mod tests {
         let pools = [pool("vnet", &["10.224.0.0/24"])];
         let nodes = [NodeInfo { ips: vec!["10.224.0.4".into()], ..node("n1", &[]) }];
         let open = nnc("n1", &["10.224.0.0/28"]);
-        let found = findings(&pools, &[open.clone()], &nodes);
+        let found = findings(&pools, std::slice::from_ref(&open), &nodes);
         assert!(matches!(&found[..], [Finding::NodeAddressInBlock { ip, .. }] if ip == "10.224.0.4"), "{found:?}");
         assert!(found[0].to_string().contains("status.reservedIPs"), "{}", found[0]);
         let withheld = NncInfo { reserved: vec!["10.224.0.4".into()], ..open };

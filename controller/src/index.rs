@@ -1129,7 +1129,7 @@ mod tests {
 
         let release = Request { releases: vec![(tail.block.to_string(), tail.id.clone())], ..wants(0) };
         let (r, _) = index.assign(&node("a"), &release, 10);
-        assert_eq!(r.released, [tail.clone()]);
+        assert_eq!(r.released, std::slice::from_ref(&tail));
         assert_eq!(r.blocks(), [a.grants[0].block]);
         assert_eq!(r.quarantined[0].until, 40, "30 s by default");
         // Not written yet: the block is still the node's alone.

@@ -47,8 +47,10 @@ spec:
     )
 }
 
-/// `node`'s NNC: (blocks by allocation ID, reservedIPs, quarantined CIDRs).
-fn nnc(cluster: &Cluster, node: &str) -> (BTreeMap<String, IpNet>, BTreeSet<IpAddr>, Vec<String>) {
+/// A node's NNC as the test reads it: blocks by allocation ID, reservedIPs, quarantined CIDRs.
+type NncView = (BTreeMap<String, IpNet>, BTreeSet<IpAddr>, Vec<String>);
+
+fn nnc(cluster: &Cluster, node: &str) -> NncView {
     let n = kubectl_json(cluster, &["get", "nnc", node]);
     let s = &n["status"];
     let blocks = s["blocks"]
@@ -89,7 +91,7 @@ fn assert_addresses(cluster: &Cluster, pods: &[Pod]) {
     let subnet: IpNet = "10.224.0.0/16".parse().unwrap();
     let azure: BTreeSet<IpAddr> = carve_crds::net::azure_reserved(&subnet).into_iter().collect();
     let mut seen = BTreeSet::new();
-    let mut by_node: BTreeMap<String, (BTreeMap<String, IpNet>, BTreeSet<IpAddr>, Vec<String>)> = BTreeMap::new();
+    let mut by_node: BTreeMap<String, NncView> = BTreeMap::new();
     for p in pods {
         let (blocks, reserved, _) = by_node.entry(p.node.clone()).or_insert_with(|| nnc(cluster, &p.node));
         assert!(blocks.values().any(|b| b.contains(&p.ip)), "{p:?} outside {}'s blocks {blocks:?}", p.node);

@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use carve_crds::{NodeBlock, PoolMode};
+use carve_crds::{AllocationStrategy, NodeBlock, PoolMode};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +23,17 @@ pub struct NodeState {
     /// Node name (NODE_NAME of the agent).
     pub node: String,
     pub mode: PoolMode,
-    /// The node's blocks, from its NodeNetworkConfig status; pods get addresses from these.
+    /// How the pool sizes the node's blocks; Dynamic: carve-ipam waits briefly
+    /// for a new block when every block is full (absent in older files: Single).
+    #[serde(default)]
+    pub strategy: AllocationStrategy,
+    /// The node's blocks, from its NodeNetworkConfig status, in grant order
+    /// (oldest first), less those the node is giving back; pods get addresses from these.
     pub blocks: Vec<NodeBlock>,
+    /// Addresses inside `blocks` that pods must never get (status.reservedIPs:
+    /// Azure's reserved ones and every Node's own address, VNet).
+    #[serde(default, rename = "reservedIPs")]
+    pub reserved_ips: Vec<String>,
     /// Every pool CIDR of the cluster's mode: pod-to-pod traffic is never SNAT'd.
     pub cluster_pod_cidrs: Vec<String>,
     /// Extra destinations that are not SNAT'd (VNet CIDRs, on-prem ranges).
@@ -94,7 +103,10 @@ mod tests {
                 cidr: "10.244.1.0/24".into(),
                 family: IpFamily::IPv4,
                 gateway: Some("10.244.1.1".into()),
+                allocation_id: Some("a1".into()),
             }],
+            strategy: AllocationStrategy::Single,
+            reserved_ips: vec![],
             cluster_pod_cidrs: vec!["10.244.0.0/16".into()],
             non_masquerade_cidrs: vec![],
             mtu: 1450,
@@ -111,5 +123,15 @@ mod tests {
         assert_eq!(read(&path).unwrap(), sample());
         assert!(!crate::atomic::temp_path(&path).exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_before_the_pod_subnet_fields_reads_as_single_without_reservations() {
+        let mut old = serde_json::to_value(sample()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("strategy");
+        obj.remove("reservedIPs");
+        let read: NodeState = serde_json::from_value(old).unwrap();
+        assert_eq!(read, sample());
     }
 }

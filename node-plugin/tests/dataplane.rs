@@ -29,8 +29,10 @@ fn node_state(mode: PoolMode, node: &str, node_ip: &str, blocks: &[&str], cluste
         mode,
         blocks: blocks
             .iter()
-            .map(|c| NodeBlock { cidr: c.to_string(), family: IpFamily::IPv4, gateway: None })
+            .map(|c| NodeBlock { cidr: c.to_string(), family: IpFamily::IPv4, gateway: None, allocation_id: None })
             .collect(),
+        strategy: Default::default(),
+        reserved_ips: vec![],
         cluster_pod_cidrs: cluster.iter().map(|c| c.to_string()).collect(),
         non_masquerade_cidrs: vec!["172.16.0.0/12".into()],
         mtu: 1400,
@@ -315,4 +317,43 @@ fn two_overlay_nodes_reach_each_other_over_vxlan_and_snat_to_the_outside() {
     b.exec("ping", &["-c", "1", "-W", "2", "-I", "10.244.2.10", "192.168.60.3"]).unwrap();
     let rules = ext.exec("nft", &["list", "chain", "ip", "probe", "in"]).unwrap();
     assert!(rules.contains("packets 0 "), "a pod address reached the external host: {rules}");
+}
+
+/// VNet: a host on the underlay that is not a node pings a pod directly; the
+/// node answers ARP for the pod's /32 (routed out its veth) only once the
+/// agent's apply turned proxy ARP on the underlay link.
+#[test]
+fn vnet_underlay_hosts_reach_pods_through_proxy_arp() {
+    let lan = Netns::unique("plan").unwrap();
+    lan.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    lan.ip(&["link", "set", "br0", "up"]).unwrap();
+    let node = Netns::unique("pnode").unwrap();
+    let host = Netns::unique("phost").unwrap();
+    for (i, (ns, addr)) in [(&node, "10.2.0.4/24"), (&host, "10.2.0.9/24")].into_iter().enumerate() {
+        let port = format!("p{i}");
+        lan.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]).unwrap();
+        lan.ip(&["link", "set", &port, "master", "br0", "up"]).unwrap();
+        ns.ip(&["addr", "add", addr, "dev", "eth0"]).unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    }
+    // A pod as carve-cni wires it: a /32 behind a veth, its next hop a link-local address.
+    let pod = Netns::unique("ppod").unwrap();
+    node.ip(&["link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod.name]).unwrap();
+    node.ip(&["link", "set", "vpod", "up"]).unwrap();
+    node.ip(&["route", "add", "10.2.0.20/32", "dev", "vpod", "scope", "link"]).unwrap();
+    let host_mac =
+        node.exec_json("ip", &["-j", "link", "show", "vpod"]).unwrap()[0]["address"].as_str().unwrap().to_string();
+    pod.ip(&["addr", "add", "10.2.0.20/32", "dev", "eth0"]).unwrap();
+    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]).unwrap();
+    pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]).unwrap();
+    pod.ip(&["neigh", "add", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"]).unwrap();
+
+    assert!(!host.ping("10.2.0.20", 1), "reachable before proxy ARP: the test proves nothing");
+    host.ip(&["neigh", "flush", "dev", "eth0"]).unwrap();
+    let me = node_state(PoolMode::VNet, "node-a", "10.2.0.4", &["10.2.0.16/28"], &["10.2.0.0/24"]);
+    apply(&node, &me, &[], &overlay_config()).unwrap();
+    assert_eq!(node.exec("cat", &["/proc/sys/net/ipv4/conf/eth0/proxy_arp"]).unwrap().trim(), "1");
+    assert!(host.ping("10.2.0.20", 3), "the underlay host cannot reach the pod");
+    assert!(apply(&node, &me, &[], &overlay_config()).unwrap().is_noop(), "idempotent");
 }

@@ -250,3 +250,58 @@ fn works_under_the_reference_bridge_plugin() {
     assert!(ok, "cnitool del: {stderr}");
     assert!(stored(&dirs.root.path().join("data")).is_empty());
 }
+
+/// A dynamic VNet pool: every address of a /30 is a pod's; a block marked
+/// releasing in the store is never used; a full node waits (leaving a marker
+/// the agent counts) and answers 11, or gets the block granted meanwhile.
+#[test]
+fn a_full_dynamic_node_waits_for_a_grant_then_answers_try_again_later() {
+    use carve_crds::{AllocationStrategy, IpFamily, NodeBlock, PoolMode};
+    use carve_node_plugin::state::{self, NodeState};
+    let net = Net::new("10.79.0.0/24", "10.79.0.1");
+    let state_file = net.dir.path().join("state/node-state.json");
+    let block =
+        |cidr: &str| NodeBlock { cidr: cidr.into(), family: IpFamily::IPv4, gateway: None, allocation_id: None };
+    let mut st = NodeState {
+        node: "node-test".into(),
+        mode: PoolMode::VNet,
+        strategy: AllocationStrategy::Dynamic,
+        blocks: vec![block("10.79.0.16/30"), block("10.79.0.32/30")],
+        reserved_ips: vec![],
+        cluster_pod_cidrs: vec!["10.79.0.0/24".into()],
+        non_masquerade_cidrs: vec![],
+        mtu: 1500,
+        node_ip: "10.79.0.4".into(),
+    };
+    state::write(&state_file, &st).unwrap();
+    std::fs::create_dir_all(net.data()).unwrap();
+    std::fs::write(
+        net.data().join("allocations.json"),
+        json!({"version": 2, "allocations": [], "releasing": ["10.79.0.32/30"]}).to_string(),
+    )
+    .unwrap();
+    let got: Vec<String> = (0..4).map(|i| address(&net.add(&format!("p{i}")).1)).collect();
+    assert_eq!(got, ["10.79.0.16/30", "10.79.0.17/30", "10.79.0.18/30", "10.79.0.19/30"], "VNet: all four");
+
+    let waiting = net.data().join("waiting");
+    let started = std::time::Instant::now();
+    let child = spawn_plugin(IPAM, "ADD", "full", "eth0", "/x", &net.conf("1.1.0"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 1, "the waiting ADD is visible to the agent");
+    let (code, out) = parse_output(&child.wait_with_output().unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(2900), "answered before the bounded wait: {out}");
+    assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
+    let msg = out["msg"].as_str().unwrap();
+    assert!(msg.contains("10.79.0.16/30") && msg.contains("asked for another block"), "{msg}");
+    assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 0, "the marker goes with its ADD");
+    assert_eq!(stored(&net.data()).len(), 4, "nothing from the releasing block");
+
+    // A block granted while the ADD waits: it gets an address from it.
+    let child = spawn_plugin(IPAM, "ADD", "grown", "eth0", "/x", &net.conf("1.1.0"));
+    std::thread::sleep(Duration::from_millis(500));
+    st.blocks.push(block("10.79.0.48/30"));
+    state::write(&state_file, &st).unwrap();
+    let (code, out) = parse_output(&child.wait_with_output().unwrap());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(address(&out), "10.79.0.48/30");
+}

@@ -171,7 +171,7 @@ pub fn ipam_store_dir(configured: Option<&Path>) -> PathBuf {
 }
 
 /// How long the agent waits for carve-ipam's store lock (a CNI call holds it for milliseconds).
-const STORE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const STORE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether carve-ipam's store in `data_dir` holds any allocation, read the way
 /// carve-ipam reads it (under its lock). A store never written means no pods

@@ -8,12 +8,16 @@
 //!                          └─▶ Readiness ─▶ Node condition NetworkUnavailable (False only when all are in place)
 //! ```
 //!
-//! The pure parts ([`peers`], [`node_state`], [`condition`]) take the watched
-//! objects and decide; [`Agent`] writes files and drives the dataplane
-//! worker; [`set_network_unavailable`] is the only API server write.
+//! The pure parts ([`peers`], [`node_state`], [`condition`], [`scaler`],
+//! [`blocks::plan`]) take the watched objects and decide; [`Agent`] writes
+//! files and drives the dataplane worker; the API server writes are
+//! [`set_network_unavailable`] and, in dynamic pools, the NNC spec
+//! ([`Agent::scale`]: requested IPs and the fenced release handshake).
 
+pub mod blocks;
 pub mod cni;
 mod run;
+pub mod scaler;
 
 pub use run::run;
 
@@ -21,8 +25,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use carve_crds::{NodeNetworkConfig, PodCidr, PoolMode};
+use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, PodCidr, PoolMode};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -32,7 +37,9 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::plan::{self, OverlayConfig, Peer, VXLAN_OVERHEAD};
 use crate::dataplane::worker::Worker;
-use crate::state::{self, NodeState};
+use crate::ipam::store::{PodIpStore, StoreError};
+use crate::ipam::waiting;
+use crate::state::{self, NodeState, StateError};
 
 /// Node condition the agent owns.
 pub const CONDITION: &str = "NetworkUnavailable";
@@ -62,6 +69,13 @@ pub struct Settings {
     pub vxlan_port: u16,
     /// Pod (and VXLAN) MTU; `None`: underlay MTU, less [`VXLAN_OVERHEAD`] in Overlay.
     pub mtu: Option<u32>,
+}
+
+impl Settings {
+    /// carve-ipam's store for the conflist's network (`ipam_data_dir`, else carve-ipam's default).
+    pub fn ipam_store_dir(&self) -> PathBuf {
+        cni::ipam_store_dir(self.ipam_data_dir.as_deref())
+    }
 }
 
 /// The agent's verdict for the Node condition.
@@ -106,12 +120,14 @@ pub fn peers(nncs: &[Arc<NodeNetworkConfig>], me: &str) -> Vec<Peer> {
 
 /// This node's state file content from its NNC, or why it cannot be built yet.
 /// Cluster pod CIDRs are the CIDRs of every pool of the node's mode (and the
-/// node's own blocks when no pool is visible).
+/// node's own blocks when no pool is visible). The blocks are status.blocks
+/// less `releasing` (see [`blocks::releasing`]).
 pub fn node_state(
     settings: &Settings,
     own: Option<&NodeNetworkConfig>,
     pools: &[Arc<PodCidr>],
     underlay_mtu: u32,
+    releasing: &BTreeSet<IpNet>,
 ) -> Result<NodeState, Readiness> {
     let Some(own) = own else {
         return Err(Readiness::not("NoNodeNetworkConfig", format!("no NodeNetworkConfig {} yet", settings.node)));
@@ -145,10 +161,16 @@ pub fn node_state(
         PoolMode::Overlay => underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
         PoolMode::VNet => underlay_mtu,
     });
+    let blocks = blocks::active_blocks(&status, releasing);
+    if blocks.is_empty() {
+        return Err(waiting("blocks that are not being given back"));
+    }
     Ok(NodeState {
         node: settings.node.clone(),
         mode,
-        blocks: status.blocks.clone(),
+        strategy: status.strategy.unwrap_or_default(),
+        blocks,
+        reserved_ips: status.reserved_ips.clone(),
         cluster_pod_cidrs: cluster.into_iter().collect(),
         non_masquerade_cidrs: settings.non_masquerade_cidrs.clone(),
         mtu,
@@ -210,17 +232,141 @@ pub async fn set_network_unavailable(nodes: &Api<Node>, node: &str, readiness: &
     Ok(true)
 }
 
+/// What the light scaler pass watches: a change means the demand may have changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DemandSignature {
+    store: Option<(SystemTime, u64)>,
+    waiting_dir: Option<SystemTime>,
+    /// ADDs are waiting: worth a pass on every tick (their markers age).
+    pub waiting: bool,
+}
+
+/// The release marks in carve-ipam's store in `dir` (none when it was never written).
+fn store_marks(dir: &std::path::Path) -> Result<BTreeSet<IpNet>, StoreError> {
+    let store = PodIpStore::new(dir);
+    if !store.file().exists() {
+        return Ok(BTreeSet::new());
+    }
+    Ok(store.lock_within(cni::STORE_LOCK_TIMEOUT)?.load()?.releasing)
+}
+
 /// The node side state machine: files and dataplane, in order.
 pub struct Agent {
     settings: Settings,
     worker: Worker,
     /// The conflist's last version choice, so each one is logged once.
     versions: std::sync::Mutex<Option<cni::VersionChoice>>,
+    /// The last spec written and the resourceVersion it was decided from:
+    /// skips writing it again while the cache has not caught up.
+    written: std::sync::Mutex<Option<(String, NodeNetworkConfigSpec)>>,
 }
 
 impl Agent {
     pub fn new(settings: Settings, worker: Worker) -> Self {
-        Self { settings, worker, versions: Default::default() }
+        Self { settings, worker, versions: Default::default(), written: Default::default() }
+    }
+
+    /// The IPAM store's and waiting markers' modification times.
+    pub fn demand_signature(&self) -> DemandSignature {
+        let dir = self.settings.ipam_store_dir();
+        let store =
+            std::fs::metadata(PodIpStore::new(&dir).file()).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+        let wdir = waiting::dir(&dir);
+        let waiting_dir = std::fs::metadata(&wdir).and_then(|m| m.modified()).ok();
+        let waiting = std::fs::read_dir(&wdir).is_ok_and(|mut d| d.next().is_some());
+        DemandSignature { store, waiting_dir, waiting }
+    }
+
+    /// Rewrites the state file's blocks (status.blocks less `releasing`)
+    /// when it exists; the full reconcile writes everything else.
+    fn refresh_state_blocks(&self, status: &carve_crds::NodeNetworkConfigStatus, releasing: &BTreeSet<IpNet>) {
+        let path = &self.settings.state_file;
+        let blocks = blocks::active_blocks(status, releasing);
+        match state::read(path) {
+            Ok(mut st) if st.blocks != blocks && !blocks.is_empty() => {
+                st.blocks = blocks;
+                match state::write(path, &st) {
+                    Ok(()) => {
+                        info!(blocks = ?st.blocks.iter().map(|b| &b.cidr).collect::<Vec<_>>(), "rewrote the node state file's blocks")
+                    }
+                    Err(e) => warn!(error = %e, "rewriting the node state file failed"),
+                }
+            }
+            Ok(_) | Err(StateError::Missing { .. }) => {}
+            Err(e) => warn!(error = %e, "reading the node state file failed"),
+        }
+    }
+
+    /// One scaler pass (dynamic pools; elsewhere it only takes back what a
+    /// dynamic pool left marked): demand from the IPAM store and waiting ADDs,
+    /// release marks, the state file's blocks, and the NNC spec (see
+    /// [`blocks`] for the handshake). Nothing is written without an NNC.
+    pub async fn scale(&self, nnc_api: &Api<NodeNetworkConfig>, own: Option<&NodeNetworkConfig>) -> anyhow::Result<()> {
+        let Some(own) = own else { return Ok(()) };
+        let Some(status) = own.status.as_ref().filter(|s| !s.blocks.is_empty()) else { return Ok(()) };
+        let Some(rv) = own.resource_version() else { return Ok(()) };
+        let dynamic = status.strategy == Some(carve_crds::AllocationStrategy::Dynamic);
+        let dir = self.settings.ipam_store_dir();
+        let store = PodIpStore::new(&dir);
+        if !dynamic && !store.file().exists() && own.spec == NodeNetworkConfigSpec::default() {
+            return Ok(());
+        }
+        let waiting = waiting::count(&dir, SystemTime::now());
+        let decision = {
+            let locked = store.lock_within(cni::STORE_LOCK_TIMEOUT)?;
+            let mut allocations = locked.load()?;
+            let d = blocks::plan(status, &own.spec, &allocations, &waiting);
+            if d.marks != allocations.releasing {
+                for added in d.marks.difference(&allocations.releasing) {
+                    info!(block = %added, "marked releasing in the IPAM store: carve-ipam no longer allocates from it");
+                }
+                allocations.releasing = d.marks.clone();
+                // Durable before spec names it (module docs of ipam::store).
+                locked.save_synced(&allocations)?;
+            }
+            d
+        };
+        // Old carve-ipam binaries do not read marks: the state file leaves the block out first.
+        self.refresh_state_blocks(status, &blocks::releasing(status, &own.spec, &decision.marks));
+
+        let unchanged = decision.spec == own.spec
+            || self.written.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+                == Some(&(rv.clone(), decision.spec.clone()));
+        if unchanged && decision.take_back.is_empty() {
+            return Ok(());
+        }
+        // resourceVersion: never creates the NNC, and a take-back only lands
+        // if the controller has not removed the block since this view.
+        let body = serde_json::json!({
+            "apiVersion": "carve.dev/v1alpha1",
+            "kind": "NodeNetworkConfig",
+            "metadata": { "name": own.name_any(), "resourceVersion": rv },
+            "spec": decision.spec,
+        });
+        match nnc_api.patch(&own.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await {
+            Ok(_) => {
+                info!(requested = ?decision.spec.requested_ips, releases = ?decision.spec.releases.iter().map(|r| &r.cidr).collect::<Vec<_>>(), taken_back = ?decision.take_back, "wrote the NodeNetworkConfig spec");
+                *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((rv, decision.spec.clone()));
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                debug!("NodeNetworkConfig changed since this pass read it; deciding again on the next");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if decision.take_back.is_empty() {
+            return Ok(());
+        }
+        let locked = store.lock_within(cni::STORE_LOCK_TIMEOUT)?;
+        let mut allocations = locked.load()?;
+        for net in &decision.take_back {
+            allocations.releasing.remove(net);
+        }
+        locked.save_synced(&allocations)?;
+        drop(locked);
+        info!(blocks = ?decision.take_back, "took the release back: the blocks are the node's again");
+        self.refresh_state_blocks(status, &blocks::releasing(status, &decision.spec, &allocations.releasing));
+        Ok(())
     }
 
     /// Logs why the conflist's version is held back or raised under live pods, once per change.
@@ -288,7 +434,14 @@ impl Agent {
     ) -> Readiness {
         let s = &self.settings;
         let underlay = self.underlay_mtu(own).await;
-        let node_state = match node_state(s, own, pools, underlay) {
+        let releasing = match own.and_then(|o| o.status.as_ref()) {
+            Some(status) => match store_marks(&s.ipam_store_dir()) {
+                Ok(marks) => blocks::releasing(status, &own.map(|o| o.spec.clone()).unwrap_or_default(), &marks),
+                Err(e) => return Readiness::not("IPAMStoreFailed", e.to_string()),
+            },
+            None => BTreeSet::new(),
+        };
+        let node_state = match node_state(s, own, pools, underlay, &releasing) {
             Ok(n) => n,
             Err(not_ready) => {
                 match cni::remove_conflist(&s.cni_conf_dir, &s.conflist_name) {
@@ -392,7 +545,7 @@ mod tests {
             node_ip: ip.map(String::from),
             blocks: blocks
                 .iter()
-                .map(|c| NodeBlock { cidr: c.to_string(), family: IpFamily::IPv4, gateway: None })
+                .map(|c| NodeBlock { cidr: c.to_string(), family: IpFamily::IPv4, gateway: None, allocation_id: None })
                 .collect(),
             ..Default::default()
         });
@@ -409,6 +562,7 @@ mod tests {
                 node_selector: None,
                 disabled: false,
                 exclusions: vec![],
+                allocation: None,
             },
         ))
     }
@@ -438,26 +592,50 @@ mod tests {
             pool("flat", PoolMode::VNet, &["10.1.0.0/16"]),
         ];
         assert!(matches!(
-            node_state(&s, None, &pools, 1500),
+            node_state(&s, None, &pools, 1500, &none()),
             Err(Readiness::NotReady { reason: "NoNodeNetworkConfig", .. })
         ));
         let empty = nnc("node-a", PoolMode::Overlay, Some("10.0.0.1"), &[]);
         assert!(matches!(
-            node_state(&s, Some(&empty), &pools, 1500),
+            node_state(&s, Some(&empty), &pools, 1500, &none()),
             Err(Readiness::NotReady { reason: "WaitingForBlocks", .. })
         ));
         let own = nnc("node-a", PoolMode::Overlay, Some("10.0.0.1"), &["10.244.1.0/24"]);
-        let st = node_state(&s, Some(&own), &pools, 9000).unwrap();
+        let st = node_state(&s, Some(&own), &pools, 9000, &none()).unwrap();
         assert_eq!(st.cluster_pod_cidrs, ["10.244.0.0/16", "10.245.0.0/16"]);
         assert_eq!(st.non_masquerade_cidrs, ["192.168.0.0/16"]);
         assert_eq!(st.mtu, 8950, "Overlay: underlay - 50");
         assert_eq!(st.node_ip, "10.0.0.1");
 
         let flat = nnc("node-a", PoolMode::VNet, Some("10.1.0.4"), &["10.1.1.0/28"]);
-        let st = node_state(&s, Some(&flat), &pools, 1500).unwrap();
+        let st = node_state(&s, Some(&flat), &pools, 1500, &none()).unwrap();
         assert_eq!((st.mtu, st.cluster_pod_cidrs.clone()), (1500, vec!["10.1.0.0/16".to_string()]));
-        let st = node_state(&Settings { mtu: Some(1300), ..s.clone() }, Some(&flat), &[], 1500).unwrap();
+        let st = node_state(&Settings { mtu: Some(1300), ..s.clone() }, Some(&flat), &[], 1500, &none()).unwrap();
         assert_eq!((st.mtu, st.cluster_pod_cidrs), (1300, vec!["10.1.1.0/28".to_string()]));
+    }
+
+    fn none() -> BTreeSet<IpNet> {
+        BTreeSet::new()
+    }
+
+    #[test]
+    fn node_state_leaves_out_releasing_blocks_and_carries_reservations_and_strategy() {
+        let mut own = nnc("node-a", PoolMode::VNet, Some("10.1.0.4"), &["10.1.1.0/28", "10.1.1.16/28"]);
+        let status = own.status.as_mut().unwrap();
+        status.strategy = Some(carve_crds::AllocationStrategy::Dynamic);
+        status.reserved_ips = vec!["10.1.1.5".into()];
+        let releasing: BTreeSet<IpNet> = ["10.1.1.16/28".parse().unwrap()].into();
+        let st = node_state(&settings(), Some(&own), &[], 1500, &releasing).unwrap();
+        assert_eq!(st.blocks.iter().map(|b| b.cidr.as_str()).collect::<Vec<_>>(), ["10.1.1.0/28"]);
+        assert_eq!(
+            (st.strategy, st.reserved_ips),
+            (carve_crds::AllocationStrategy::Dynamic, vec!["10.1.1.5".to_string()])
+        );
+        let all: BTreeSet<IpNet> = ["10.1.1.0/28".parse().unwrap(), "10.1.1.16/28".parse().unwrap()].into();
+        assert!(matches!(
+            node_state(&settings(), Some(&own), &[], 1500, &all),
+            Err(Readiness::NotReady { reason: "WaitingForBlocks", .. })
+        ));
     }
 
     #[test]

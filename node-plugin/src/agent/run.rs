@@ -1,7 +1,9 @@
 //! carve-agent's loop: one watch per kind it reads (NodeNetworkConfigs,
-//! PodCIDRs), and on every change (or the resync tick) one `Agent::reconcile`
-//! and, when readiness changed or once a minute, the Node's
-//! NetworkUnavailable condition. The binary parses flags; tests can run this
+//! PodCIDRs), and on every change (or the resync tick) one `Agent::scale` and
+//! one `Agent::reconcile` and, when readiness changed or once a minute, the
+//! Node's NetworkUnavailable condition. Between changes, a light pass every
+//! [`DEMAND_POLL`] looks at the IPAM store and the waiting ADDs and runs only
+//! the scaler when they changed (pods come and go without an API event). The binary parses flags; tests can run this
 //! in-process.
 
 use std::time::{Duration, Instant};
@@ -21,6 +23,8 @@ use super::{Agent, Readiness, set_network_unavailable};
 /// How often the agent re-reads its Node's NetworkUnavailable condition
 /// when its readiness has not changed (someone else may have overwritten it).
 const CONDITION_RECHECK: Duration = Duration::from_secs(60);
+/// How often the light pass looks at the IPAM store for demand changes (two stats).
+const DEMAND_POLL: Duration = Duration::from_millis(500);
 
 /// A cache of every `K`, and a stream that yields on each change.
 fn cache<K>(client: &Client) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
@@ -67,7 +71,16 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
         Some(((), ()))
     });
     let mut triggers = futures::stream::select_all([nnc_changes.boxed(), pool_changes.boxed(), ticks.boxed()]);
-    let nodes = Api::<Node>::all(client);
+    let nodes = Api::<Node>::all(client.clone());
+    let nnc_api = Api::<NodeNetworkConfig>::all(client);
+    let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
+        let (agent, nnc_api) = (&agent, &nnc_api);
+        async move {
+            if let Err(e) = agent.scale(nnc_api, own.as_deref()).await {
+                warn!(error = %e, "scaler pass failed; retrying on the next change");
+            }
+        }
+    };
     let own_ref = ObjectRef::<NodeNetworkConfig>::new(&node);
     let work = async {
         // Drive the watches until both caches hold a full list.
@@ -87,6 +100,7 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
         let mut checked = Instant::now();
         loop {
             let own = nncs.get(&own_ref);
+            scale(own.clone()).await;
             let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
             if last.as_ref() != Some(&readiness) {
                 match &readiness {
@@ -106,8 +120,22 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
                     }
                 }
             }
-            // Wait for a change (or the resync tick), then take every change already queued.
-            if triggers.next().await.is_none() {
+            // Wait for a change (or the resync tick), then take every change
+            // already queued; meanwhile follow the demand.
+            let mut demand = agent.demand_signature();
+            let more = loop {
+                tokio::select! {
+                    t = triggers.next() => break t.is_some(),
+                    _ = tokio::time::sleep(DEMAND_POLL) => {
+                        let now = agent.demand_signature();
+                        if now != demand || now.waiting {
+                            scale(nncs.get(&own_ref)).await;
+                            demand = agent.demand_signature();
+                        }
+                    }
+                }
+            };
+            if !more {
                 break;
             }
             while let Some(Some(())) = triggers.next().now_or_never() {}

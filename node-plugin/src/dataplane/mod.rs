@@ -44,6 +44,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("enabling proxy ARP on the underlay ({}): {source}", path.display())]
+    ProxyArp {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{} dataplane step(s) failed: {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Partial(Vec<DataplaneError>),
 }
@@ -80,6 +86,23 @@ fn ensure_forwarding(desired: &Desired, proc_sys: &std::path::Path) -> Result<()
     Ok(())
 }
 
+/// VNet: `net.ipv4.conf.<link>.proxy_arp = 1` on the link holding `node_ip`
+/// (written only when it is not set already); no link holds it: nothing to do.
+fn ensure_proxy_arp(
+    nl: &mut Netlink,
+    node_ip: std::net::IpAddr,
+    proc_sys: &std::path::Path,
+) -> Result<(), DataplaneError> {
+    let Some(link) = nl.link_name_of_address(node_ip)? else { return Ok(()) };
+    let path = proc_sys.join("net/ipv4/conf").join(&link).join("proxy_arp");
+    let on = std::fs::read_to_string(&path).map(|v| v.trim() == "1").unwrap_or(false);
+    if !on {
+        std::fs::write(&path, "1").map_err(|source| DataplaneError::ProxyArp { path, source })?;
+        tracing::info!(%link, "proxy ARP on: hosts on the underlay reach this node's pods");
+    }
+    Ok(())
+}
+
 /// Reconciles the kernel (the namespace of `nl`'s socket, and of the calling
 /// thread for `nft` and the forwarding sysctls) with `desired`. Keeps going
 /// after a failed step and reports every failure; the next call retries.
@@ -93,6 +116,11 @@ pub fn apply(
 ) -> Result<Applied, DataplaneError> {
     let mut errors = Vec::new();
     ensure_forwarding(desired, proc_sys)?;
+    if let Some(ip) = desired.proxy_arp
+        && let Err(e) = ensure_proxy_arp(nl, ip, proc_sys)
+    {
+        errors.push(e);
+    }
 
     let mut vxlan_removed = false;
     let vxlan = match &desired.vxlan {

@@ -117,8 +117,8 @@ fn route_message(route: &Route, vxlan_index: Option<u32>) -> RouteMessage {
 }
 
 impl Netlink {
-    /// MTU of the link holding address `ip` (the underlay), if any link does.
-    pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
+    /// The link holding address `ip` (the underlay), if any link does.
+    fn link_of_address(&mut self, ip: IpAddr) -> Result<Option<LinkMessage>, DataplaneError> {
         let Some(index) = self.address_messages()?.into_iter().find_map(|a| {
             a.attributes
                 .iter()
@@ -127,9 +127,24 @@ impl Netlink {
         }) else {
             return Ok(None);
         };
-        Ok(self.link_by_index(index)?.and_then(|l| {
+        Ok(self.link_by_index(index)?)
+    }
+
+    /// MTU of the link holding address `ip` (the underlay), if any link does.
+    pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
+        Ok(self.link_of_address(ip)?.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        }))
+    }
+
+    /// Name of the link holding address `ip`, if any link does.
+    pub fn link_name_of_address(&mut self, ip: IpAddr) -> Result<Option<String>, DataplaneError> {
+        Ok(self.link_of_address(ip)?.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
             })
         }))

@@ -182,6 +182,10 @@ pub struct Desired {
     pub fdb: Vec<FdbEntry>,
     /// One per family with own blocks; families absent here have no carve table.
     pub snat: Vec<Snat>,
+    /// VNet: the node IP whose link answers ARP for this node's pods (proxy
+    /// ARP), so hosts on the subnet that are not nodes reach pods directly.
+    /// IPv4 only: IPv6 would need proxy NDP entries per pod address (not done).
+    pub proxy_arp: Option<IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -264,6 +268,9 @@ pub fn plan(state: &NodeState, peers: &[Peer], overlay: &OverlayConfig) -> Resul
                 }
             }
             desired.routes = routes.into_iter().collect();
+            // The kernel answers only for addresses routed out another link
+            // (pods' /32s on their veths), never for peers' blocks routed back out the underlay.
+            desired.proxy_arp = node_ip.is_ipv4().then_some(node_ip);
         }
     }
 
@@ -317,8 +324,11 @@ mod tests {
                     cidr: c.to_string(),
                     family: if c.contains(':') { IpFamily::IPv6 } else { IpFamily::IPv4 },
                     gateway: None,
+                    allocation_id: None,
                 })
                 .collect(),
+            strategy: Default::default(),
+            reserved_ips: vec![],
             cluster_pod_cidrs: vec!["10.244.0.0/16".into()],
             non_masquerade_cidrs: vec!["192.168.0.0/16".into(), "10.244.7.0/24".into()],
             mtu: 1450,
@@ -390,6 +400,7 @@ mod tests {
         let d = plan(&s, &peers, &OverlayConfig::default()).unwrap();
         assert!(d.vxlan.is_none());
         assert!(d.neighbours.is_empty() && d.fdb.is_empty());
+        assert_eq!(d.proxy_arp, Some("10.1.0.4".parse().unwrap()), "the underlay answers ARP for pods");
         let routes: Vec<String> = d.routes.iter().map(|r| r.to_string()).collect();
         assert_eq!(routes, ["10.1.1.32/28 via 10.1.0.5", "10.1.1.48/28 via 10.1.0.6"]);
         assert_eq!(

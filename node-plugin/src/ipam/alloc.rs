@@ -7,7 +7,9 @@
 //!
 //! An owner (container id + ifname) holds at most one address per family; a
 //! repeated ADD returns what it already holds. A new address is the lowest one
-//! of the node's blocks (in block order) that is neither reserved nor taken.
+//! of the node's blocks, taken in block order (grant order: oldest first, so
+//! the newest blocks drain and can be given back), that is neither reserved,
+//! taken, nor in a block the node is giving back ([`Allocations::releasing`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -37,8 +39,22 @@ impl Owner {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
     pub net: IpNet,
-    pub gateway: IpAddr,
+    /// Overlay: the block's gateway (kept for the node). VNet: none, pods
+    /// route through a link-local next hop.
+    pub gateway: Option<IpAddr>,
     pub reserved: BTreeSet<IpAddr>,
+}
+
+impl Block {
+    /// Addresses of the block a pod may get (saturating at `u64::MAX`).
+    pub fn usable(&self) -> u64 {
+        let size = u64::try_from(net::size(&self.net)).unwrap_or(u64::MAX);
+        size.saturating_sub(self.reserved.len() as u64)
+    }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(&self.net)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +63,8 @@ pub enum AllocError {
     BadBlock { cidr: String, reason: String },
     #[error("node state lists gateway {gateway:?} for block {cidr} that is not an address inside it")]
     BadGateway { cidr: String, gateway: String },
+    #[error("node state lists reserved address {0:?} that is not an IP address")]
+    BadReserved(String),
     #[error("node state lists no blocks: this node has no pod addresses yet")]
     NoBlocks,
     #[error("no free {family} address left in the node's blocks ({blocks})")]
@@ -60,21 +78,25 @@ pub struct NodePool {
 }
 
 impl NodePool {
-    /// The pool from the node state: per block its network address, gateway
-    /// (the state's, else the first address after the network) and, for IPv4,
-    /// broadcast are reserved; in VNet mode so are Azure's five per pool CIDR;
-    /// `extra_reserved` (the IPAM config's `reserved`) on top.
+    /// The pool from the node state, blocks in the state's order.
+    ///
+    /// Overlay: per block its network address, gateway (the state's, else the
+    /// first address after the network) and, for IPv4, broadcast are reserved.
+    /// VNet: pods are /32-routed, so those are ordinary addresses; reserved are
+    /// the state's `reservedIPs` and, as a second guard should the controller
+    /// miss them, Azure's five per pool CIDR. `extra_reserved` (the IPAM
+    /// config's `reserved`) on top in both.
     pub fn from_state(state: &NodeState, extra_reserved: &[IpAddr]) -> Result<Self, AllocError> {
-        let azure: Vec<IpAddr> = if state.mode == PoolMode::VNet {
-            state
-                .cluster_pod_cidrs
-                .iter()
-                .filter_map(|c| c.parse::<IpNet>().ok())
-                .flat_map(|n| azure_reserved(&n))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let vnet = state.mode == PoolMode::VNet;
+        let mut withheld: Vec<IpAddr> = extra_reserved.to_vec();
+        if vnet {
+            withheld.extend(
+                state.cluster_pod_cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()).flat_map(|n| azure_reserved(&n)),
+            );
+            for r in &state.reserved_ips {
+                withheld.push(r.trim().parse().map_err(|_| AllocError::BadReserved(r.clone()))?);
+            }
+        }
         let mut blocks = Vec::new();
         for b in &state.blocks {
             let net: IpNet = b.cidr.parse().map_err(|e: ipnet::AddrParseError| AllocError::BadBlock {
@@ -84,20 +106,25 @@ impl NodePool {
             if net.trunc() != net {
                 return Err(AllocError::BadBlock { cidr: b.cidr.clone(), reason: "host bits set".into() });
             }
-            let first = net::nth(&net, 1);
-            let gateway = match &b.gateway {
-                Some(g) => g
-                    .parse::<IpAddr>()
-                    .ok()
-                    .filter(|ip| net.contains(ip))
-                    .ok_or_else(|| AllocError::BadGateway { cidr: b.cidr.clone(), gateway: g.clone() })?,
-                None => first,
+            let mut reserved = BTreeSet::new();
+            let gateway = if vnet {
+                None
+            } else {
+                let gateway = match &b.gateway {
+                    Some(g) => g
+                        .parse::<IpAddr>()
+                        .ok()
+                        .filter(|ip| net.contains(ip))
+                        .ok_or_else(|| AllocError::BadGateway { cidr: b.cidr.clone(), gateway: g.clone() })?,
+                    None => net::nth(&net, 1),
+                };
+                reserved.extend([net.network(), gateway]);
+                if net.addr().is_ipv4() {
+                    reserved.insert(net.broadcast());
+                }
+                Some(gateway)
             };
-            let mut reserved: BTreeSet<IpAddr> = [net.network(), gateway].into_iter().collect();
-            if net.addr().is_ipv4() {
-                reserved.insert(net.broadcast());
-            }
-            reserved.extend(azure.iter().chain(extra_reserved).filter(|ip| net.contains(*ip)).copied());
+            reserved.extend(withheld.iter().filter(|ip| net.contains(*ip)).copied());
             blocks.push(Block { net, gateway, reserved });
         }
         if blocks.is_empty() {
@@ -108,7 +135,7 @@ impl NodePool {
 
     /// Families the node has blocks for, IPv4 first.
     pub fn families(&self) -> Vec<IpFamily> {
-        let set: BTreeSet<IpFamily> = self.blocks.iter().map(|b| IpFamily::of(&b.net)).collect();
+        let set: BTreeSet<IpFamily> = self.blocks.iter().map(Block::family).collect();
         set.into_iter().collect()
     }
 
@@ -118,12 +145,13 @@ impl NodePool {
     }
 
     fn blocks_of(&self, family: IpFamily) -> impl Iterator<Item = &Block> {
-        self.blocks.iter().filter(move |b| IpFamily::of(&b.net) == family)
+        self.blocks.iter().filter(move |b| b.family() == family)
     }
 
-    /// The lowest address of `family` that is neither reserved nor in `taken`.
-    pub fn lowest_free(&self, family: IpFamily, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
-        for b in self.blocks_of(family) {
+    /// The lowest address of `family`, block by block in order, that is
+    /// neither reserved nor in `taken`, skipping the blocks in `skip`.
+    pub fn lowest_free(&self, family: IpFamily, taken: &BTreeSet<IpAddr>, skip: &BTreeSet<IpNet>) -> Option<IpAddr> {
+        for b in self.blocks_of(family).filter(|b| !skip.contains(&b.net)) {
             let start = net::to_u128(b.net.network());
             let len = net::size(&b.net);
             // Every address skipped is reserved or taken, so this loop runs at
@@ -141,10 +169,15 @@ impl NodePool {
     }
 }
 
-/// Every address handed out on this network of the node, by address.
+/// Every address handed out on this network of the node, by address, and the
+/// blocks the node is giving back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocations {
     pub by_ip: BTreeMap<IpAddr, Owner>,
+    /// Blocks carve-agent proved empty and is giving back: never allocated
+    /// from, whatever the state file says.
+    #[serde(default)]
+    pub releasing: BTreeSet<IpNet>,
 }
 
 impl Allocations {
@@ -153,20 +186,32 @@ impl Allocations {
         self.by_ip.iter().filter(|(_, o)| *o == owner).map(|(ip, _)| *ip).collect()
     }
 
+    /// How many addresses are handed out inside `block`.
+    pub fn count_in(&self, block: &IpNet) -> usize {
+        self.by_ip.range(block.network()..=block.broadcast()).count()
+    }
+
     /// One address per family of `pool` for `owner`: those it already holds
-    /// (repeated ADD), else the lowest free ones. All or nothing: on
-    /// exhaustion nothing is recorded.
+    /// (repeated ADD), else the lowest free ones outside releasing blocks.
+    /// All or nothing: on exhaustion nothing is recorded.
     pub fn assign(&mut self, pool: &NodePool, owner: &Owner) -> Result<Vec<IpAddr>, AllocError> {
         let held = self.held_by(owner);
         let taken: BTreeSet<IpAddr> = self.by_ip.keys().copied().collect();
         let mut out = Vec::new();
         for family in pool.families() {
-            let mine = held.iter().find(|ip| pool.block_of(ip).is_some_and(|b| IpFamily::of(&b.net) == family));
+            let mine = held.iter().find(|ip| pool.block_of(ip).is_some_and(|b| b.family() == family));
             let ip = match mine {
                 Some(ip) => *ip,
-                None => pool.lowest_free(family, &taken).ok_or_else(|| AllocError::Exhausted {
+                None => pool.lowest_free(family, &taken, &self.releasing).ok_or_else(|| AllocError::Exhausted {
                     family,
-                    blocks: pool.blocks_of(family).map(|b| b.net.to_string()).collect::<Vec<_>>().join(", "),
+                    blocks: pool
+                        .blocks_of(family)
+                        .map(|b| {
+                            let giving_back = if self.releasing.contains(&b.net) { " (being given back)" } else { "" };
+                            format!("{}{giving_back}", b.net)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })?,
             };
             out.push(ip);
@@ -213,8 +258,11 @@ mod tests {
                     cidr: c.to_string(),
                     family: IpFamily::of(&c.parse().unwrap()),
                     gateway: g.map(str::to_owned),
+                    allocation_id: None,
                 })
                 .collect(),
+            strategy: Default::default(),
+            reserved_ips: vec![],
             cluster_pod_cidrs: pools.iter().map(|s| s.to_string()).collect(),
             non_masquerade_cidrs: vec![],
             mtu: 1450,
@@ -241,7 +289,7 @@ mod tests {
     fn gateway_defaults_to_first_address_and_extra_reserved_is_skipped() {
         let pool =
             NodePool::from_state(&state(PoolMode::Overlay, &[("10.0.0.0/24", None)], &[]), &[ip("10.0.0.2")]).unwrap();
-        assert_eq!(pool.blocks[0].gateway, ip("10.0.0.1"));
+        assert_eq!(pool.blocks[0].gateway, Some(ip("10.0.0.1")));
         let mut a = Allocations::default();
         assert_eq!(a.assign(&pool, &Owner::new("c1", "eth0")).unwrap(), vec![ip("10.0.0.3")]);
     }
@@ -253,6 +301,51 @@ mod tests {
         let mut a = Allocations::default();
         // .0 network, .1 gateway, .2 and .3 Azure DNS.
         assert_eq!(a.assign(&pool, &Owner::new("c1", "eth0")).unwrap(), vec![ip("10.1.0.4")]);
+    }
+
+    #[test]
+    fn vnet_network_gateway_and_broadcast_are_pod_addresses_and_reserved_ips_are_not() {
+        // A block in the middle of the pool: no Azure address in it.
+        let mut st = state(PoolMode::VNet, &[("10.1.0.16/30", Some("10.1.0.17"))], &["10.1.0.0/24"]);
+        st.reserved_ips = vec!["10.1.0.17".into(), "10.1.0.99".into()];
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        assert_eq!(pool.blocks[0].gateway, None, "VNet pods route through a link-local next hop");
+        assert_eq!(pool.blocks[0].usable(), 3);
+        let mut a = Allocations::default();
+        let got: Vec<IpAddr> =
+            ["a", "b", "c"].iter().map(|c| a.assign(&pool, &Owner::new(*c, "eth0")).unwrap()[0]).collect();
+        assert_eq!(got, [ip("10.1.0.16"), ip("10.1.0.18"), ip("10.1.0.19")], "network and broadcast included");
+        assert!(matches!(a.assign(&pool, &Owner::new("d", "eth0")), Err(AllocError::Exhausted { .. })));
+        st.reserved_ips = vec!["not-an-ip".into()];
+        assert_eq!(NodePool::from_state(&st, &[]), Err(AllocError::BadReserved("not-an-ip".into())));
+    }
+
+    #[test]
+    fn a_vnet_slash_24_yields_251_less_the_node_ips() {
+        let blocks: Vec<String> = (0..16).map(|i| format!("10.224.0.{}/28", i * 16)).collect();
+        let refs: Vec<(&str, Option<&str>)> = blocks.iter().map(|b| (b.as_str(), None)).collect();
+        let mut st = state(PoolMode::VNet, &refs, &["10.224.0.0/24"]);
+        // Three nodes on the subnet; the controller lists their IPs and Azure's five.
+        st.reserved_ips =
+            ["10.224.0.4", "10.224.0.5", "10.224.0.6", "10.224.0.0", "10.224.0.255"].map(String::from).to_vec();
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        assert_eq!(pool.blocks.iter().map(Block::usable).sum::<u64>(), 251 - 3);
+    }
+
+    #[test]
+    fn blocks_are_filled_in_state_order_and_releasing_ones_never() {
+        // Grant order, not address order: the later, lower block is used last.
+        let st = state(PoolMode::VNet, &[("10.1.0.32/30", None), ("10.1.0.0/30", None), ("10.1.0.16/30", None)], &[]);
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        let mut a = Allocations { releasing: ["10.1.0.0/30".parse().unwrap()].into(), ..Default::default() };
+        let got: Vec<IpAddr> =
+            (0..8).map(|i| a.assign(&pool, &Owner::new(format!("c{i}"), "eth0")).unwrap()[0]).collect();
+        assert_eq!(got[..4], [ip("10.1.0.32"), ip("10.1.0.33"), ip("10.1.0.34"), ip("10.1.0.35")]);
+        assert_eq!(got[4..], [ip("10.1.0.16"), ip("10.1.0.17"), ip("10.1.0.18"), ip("10.1.0.19")]);
+        let err = a.assign(&pool, &Owner::new("full", "eth0")).unwrap_err();
+        assert!(err.to_string().contains("10.1.0.0/30 (being given back)"), "{err}");
+        assert_eq!(a.count_in(&"10.1.0.0/30".parse().unwrap()), 0);
+        assert_eq!(a.count_in(&"10.1.0.16/28".parse().unwrap()), 4);
     }
 
     #[test]
@@ -280,7 +373,8 @@ mod tests {
 
     #[test]
     fn second_block_used_when_first_is_full() {
-        let st = state(PoolMode::VNet, &[("10.1.0.0/30", Some("10.1.0.1")), ("10.1.0.16/30", Some("10.1.0.17"))], &[]);
+        let st =
+            state(PoolMode::Overlay, &[("10.1.0.0/30", Some("10.1.0.1")), ("10.1.0.16/30", Some("10.1.0.17"))], &[]);
         let pool = NodePool::from_state(&st, &[]).unwrap();
         let mut a = Allocations::default();
         assert_eq!(a.assign(&pool, &Owner::new("a", "eth0")).unwrap(), vec![ip("10.1.0.2")]);
@@ -310,12 +404,17 @@ mod tests {
     proptest! {
         /// Any sequence of ADDs and DELs: no address twice, never a reserved
         /// one, every address inside a block, repeated ADD stable, and each
-        /// new address is the lowest free one.
+        /// new address is the lowest free one; never one in a releasing block.
         #[test]
-        fn never_duplicates_never_reserved(ops in proptest::collection::vec((0u8..40, any::<bool>()), 1..200)) {
-            let st = state(PoolMode::VNet, &[("10.1.0.0/28", Some("10.1.0.1")), ("10.1.0.32/29", Some("10.1.0.33"))], &["10.1.0.0/24"]);
+        fn never_duplicates_never_reserved(
+            ops in proptest::collection::vec((0u8..40, any::<bool>()), 1..200),
+            giving_back in proptest::option::of(0usize..3),
+        ) {
+            let mut st = state(PoolMode::VNet, &[("10.1.0.0/28", None), ("10.1.0.32/29", None), ("10.1.0.64/29", None)], &["10.1.0.0/24"]);
+            st.reserved_ips = vec!["10.1.0.33".into()];
             let pool = NodePool::from_state(&st, &[]).unwrap();
             let mut a = Allocations::default();
+            a.releasing.extend(giving_back.map(|i| pool.blocks[i].net));
             for (who, add) in ops {
                 let owner = Owner::new(format!("c{who}"), "eth0");
                 if add {
@@ -326,14 +425,14 @@ mod tests {
                             prop_assert_eq!(ips.len(), 1);
                             let held = before.held_by(&owner);
                             if held.is_empty() {
-                                prop_assert_eq!(Some(ips[0]), pool.lowest_free(IpFamily::IPv4, &taken));
+                                prop_assert_eq!(Some(ips[0]), pool.lowest_free(IpFamily::IPv4, &taken, &a.releasing));
                             } else {
                                 prop_assert_eq!(&held, &ips);
                             }
                         }
                         Err(AllocError::Exhausted { .. }) => {
                             prop_assert_eq!(&a, &before);
-                            prop_assert!(pool.lowest_free(IpFamily::IPv4, &taken).is_none());
+                            prop_assert!(pool.lowest_free(IpFamily::IPv4, &taken, &a.releasing).is_none());
                         }
                         Err(e) => prop_assert!(false, "{}", e),
                     }
@@ -344,6 +443,7 @@ mod tests {
                 for ip in a.by_ip.keys() {
                     let block = pool.block_of(ip);
                     prop_assert!(block.is_some(), "{} outside the blocks or reserved", ip);
+                    prop_assert!(!a.releasing.iter().any(|r| r.contains(ip)), "{} in a block being given back", ip);
                 }
                 let owners: BTreeSet<&Owner> = a.by_ip.values().collect();
                 prop_assert_eq!(owners.len(), a.by_ip.len(), "an owner holds two IPv4 addresses");

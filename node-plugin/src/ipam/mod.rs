@@ -14,13 +14,25 @@
 //! - `dataDir`: allocation store (default `/var/lib/carve/ipam/<network name>`)
 //! - `routes`: `[{"dst": .., "gw": ..}]` returned as is (none by default)
 //! - `reserved`: extra addresses never handed out
+//!
+//! ADD reads the state file after it took the store's lock, so a block the
+//! agent marked releasing (in the store) and the state file it then rewrites
+//! are seen consistently. In a dynamic pool, an ADD that finds every block
+//! full leaves a waiting marker ([`waiting`]) the agent counts as demand,
+//! waits up to [`GROW_WAIT`] (not holding the lock) for a new block in the
+//! state file, tries once more, and otherwise answers code 11 (try again
+//! later): the runtime retries while the agent asks for more.
 
 pub mod alloc;
 pub mod store;
+pub mod waiting;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use carve_crds::{AllocationStrategy, IpFamily};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -34,6 +46,10 @@ use store::{PodIpStore, StoreError};
 pub const DEFAULT_DATA_ROOT: &str = "/var/lib/carve/ipam";
 /// Environment variable that overrides the state file path.
 pub const STATE_FILE_ENV: &str = "CARVE_STATE_FILE";
+/// How long an ADD in a dynamic pool waits for a new block when every block is full.
+pub const GROW_WAIT: Duration = Duration::from_secs(3);
+/// How often it looks at the state file meanwhile.
+const GROW_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -127,6 +143,58 @@ fn alloc_err(e: AllocError) -> CniError {
     CniError::new(code, e.to_string())
 }
 
+/// Every block of a dynamic pool full (or none yet): worth waiting for a grant.
+struct Full {
+    why: AllocError,
+    families: Vec<IpFamily>,
+    /// The state file's blocks when it was seen full.
+    blocks: Vec<carve_crds::NodeBlock>,
+}
+
+enum AddError {
+    Cni(CniError),
+    Full(Full),
+}
+
+impl From<CniError> for AddError {
+    fn from(e: CniError) -> Self {
+        AddError::Cni(e)
+    }
+}
+
+/// One allocation attempt: the store's lock first, then the state file.
+fn allocate(r: &Resolved, owner: &Owner) -> Result<CniResult, AddError> {
+    let locked = r.store.lock().map_err(store_err)?;
+    let mut allocations = locked.load().map_err(store_err)?;
+    let node = read_state(&r.state_file, code::TRY_AGAIN_LATER)?;
+    let dynamic = node.strategy == AllocationStrategy::Dynamic;
+    let full =
+        |why: AllocError, families: Vec<IpFamily>| AddError::Full(Full { why, families, blocks: node.blocks.clone() });
+    let pool = match NodePool::from_state(&node, &r.reserved) {
+        Ok(p) => p,
+        Err(e @ AllocError::NoBlocks) if dynamic => return Err(full(e, vec![])),
+        Err(e) => return Err(alloc_err(e).into()),
+    };
+    let before = allocations.clone();
+    let ips = match allocations.assign(&pool, owner) {
+        Ok(ips) => ips,
+        Err(e @ AllocError::Exhausted { family, .. }) if dynamic => return Err(full(e, vec![family])),
+        Err(e) => return Err(alloc_err(e).into()),
+    };
+    if allocations != before {
+        locked.save(&allocations).map_err(store_err)?;
+    }
+    drop(locked);
+    let mut result = CniResult { routes: r.routes.clone(), ..Default::default() };
+    for ip in ips {
+        let block = pool.block_of(&ip).expect("assign returns addresses of the pool");
+        let address = IpNet::new(ip, block.net.prefix_len()).expect("prefix of a parsed block");
+        result.ips.push(IpConfig { address, gateway: block.gateway, interface: None });
+    }
+    tracing::info!(container = %owner.container_id, ifname = %owner.ifname, ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "allocated");
+    Ok(result)
+}
+
 fn owner(req: &Request) -> Owner {
     Owner::new(req.env.container_id.clone(), req.env.ifname.clone())
 }
@@ -139,24 +207,36 @@ impl Plugin for CarveIpam {
 
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let r = resolve(req)?;
-        let node = read_state(&r.state_file, code::TRY_AGAIN_LATER)?;
-        let pool = NodePool::from_state(&node, &r.reserved).map_err(alloc_err)?;
-        let locked = r.store.lock().map_err(store_err)?;
-        let mut allocations = locked.load().map_err(store_err)?;
-        let before = allocations.clone();
-        let ips = allocations.assign(&pool, &owner(req)).map_err(alloc_err)?;
-        if allocations != before {
-            locked.save(&allocations).map_err(store_err)?;
+        let owner = owner(req);
+        let full = match allocate(&r, &owner) {
+            Ok(result) => return Ok(result),
+            Err(AddError::Cni(e)) => return Err(e),
+            Err(AddError::Full(full)) => full,
+        };
+        // Visible to the agent for as long as this ADD waits (removed on drop).
+        let _waiting = waiting::Waiting::register(r.store.dir(), &owner, &full.families)
+            .map_err(
+                |e| tracing::warn!(error = %e, "could not leave a waiting marker; the agent may not ask for a block"),
+            )
+            .ok();
+        let deadline = Instant::now() + GROW_WAIT;
+        while Instant::now() < deadline {
+            std::thread::sleep(GROW_POLL);
+            if state::read(&r.state_file).is_ok_and(|s| s.blocks != full.blocks) {
+                break;
+            }
         }
-        drop(locked);
-        let mut result = CniResult { routes: r.routes, ..Default::default() };
-        for ip in ips {
-            let block = pool.block_of(&ip).expect("assign returns addresses of the pool");
-            let address = IpNet::new(ip, block.net.prefix_len()).expect("prefix of a parsed block");
-            result.ips.push(IpConfig { address, gateway: Some(block.gateway), interface: None });
+        match allocate(&r, &owner) {
+            Ok(result) => Ok(result),
+            Err(AddError::Cni(e)) => Err(e),
+            Err(AddError::Full(full)) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "{}; carve-agent has asked for another block (waited {GROW_WAIT:?} for it): try again later",
+                    full.why
+                ),
+            )),
         }
-        tracing::info!(container = %req.env.container_id, ifname = %req.env.ifname, ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "allocated");
-        Ok(result)
     }
 
     fn del(&self, req: &Request) -> Result<(), CniError> {

@@ -18,10 +18,25 @@
 //!   predates format 2) are kept as they are: never reclaimed by boot, freed by
 //!   DEL or GC.
 //!
-//! Format: `{"version": 2, "allocations": [{"ip", "containerId", "ifname", "bootId"}]}`.
-//! Version 1 had no `bootId`; a format-1 reader ignores it (serde skips unknown
-//! fields), so old and new binaries can share a store while install-cni swaps
-//! them. A version newer than [`FORMAT_VERSION`] is refused, not guessed at.
+//!
+//! Release marks (`releasing`): the blocks carve-agent is giving back, put
+//! there under this lock once it saw no allocation in them; carve-ipam never
+//! allocates from a marked block. A mark is not a pod's entry: it names no
+//! boot and is never dropped as stale (a block given back stays given back
+//! through a reboot); only the agent removes it, when the block has left the
+//! node's status or after it took the release back. The agent writes marks
+//! with an fsync ([`Locked::save_synced`]): a mark lost to a power cut after
+//! the release was named in the NodeNetworkConfig would let a pod into a
+//! block the controller takes away.
+//!
+//! Format: `{"version": 2, "allocations": [{"ip", "containerId", "ifname", "bootId"}], "releasing": [cidr]}`.
+//! Version 1 had no `bootId` and no `releasing`; a format-1 reader ignores
+//! both (serde skips unknown fields), so old and new binaries can share a
+//! store while install-cni swaps them (an old carve-ipam does not see marks,
+//! but the agent also drops a marked block from the node state file, so it
+//! never allocates from one either; a mark it saves over is written again by
+//! the agent's next pass). A version newer than [`FORMAT_VERSION`] is refused,
+//! not guessed at.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -30,6 +45,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +81,8 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 struct Wire {
     version: u32,
     allocations: Vec<WireEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    releasing: Vec<IpNet>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -180,7 +198,7 @@ impl Locked<'_> {
         if wire.version > FORMAT_VERSION {
             return Err(StoreError::TooNew { path, found: wire.version });
         }
-        let mut out = Allocations::default();
+        let mut out = Allocations { releasing: wire.releasing.into_iter().collect(), ..Default::default() };
         let mut legacy = self.legacy.borrow_mut();
         legacy.clear();
         let mut stale = 0;
@@ -205,6 +223,16 @@ impl Locked<'_> {
 
     /// Replaces the allocations on disk atomically (rename; no fsync, see the module docs).
     pub fn save(&self, allocations: &Allocations) -> Result<(), StoreError> {
+        self.write(allocations, Durability::RenameOnly)
+    }
+
+    /// As [`save`](Self::save), and durable through a machine crash once it
+    /// returns: for release marks.
+    pub fn save_synced(&self, allocations: &Allocations) -> Result<(), StoreError> {
+        self.write(allocations, Durability::Synced)
+    }
+
+    fn write(&self, allocations: &Allocations, durability: Durability) -> Result<(), StoreError> {
         let path = self.store.file();
         let legacy = self.legacy.borrow();
         let boot = (!self.boot_id.is_empty()).then(|| self.boot_id.clone());
@@ -220,10 +248,11 @@ impl Locked<'_> {
                     boot_id: if legacy.contains(&(*ip, o.clone())) { None } else { boot.clone() },
                 })
                 .collect(),
+            releasing: allocations.releasing.iter().copied().collect(),
         };
         let body =
             serde_json::to_vec_pretty(&wire).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
-        atomic::write(&path, &body, None, Durability::RenameOnly).map_err(self.store.io(&path))?;
+        atomic::write(&path, &body, None, durability).map_err(self.store.io(&path))?;
         Ok(())
     }
 }
@@ -279,11 +308,12 @@ mod format_tests {
             {"ip": "10.0.0.2", "containerId": "before-reboot", "ifname": "eth0", "bootId": "another-boot"},
             {"ip": "10.0.0.3", "containerId": "live", "ifname": "eth0", "bootId": now},
             {"ip": "10.0.0.4", "containerId": "from-format-1", "ifname": "eth0"},
-        ]});
+        ], "releasing": ["10.0.1.0/28"]});
         std::fs::write(store.file(), file.to_string()).unwrap();
         let locked = store.lock().unwrap();
         let mut a = locked.load().unwrap();
         assert_eq!(ips(&a), ["10.0.0.3", "10.0.0.4"], "the previous boot's address is free");
+        assert_eq!(a.releasing, ["10.0.1.0/28".parse().unwrap()].into(), "a release mark is never stale");
         a.by_ip.insert("10.0.0.5".parse().unwrap(), Owner::new("new", "eth0"));
         locked.save(&a).unwrap();
         let saved: Value = serde_json::from_slice(&std::fs::read(store.file()).unwrap()).unwrap();
@@ -294,6 +324,7 @@ mod format_tests {
         assert_eq!(boot_of("10.0.0.3"), now.as_str());
         assert_eq!(boot_of("10.0.0.5"), now.as_str());
         assert!(boot_of("10.0.0.4").is_null(), "a legacy entry is not re-stamped with this boot");
+        assert_eq!(saved["releasing"], serde_json::json!(["10.0.1.0/28"]));
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -328,9 +359,11 @@ mod format_tests {
         let mut a = locked.load().unwrap();
         assert_eq!(a.held_by(&Owner::new("old", "eth0")), ["10.0.0.2".parse::<IpAddr>().unwrap()]);
         a.by_ip.insert("10.0.0.3".parse().unwrap(), Owner::new("new", "eth0"));
-        locked.save(&a).unwrap();
+        a.releasing.insert("10.0.1.0/28".parse().unwrap());
+        locked.save_synced(&a).unwrap();
         drop(locked);
-        // New → old: the format-1 reader sees every entry of a format-2 store.
+        assert_eq!(store.lock().unwrap().load().unwrap(), a, "marks round-trip");
+        // New → old (marks included: the old reader skips them): the format-1 reader sees every entry of a format-2 store.
         let old: WireV1 = serde_json::from_slice(&std::fs::read(store.file()).unwrap()).unwrap();
         let seen: Vec<(String, String, String)> =
             old.allocations.into_iter().map(|e| (e.ip.to_string(), e.container_id, e.ifname)).collect();

@@ -26,7 +26,14 @@ pub fn write_state(path: &Path, cidr: &str, gateway: &str, mtu: u32) {
     let st = NodeState {
         node: "node-test".into(),
         mode: PoolMode::Overlay,
-        blocks: vec![NodeBlock { cidr: cidr.into(), family: IpFamily::IPv4, gateway: Some(gateway.into()) }],
+        blocks: vec![NodeBlock {
+            cidr: cidr.into(),
+            family: IpFamily::IPv4,
+            gateway: Some(gateway.into()),
+            allocation_id: None,
+        }],
+        strategy: Default::default(),
+        reserved_ips: vec![],
         cluster_pod_cidrs: vec![cidr.into()],
         non_masquerade_cidrs: vec![],
         mtu,
@@ -37,11 +44,18 @@ pub fn write_state(path: &Path, cidr: &str, gateway: &str, mtu: u32) {
 
 /// Writes a dual-stack node state file: one IPv4 and one IPv6 block.
 pub fn write_state_dual(path: &Path, v4: (&str, &str), v6: (&str, &str), mtu: u32) {
-    let block = |(cidr, gw): (&str, &str), family| NodeBlock { cidr: cidr.into(), family, gateway: Some(gw.into()) };
+    let block = |(cidr, gw): (&str, &str), family| NodeBlock {
+        cidr: cidr.into(),
+        family,
+        gateway: Some(gw.into()),
+        allocation_id: None,
+    };
     let st = NodeState {
         node: "node-test".into(),
         mode: PoolMode::Overlay,
         blocks: vec![block(v4, IpFamily::IPv4), block(v6, IpFamily::IPv6)],
+        strategy: Default::default(),
+        reserved_ips: vec![],
         cluster_pod_cidrs: vec![v4.0.into(), v6.0.into()],
         non_masquerade_cidrs: vec![],
         mtu,
