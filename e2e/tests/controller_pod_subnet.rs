@@ -216,6 +216,12 @@ async fn a_node_joining_inside_a_granted_block_is_withheld_and_reported_with_the
 
     // A pod on n1 already has .9 (as carve-ipam could have given it before the Node existed).
     let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    // No controller-manager here to create the namespace's default ServiceAccount.
+    let sa = serde_json::from_value(json!({ "metadata": { "name": "default" } })).unwrap();
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": "early" },
         "spec": { "nodeName": "n1", "containers": [{ "name": "c", "image": "none" }] },
