@@ -73,8 +73,16 @@ spec: {}
     );
 
     let explain = cp.kubectl_ok(&["explain", "nnc.status.blocks"]).unwrap();
-    for text in ["Blocks carved for this node", "cidr", "family", "gateway", "First usable address of the block"] {
+    for text in ["Blocks carved for this node", "cidr", "family", "gateway", "allocationID", "new on every grant"] {
         assert!(explain.contains(text), "`kubectl explain nnc.status.blocks` lacks {text:?}:\n{explain}");
+    }
+    let explain = cp.kubectl_ok(&["explain", "nnc.spec"]).unwrap();
+    for text in ["requestedIPs", "absolute", "releases", "allocation ID"] {
+        assert!(explain.contains(text), "`kubectl explain nnc.spec` lacks {text:?}:\n{explain}");
+    }
+    let explain = cp.kubectl_ok(&["explain", "pcidr.spec.allocation"]).unwrap();
+    for text in ["strategy", "maxBlocksPerNode", "releaseQuarantineSeconds"] {
+        assert!(explain.contains(text), "`kubectl explain pcidr.spec.allocation` lacks {text:?}:\n{explain}");
     }
     let explain = cp.kubectl_ok(&["explain", "pcidr.spec.cidrs"]).unwrap();
     assert!(explain.contains("dual-stack"), "{explain}");
@@ -131,6 +139,18 @@ async fn invalid_pools_are_rejected_with_the_field_and_the_fix() {
             "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n  blockSize: {ipv4: 15}\n",
             "spec.blockSize.ipv4",
             "IPv4 block size (default /24 in Overlay, /28 in VNet) is shorter than the prefix of an IPv4 CIDR",
+        ),
+        (
+            "dynamic blocks in an Overlay pool",
+            "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n  allocation: {strategy: Dynamic}\n",
+            "spec.allocation.strategy",
+            "Static and Dynamic need mode VNet",
+        ),
+        (
+            "release threshold too close to the request threshold",
+            "  mode: VNet\n  cidrs: [10.224.0.0/16]\n  allocation: {strategy: Dynamic, requestThresholdPercent: 60, releaseThresholdPercent: 120}\n",
+            "spec.allocation.releaseThresholdPercent",
+            "at least requestThresholdPercent + 100",
         ),
         (
             "default block shorter than a small pool",
