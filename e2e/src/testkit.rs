@@ -15,6 +15,39 @@ use kube::api::ObjectMeta;
 
 use crate::ControlPlane;
 
+/// Waits up to `timeout` until NodeNetworkConfig `name` satisfies `ok`, and returns it.
+pub async fn nnc_where(
+    client: &kube::Client,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&carve_crds::NodeNetworkConfig) -> bool,
+) -> carve_crds::NodeNetworkConfig {
+    let api = kube::Api::<carve_crds::NodeNetworkConfig>::all(client.clone());
+    wait_for(&format!("nnc/{name}: {what}"), timeout, || async {
+        match api.get_opt(name).await {
+            Ok(Some(n)) if ok(&n) => Ok(n),
+            Ok(Some(n)) => Err(format!("{:?}", n.status)),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// Every Event (events.k8s.io) about the object `kind`/`name`: (reason, note).
+pub async fn events_for(client: &kube::Client, kind: &str, name: &str) -> Vec<(String, String)> {
+    let api = kube::Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    let events = api.list(&Default::default()).await.expect("list Events");
+    events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
+        })
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
 /// A fresh directory `carve-<tag>-…` in the temp dir, removed when dropped (also on panic).
 pub fn temp_dir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(&format!("carve-{tag}-")).tempdir().expect("creating a temp dir")

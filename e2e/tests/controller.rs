@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use carve_e2e::ControlPlane;
-use carve_e2e::testkit::{metrics_addr, node, start_controller, wait_for};
+use carve_e2e::testkit::{events_for, metrics_addr, nnc_where, node, start_controller, wait_for};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -48,38 +48,8 @@ fn blocks(nnc: &NodeNetworkConfig) -> Vec<String> {
     nnc.status.as_ref().map(|s| s.blocks.iter().map(|b| b.cidr.clone()).collect()).unwrap_or_default()
 }
 
-/// Waits until the NNC of `name` satisfies `ok`, and returns it.
-async fn nnc_where(
-    client: &Client,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&NodeNetworkConfig) -> bool,
-) -> NodeNetworkConfig {
-    let api = Api::<NodeNetworkConfig>::all(client.clone());
-    wait_for(&format!("nnc/{name}: {what}"), WAIT, || async {
-        match api.get_opt(name).await {
-            Ok(Some(n)) if ok(&n) => Ok(n),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
-}
-
 async fn nnc_ready(client: &Client, name: &str) -> NodeNetworkConfig {
-    nnc_where(client, name, "Ready=True", |n| ready(n).is_some_and(|(s, _)| s == "True")).await
-}
-
-async fn events_for(client: &Client, kind: &str, name: &str) -> Vec<(String, String)> {
-    let events =
-        Api::<k8s_openapi::api::events::v1::Event>::all(client.clone()).list(&ListParams::default()).await.unwrap();
-    events
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
-        })
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
+    nnc_where(client, name, "Ready=True", WAIT, |n| ready(n).is_some_and(|(s, _)| s == "True")).await
 }
 
 /// Every block of every NNC: asserts none is held twice.
@@ -150,7 +120,7 @@ async fn each_node_gets_one_nnc_with_blocks_gateway_ip_and_pod_cidr() {
         )
         .await
         .unwrap();
-    let moved = nnc_where(&client, "node-a", "nodeIP 192.168.10.99", |n| {
+    let moved = nnc_where(&client, "node-a", "nodeIP 192.168.10.99", WAIT, |n| {
         n.status.as_ref().and_then(|s| s.node_ip.as_deref()) == Some("192.168.10.99")
     })
     .await;
@@ -365,7 +335,7 @@ async fn blocks_return_only_when_the_node_is_really_gone() {
     nodes.delete("other", &DeleteParams::default()).await.unwrap();
     let again = create_node(&client, "other", "192.168.30.9").await;
     assert_ne!(again.uid().unwrap(), first_uid);
-    let fresh = nnc_where(&client, "other", "owned by the new node and Ready", |n| {
+    let fresh = nnc_where(&client, "other", "owned by the new node and Ready", WAIT, |n| {
         n.owner_references().first().map(|o| o.uid.clone()) == again.uid() && ready(n).is_some_and(|(s, _)| s == "True")
     })
     .await;
@@ -448,7 +418,7 @@ async fn exhaustion_is_reported_and_growth_serves_waiting_nodes() {
         "  mode: Overlay\n  cidrs: [10.244.0.0/23, 10.245.0.0/24, 10.246.0.0/24]\n  disabled: true\n",
     );
     create_node(&client, "x4", "192.168.40.4").await;
-    let x4 = nnc_where(&client, "x4", "Ready=False", |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
+    let x4 = nnc_where(&client, "x4", "Ready=False", WAIT, |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
     assert_eq!(ready(&x4).unwrap().1, "PoolDisabled");
     assert_eq!(blocks(&nncs.get(&served[0]).await.unwrap()).len(), 1);
 }
@@ -478,7 +448,7 @@ async fn bad_objects_become_conditions_and_events_not_crashes() {
     let mut n = node("picky", "192.168.50.1");
     n.metadata.labels = Some([("pool".to_string(), "second".to_string())].into());
     Api::<Node>::all(client.clone()).create(&PostParams::default(), &n).await.unwrap();
-    let picky = nnc_where(&client, "picky", "Ready=False", |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
+    let picky = nnc_where(&client, "picky", "Ready=False", WAIT, |n| ready(n).is_some_and(|(s, _)| s == "False")).await;
     assert_eq!(ready(&picky).unwrap().1, "PoolInvalid", "nothing is carved from an invalid pool");
 
     // A hand-edited, malformed NNC status: a condition + Event, the real block comes back.
@@ -492,7 +462,7 @@ async fn bad_objects_become_conditions_and_events_not_crashes() {
     )
     .await
     .unwrap();
-    let repaired = nnc_where(&client, "edited", "blocks repaired and BlocksValid=False", |n| {
+    let repaired = nnc_where(&client, "edited", "blocks repaired and BlocksValid=False", WAIT, |n| {
         blocks(n) == good
             && n.status.as_ref().unwrap().conditions.iter().any(|c| c.type_ == "BlocksValid" && c.status == "False")
     })
@@ -539,7 +509,7 @@ async fn existing_pod_cidrs_are_adopted_and_conflicts_reported() {
         ..Default::default()
     });
     nodes.create(&PostParams::default(), &clash).await.unwrap();
-    let c = nnc_where(&client, "clash", "PodCIDRAdopted=False", |n| {
+    let c = nnc_where(&client, "clash", "PodCIDRAdopted=False", WAIT, |n| {
         n.status
             .as_ref()
             .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "PodCIDRAdopted" && c.status == "False"))

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
-use carve_e2e::testkit::{node, start_controller, wait_for};
+use carve_e2e::testkit::{events_for, nnc_where, node, start_controller, wait_for};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -37,23 +37,6 @@ async fn create_node(client: &Client, name: &str, ip: &str, pods: Option<&str>) 
         n.status.get_or_insert_default().capacity = Some([("pods".to_string(), Quantity(p.into()))].into());
     }
     Api::<Node>::all(client.clone()).create(&PostParams::default(), &n).await.unwrap();
-}
-
-async fn nnc_where(
-    client: &Client,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&NodeNetworkConfig) -> bool,
-) -> NodeNetworkConfig {
-    let api = Api::<NodeNetworkConfig>::all(client.clone());
-    wait_for(&format!("nnc/{name}: {what}"), WAIT, || async {
-        match api.get_opt(name).await {
-            Ok(Some(n)) if ok(&n) => Ok(n),
-            Ok(Some(n)) => Err(format!("{:?}", n.status)),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
 }
 
 fn grants(nnc: &NodeNetworkConfig) -> Vec<(IpNet, String)> {
@@ -86,19 +69,6 @@ async fn agent_spec(client: &Client, node: &str, spec: serde_json::Value) {
         .unwrap();
 }
 
-async fn events_for(client: &Client, kind: &str, name: &str) -> Vec<(String, String)> {
-    let events =
-        Api::<k8s_openapi::api::events::v1::Event>::all(client.clone()).list(&ListParams::default()).await.unwrap();
-    events
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
-        })
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
-}
-
 const DYNAMIC: &str = "apiVersion: carve.dev/v1alpha1
 kind: PodCIDR
 metadata: {name: dyn}
@@ -115,20 +85,20 @@ async fn a_dynamic_node_grows_to_its_request_and_gives_back_only_what_it_names()
     apply(&cp, DYNAMIC);
     start_controller(&cp, "ctrl", &[]).unwrap();
     create_node(&client, "a", "10.224.0.4", None).await;
-    let a = nnc_where(&client, "a", "one block", |n| grants(n).len() == 1).await;
+    let a = nnc_where(&client, "a", "one block", WAIT, |n| grants(n).len() == 1).await;
     let first = grants(&a)[0].clone();
     assert_eq!(a.status.as_ref().unwrap().scaler.as_ref().map(|s| s.max_blocks_per_node), Some(3));
     assert!(a.status.as_ref().unwrap().reserved_ips.contains(&"10.224.0.4".to_string()), "its own address withheld");
 
     // Growth to the request, the first grant kept under its ID.
     agent_spec(&client, "a", json!({ "requestedIPs": { "ipv4": 30 } })).await;
-    let grown = nnc_where(&client, "a", "usable >= 30", |n| usable(n) >= 30).await;
+    let grown = nnc_where(&client, "a", "usable >= 30", WAIT, |n| usable(n) >= 30).await;
     assert_eq!(grants(&grown)[0], first);
     assert_eq!(condition(&grown, "RequestsMet").map(|c| c.0), Some("True".into()));
 
     // Above the pool's maximum: a condition naming the field and the fix, the blocks stay.
     agent_spec(&client, "a", json!({ "requestedIPs": { "ipv4": 100 } })).await;
-    let capped = nnc_where(&client, "a", "RequestsMet=False", |n| {
+    let capped = nnc_where(&client, "a", "RequestsMet=False", WAIT, |n| {
         condition(n, "RequestsMet").is_some_and(|c| c.0 == "False" && c.1 == "AboveMaximum")
     })
     .await;
@@ -152,7 +122,7 @@ async fn a_dynamic_node_grows_to_its_request_and_gives_back_only_what_it_names()
         ] }),
     )
     .await;
-    let refused = nnc_where(&client, "a", "ReleaseRefused", |n| {
+    let refused = nnc_where(&client, "a", "ReleaseRefused", WAIT, |n| {
         condition(n, "RequestsMet").is_some_and(|c| c.1 == "ReleaseRefused")
     })
     .await;
@@ -167,18 +137,20 @@ async fn a_dynamic_node_grows_to_its_request_and_gives_back_only_what_it_names()
         json!({ "requestedIPs": { "ipv4": 0 }, "releases": [{ "cidr": tail.to_string(), "allocationID": tail_id }] }),
     )
     .await;
-    let released = nnc_where(&client, "a", "tail quarantined", |n| {
+    let released = nnc_where(&client, "a", "tail quarantined", WAIT, |n| {
         n.status
             .as_ref()
             .is_some_and(|s| s.quarantined.iter().any(|q| q.cidr == tail.to_string() && q.allocation_id == tail_id))
     })
     .await;
     assert!(grants(&released).iter().all(|(b, _)| *b != tail));
-    nnc_where(&client, "a", "quarantine over", |n| n.status.as_ref().is_some_and(|s| s.quarantined.is_empty())).await;
+    nnc_where(&client, "a", "quarantine over", WAIT, |n| n.status.as_ref().is_some_and(|s| s.quarantined.is_empty()))
+        .await;
     // Another node gets the block again, under a new ID; a's stale release of it changes nothing.
     create_node(&client, "b", "10.224.0.5", None).await;
     agent_spec(&client, "b", json!({ "requestedIPs": { "ipv4": 1 } })).await;
-    let b = nnc_where(&client, "b", "holds the released block", |n| grants(n).iter().any(|(g, _)| *g == tail)).await;
+    let b =
+        nnc_where(&client, "b", "holds the released block", WAIT, |n| grants(n).iter().any(|(g, _)| *g == tail)).await;
     let regrant = grants(&b).into_iter().find(|(g, _)| *g == tail).unwrap();
     assert_ne!(regrant.1, tail_id, "a new grant, a new allocation ID");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -195,7 +167,7 @@ async fn a_static_node_gets_its_max_pods_worth_of_blocks_at_once() {
     );
     start_controller(&cp, "ctrl", &[]).unwrap();
     create_node(&client, "s1", "192.168.9.1", Some("30")).await;
-    let s1 = nnc_where(&client, "s1", "Ready", |n| condition(n, "Ready").is_some_and(|c| c.0 == "True")).await;
+    let s1 = nnc_where(&client, "s1", "Ready", WAIT, |n| condition(n, "Ready").is_some_and(|c| c.0 == "True")).await;
     // Azure's static block: ceil(maxPods / 16) /28 blocks (16 addresses each in VNet).
     assert_eq!(grants(&s1).len(), 2, "{:?}", s1.status);
     assert!(s1.status.as_ref().unwrap().blocks.iter().all(|b| b.gateway.is_none()), "VNet blocks name no gateway");
@@ -210,7 +182,7 @@ async fn a_node_joining_inside_a_granted_block_is_withheld_and_reported_with_the
     );
     start_controller(&cp, "ctrl", &[]).unwrap();
     create_node(&client, "n1", "10.224.0.4", None).await;
-    let n1 = nnc_where(&client, "n1", "one block", |n| grants(n).len() == 1).await;
+    let n1 = nnc_where(&client, "n1", "one block", WAIT, |n| grants(n).len() == 1).await;
     assert_eq!(grants(&n1)[0].0.to_string(), "10.224.0.0/28");
     assert!(n1.status.as_ref().unwrap().address_conflicts.is_empty(), "its own address is simply withheld");
 
@@ -232,7 +204,7 @@ async fn a_node_joining_inside_a_granted_block_is_withheld_and_reported_with_the
     pods.patch_status("early", &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
 
     create_node(&client, "late", "10.224.0.9", None).await;
-    let n1 = nnc_where(&client, "n1", "AddressConflict=True", |n| {
+    let n1 = nnc_where(&client, "n1", "AddressConflict=True", WAIT, |n| {
         condition(n, "AddressConflict").is_some_and(|c| c.0 == "True")
     })
     .await;

@@ -16,35 +16,12 @@ use serde_json::Value;
 
 mod real_nodes_support;
 use real_nodes_support::{
-    EXTERNAL_IP, Pod, deploy_carve, example, external_host, kubectl_json, running_pods, store_ips,
+    EXTERNAL_IP, Pod, deploy_carve, example, external_host, kubectl_json, running_pods, store_ips, workload_on,
 };
 
 /// The dynamic example with a short quarantine, so the test sees a block go back to the pool.
 fn dynamic_pool() -> String {
     example("pod-subnet-dynamic.yaml").replace("releaseQuarantineSeconds: 30", "releaseQuarantineSeconds: 5")
-}
-
-/// `replicas` busybox pods on `node`.
-fn pinned(name: &str, node: &str, replicas: usize) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: default}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      nodeSelector: {{kubernetes.io/hostname: {node}}}
-      containers:
-        - name: busybox
-          image: carve.local/busybox:v1
-          imagePullPolicy: Never
-          command: ["sh", "-c", "sleep 100000"]
-"#
-    )
 }
 
 /// A node's NNC as the test reads it: blocks by allocation ID, reservedIPs, quarantined CIDRs.
@@ -120,7 +97,7 @@ async fn a_dynamic_pod_subnet_node_grows_to_its_pods_and_gives_empty_blocks_back
     eprintln!("node-1 starts with {start:?}, reserved {reserved:?}");
 
     // Growth: 60 pods on node-1 need 60 + 8 (half a block free) addresses: at least 5 blocks of /28.
-    cluster.cp().kubectl_stdin(&["apply", "-f", "-"], &pinned("burst", "node-1", 60)).unwrap();
+    cluster.cp().kubectl_stdin(&["apply", "-f", "-"], &workload_on("burst", "node-1", 60)).unwrap();
     let pods = scale_to(&cluster, "burst", 60).await;
     assert_addresses(&cluster, &pods);
     let (grown, _, _) = nnc(&cluster, "node-1");

@@ -99,6 +99,18 @@ pub const PEER_PORT: u16 = 8081;
 /// A Deployment of busybox pods spread over the nodes, serving [`HOSTNAME_PORT`]
 /// and [`PEER_PORT`].
 pub fn workload(name: &str, replicas: usize) -> String {
+    let spread = format!(
+        "topologySpreadConstraints:\n        - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: {name}}}}}}}"
+    );
+    deployment(name, replicas, &spread)
+}
+
+/// The same Deployment with every replica on `node`.
+pub fn workload_on(name: &str, node: &str, replicas: usize) -> String {
+    deployment(name, replicas, &format!("nodeSelector: {{kubernetes.io/hostname: {node}}}"))
+}
+
+fn deployment(name: &str, replicas: usize, placement: &str) -> String {
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -110,8 +122,7 @@ spec:
     metadata: {{labels: {{app: {name}}}}}
     spec:
       terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-        - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: {name}}}}}}}
+      {placement}
       containers:
         - name: busybox
           image: carve.local/busybox:v1
