@@ -11,7 +11,7 @@ KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
-	@echo "make bench         benchmarks; prints figures"
+	@echo "make bench         benchmarks; prints figures (nodes, CNI, pod start, Pod Subnet bursts)"
 	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
 	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
@@ -105,6 +105,7 @@ bench: bins
 	$(CARGO) build -q --release -p carve-controller
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
 	@$(MAKE) --no-print-directory bench-cni
+	$(CARGO) build -q --release -p carve-controller -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-podsubnet
 
 # The CNI plugins alone: ADD/DEL against bridge + host-local, syscall counts
 # (with strace), 200 concurrent IPAM calls, sizes, then pod create -> Running

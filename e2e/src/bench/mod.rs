@@ -5,6 +5,7 @@ use std::time::Duration;
 
 pub mod metrics;
 pub mod nodes;
+pub mod pods;
 pub mod process;
 
 pub use process::proc_status_mib;
