@@ -362,13 +362,27 @@ async fn helper_cluster_then_die() {
     }
 }
 
-fn helper(how: &str) -> std::process::Command {
+/// The helper test in a child process; its stderr goes to `log`, so a
+/// helper that fails to start its cluster says why in this test's failure.
+fn helper(how: &str, log: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", "helper_cluster_then_die", "--ignored", "--nocapture", "--test-threads=1"])
         .env("CARVE_E2E_HELPER", how)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
+        .stderr(std::fs::File::create(log).unwrap());
     cmd
+}
+
+/// The `CLUSTER_ID=` line a helper printed, or a panic with its stderr.
+fn cluster_id(line: Option<String>, log: &std::path::Path) -> String {
+    line.unwrap_or_else(|| {
+        let stderr = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        panic!(
+            "the helper printed no CLUSTER_ID; its stderr ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })
 }
 
 fn wait_clean(id: &str, before: &HostTrace) {
@@ -388,22 +402,22 @@ fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
     use std::io::BufRead;
     // Before any cluster: nothing of an unused id, and the host's sysctls.
     let before = host_trace("nothing-yet");
+    let logs = carve_e2e::testkit::temp_dir("helper");
     // A panic: the fixture's drop tears down.
-    let out = helper("panic").output().unwrap();
+    let log = logs.path().join("panic.stderr");
+    let out = helper("panic", &log).output().unwrap();
     assert!(!out.status.success(), "the helper test should fail");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let id = stdout
-        .lines()
-        .find_map(|l| l.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string()))
-        .expect("CLUSTER_ID");
+    let id =
+        cluster_id(stdout.lines().find_map(|l| l.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string())), &log);
     wait_clean(&id, &before);
 
     // SIGKILL: nothing runs in the harness; the shims and the pod outlive it
     // until the next harness start sweeps the cluster.
-    let mut child = helper("hang").spawn().unwrap();
+    let log = logs.path().join("hang.stderr");
+    let mut child = helper("hang", &log).spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let id =
-        lines.find_map(|l| l.ok()?.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string())).expect("CLUSTER_ID");
+    let id = cluster_id(lines.find_map(|l| l.ok()?.split_once("CLUSTER_ID=").map(|(_, v)| v.trim().to_string())), &log);
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(500));

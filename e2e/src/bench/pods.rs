@@ -85,4 +85,3 @@ pub async fn delete_all(pods: &Api<Pod>) -> Result<()> {
     .await;
     Ok(())
 }
-

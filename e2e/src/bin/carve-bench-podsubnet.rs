@@ -71,7 +71,10 @@ struct Write {
 
 /// Watches `node`'s NodeNetworkConfig until told to stop; every new
 /// resourceVersion is one write.
-fn record_writes(nncs: Api<NodeNetworkConfig>, node: &str) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Vec<Write>>) {
+fn record_writes(
+    nncs: Api<NodeNetworkConfig>,
+    node: &str,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Vec<Write>>) {
     let (stop, mut stopped) = oneshot::channel();
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let task = tokio::spawn(async move {
@@ -105,10 +108,10 @@ fn grants(writes: &[Write]) -> (Vec<Duration>, usize, usize) {
         if w.requested > requested && asked_at.is_none() {
             asked_at = Some(w.at);
         }
-        if w.blocks > blocks {
-            if let Some(t) = asked_at.take() {
-                trips.push(w.at - t);
-            }
+        if w.blocks > blocks
+            && let Some(t) = asked_at.take()
+        {
+            trips.push(w.at - t);
         }
         (requested, blocks) = (w.requested, w.blocks);
     }
