@@ -143,9 +143,24 @@ fn leader_pod(cluster: &Cluster) -> String {
     lease["spec"]["holderIdentity"].as_str().unwrap().to_string()
 }
 
-fn kill_agent_and_leader(cluster: &Cluster, node: &str) {
-    kill_9(cluster, "carve-system", &agent_pod(cluster, node), "carve-agent");
+fn kill_leader(cluster: &Cluster) {
     kill_9(cluster, "carve-system", &leader_pod(cluster), "carve-controller");
+}
+
+fn kill_agent(cluster: &Cluster, node: &str) {
+    kill_9(cluster, "carve-system", &agent_pod(cluster, node), "carve-agent");
+}
+
+/// Waits (bounded) until `node`'s NNC spec satisfies `named`; the spec then.
+fn wait_spec(cluster: &Cluster, node: &str, named: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let spec = kubectl_json(cluster, &["get", "nnc", node])["spec"].clone();
+        if named(&spec) || Instant::now() > deadline {
+            return spec;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// No block in two nodes' status; every address a node's store holds lies in
@@ -199,17 +214,14 @@ async fn two_hundred_adds_grow_a_node_through_kills_and_the_subnet_yields_251_le
                     })
                 })
                 .collect();
-            // Kill once the node has asked for more and the first grant landed.
-            let growing = Instant::now() + Duration::from_secs(60);
-            while node_blocks(&cluster)["node-1"].len() < 2 && Instant::now() < growing {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            eprintln!(
-                "growing: node-1 holds {:?}, {} of node-1's ADDs done",
-                node_blocks(&cluster)["node-1"],
-                store_ips(node1).len()
-            );
-            kill_agent_and_leader(&cluster, "node-1");
+            // The leader dies as the burst starts; the agent once it has
+            // asked for more, so the request waits for a controller that is
+            // restarting and the grant lands on an agent that is restarting.
+            kill_leader(&cluster);
+            let first = start["node-1"].len() as i64 * 16;
+            let spec = wait_spec(&cluster, "node-1", |s| s["requestedIPs"]["ipv4"].as_i64().unwrap_or(0) > first);
+            eprintln!("growing: spec {spec}, node-1 holds {:?}", node_blocks(&cluster)["node-1"]);
+            kill_agent(&cluster, "node-1");
             adds.into_iter().map(|a| a.join().unwrap()).collect()
         })
     });
@@ -265,6 +277,9 @@ async fn two_hundred_adds_grow_a_node_through_kills_and_the_subnet_yields_251_le
     let kept: BTreeMap<String, IpAddr> =
         (0..10).map(|i| format!("burst-{i}")).zip(grown.iter().map(|r| *r.as_ref().unwrap())).collect();
     tokio::task::block_in_place(|| {
+        // The leader dies as the pods go; the agent once it names blocks to
+        // give back, before any controller can remove them.
+        kill_leader(&cluster);
         std::thread::scope(|s| {
             let mut dels = Vec::new();
             for (node, id, got) in &filled {
@@ -281,18 +296,9 @@ async fn two_hundred_adds_grow_a_node_through_kills_and_the_subnet_yields_251_le
                 d.join().unwrap();
             }
         });
-        // Mid-release: once node-1 names blocks to give back (or the first is gone).
-        let naming = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < naming {
-            let spec = &kubectl_json(&cluster, &["get", "nnc", "node-1"])["spec"];
-            let named = spec["releases"].as_array().is_some_and(|r| !r.is_empty());
-            if named || node_blocks(&cluster)["node-1"].len() < held {
-                eprintln!("releasing: spec {spec}");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        kill_agent_and_leader(&cluster, "node-1");
+        let spec = wait_spec(&cluster, "node-1", |s| s["releases"].as_array().is_some_and(|r| !r.is_empty()));
+        eprintln!("releasing: spec {spec}");
+        kill_agent(&cluster, "node-1");
     });
     let shrunk = wait_for("node-1 gives its empty blocks back", Duration::from_secs(180), || async {
         let blocks = node_blocks(&cluster);
