@@ -283,6 +283,7 @@ impl Cluster {
             r?;
         }
         cluster.wait_nodes_registered().await?;
+        cluster.wait_default_service_account().await?;
         Ok(cluster)
     }
 
@@ -372,6 +373,15 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Until kube-controller-manager has made namespace default's
+    /// ServiceAccount: before it, admission refuses every bare Pod there.
+    async fn wait_default_service_account(&self) -> Result<()> {
+        crate::testkit::poll("the default ServiceAccount", Duration::from_secs(60), || async {
+            self.cp().kubectl_ok(&["get", "serviceaccount", "default"]).map(|_| ()).map_err(|e| format!("{e:#}"))
+        })
+        .await
     }
 
     pub fn cp(&self) -> &ControlPlane {

@@ -345,13 +345,14 @@ async fn helper_cluster_then_die() {
     let cluster = Cluster::start(ClusterOptions { nodes: 1, images, ..Default::default() }).await.unwrap();
     // A hostNetwork pod runs without CNI: its shim and container re-parent
     // away from containerd, as every pod's do.
-    cluster
+    let applied = cluster
         .cp()
         .kubectl_stdin(
             &["apply", "-f", "-"],
             "apiVersion: v1\nkind: Pod\nmetadata: {name: sleeper, namespace: default}\nspec:\n  hostNetwork: true\n  tolerations: [{operator: Exists}]\n  containers:\n  - {name: c, image: carve.local/busybox:v1, imagePullPolicy: Never, command: [sleep, '3600']}\n",
         )
         .unwrap();
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
     cluster.cp().kubectl_ok(&["wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s"]).unwrap();
     println!("CLUSTER_ID={}", cluster.id());
     match how.as_str() {

@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 use carve_e2e::bench::pods::{delete_all, start_pods};
 use carve_e2e::bench::{ms, percentile, proc_status_mib};
 use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode};
-use carve_e2e::testkit::{node_images, wait_for};
+use carve_e2e::testkit::node_images;
 use clap::Parser;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -104,11 +104,6 @@ async fn main() -> Result<()> {
     cp.kubectl_ok(&["apply", "-f", "examples/overlay.yaml"])?;
     cp.kubectl_ok(&["wait", "--for=condition=Ready", "node", "--all", "--timeout=180s"])?;
     cp.kubectl_ok(&["-n", "carve-system", "rollout", "status", "deployment/carve-controller", "--timeout=180s"])?;
-    // The default ServiceAccount appears shortly after the namespace.
-    wait_for("default ServiceAccount", Duration::from_secs(60), || async {
-        cp.kubectl_ok(&["get", "serviceaccount", "default"]).map(|_| ()).map_err(|e| e.to_string())
-    })
-    .await;
     let client = cp.client().await?;
     let pods: Api<Pod> = Api::namespaced(client, "default");
     let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();

@@ -156,10 +156,6 @@ async fn main() -> Result<()> {
     cp.kubectl_ok(&["label", "node", "node-1", "bench=dynamic"])?;
     cp.kubectl_ok(&["label", "node", "node-2", "bench=static"])?;
     cluster.deploy_carve(POOLS).await?;
-    wait_for("default ServiceAccount", Duration::from_secs(60), || async {
-        cp.kubectl_ok(&["get", "serviceaccount", "default"]).map(|_| ()).map_err(|e| e.to_string())
-    })
-    .await;
     let pods: Api<Pod> = Api::namespaced(cp.client().await?, "default");
 
     let mut rounds: Vec<(&str, Round)> = Vec::new();
