@@ -114,15 +114,24 @@ impl LeaderElector {
         }
     }
 
-    /// Renews until a renewal fails for longer than the renew deadline; then returns.
+    /// Renews until no renewal has succeeded for the renew deadline; then
+    /// returns. Each attempt is bounded by that deadline too: the client has
+    /// no read timeout, and a request that hangs (an API server that accepts
+    /// and never answers) must not keep this replica leading past the moment
+    /// a standby may take over.
     pub async fn hold(&self) {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.cfg.retry).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => return,
-                Err(e) => debug!(error = %e, "lease renewal failed"),
+            let deadline = last_renewal + self.cfg.renew_deadline;
+            match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => return,
+                Ok(Err(e)) => debug!(error = %e, "lease renewal failed"),
+                Err(_) => {
+                    warn!(deadline = ?self.cfg.renew_deadline, "no lease renewal answered within the renew deadline");
+                    return;
+                }
             }
             if last_renewal.elapsed() > self.cfg.renew_deadline {
                 return;

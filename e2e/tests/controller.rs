@@ -276,6 +276,94 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
     all_blocks_distinct(&client).await;
 }
 
+/// A TCP relay to the API server that can stop relaying: every request
+/// through it then hangs, as behind a dead link or a wedged server.
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn to(upstream: String) -> Relay {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let relay = Relay { addr: listener.local_addr().unwrap(), frozen: frozen.clone() };
+        // Bytes read while frozen are dropped and that direction stops for good.
+        async fn pipe(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        ) {
+            let mut buf = vec![0; 16 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                if frozen.load(Ordering::SeqCst) {
+                    return std::future::pending().await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (frozen, upstream) = (frozen.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let ((ri, wi), (ro, wo)) = (inbound.into_split(), outbound.into_split());
+                    tokio::join!(pipe(ri, wo, frozen.clone()), pipe(ro, wi, frozen));
+                });
+            }
+        });
+        relay
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_leader_whose_api_server_stops_answering_stops_before_the_standby_takes_over() {
+    let (cp, client) = cluster().await;
+    apply_pool(&cp, "overlay", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
+    // replica-a reaches the API server only through the relay.
+    let kubeconfig = std::fs::read_to_string(cp.kubeconfig()).unwrap();
+    let server = kubeconfig.lines().find_map(|l| l.trim().strip_prefix("server: https://")).unwrap().to_string();
+    let relay = Relay::to(server.clone()).await;
+    let relayed = cp.kubeconfig().with_file_name("relayed.kubeconfig");
+    std::fs::write(&relayed, kubeconfig.replace(&server, &relay.addr.to_string())).unwrap();
+    let lease_args = ["--lease-duration", "6s", "--renew-deadline", "2s", "--retry-period", "250ms"];
+    let mut a_args = lease_args.to_vec();
+    a_args.extend(["--kubeconfig", relayed.to_str().unwrap()]);
+    start_controller(&cp, "replica-a", &a_args).unwrap();
+    create_node(&client, "before", "192.168.22.1").await;
+    nnc_ready(&client, "before").await;
+    start_controller(&cp, "replica-b", &lease_args).unwrap();
+    wait_for("replica-b to stand by", WAIT, || async {
+        let log = cp.log_tail("replica-b", 50);
+        if log.contains("waiting for leadership") { Ok(()) } else { Err(log) }
+    })
+    .await;
+
+    // From now on replica-a's requests hang: no error ever comes back.
+    relay.freeze();
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    wait_for("replica-b to take the Lease", WAIT, || async {
+        let holder = lease_holder(&leases).await;
+        if holder.as_deref() == Some("replica-b") { Ok(()) } else { Err(format!("{holder:?}")) }
+    })
+    .await;
+    let exit = cp.exited("replica-a");
+    assert!(exit.is_some_and(|s| !s.success()), "replica-a still runs while replica-b leads: {exit:?}");
+    let log = cp.log_tail("replica-a", 1000);
+    assert!(log.contains("no lease renewal answered within the renew deadline"), "{log}");
+    create_node(&client, "after", "192.168.22.2").await;
+    nnc_ready(&client, "after").await;
+    all_blocks_distinct(&client).await;
+}
+
 #[tokio::test]
 async fn a_missing_lease_namespace_stops_the_controller_with_the_fix() {
     let (cp, _client) = cluster().await;
