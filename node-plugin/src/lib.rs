@@ -7,6 +7,7 @@
 //! ```
 // Unsafe only where netlink.rs forks and sends (each block says why).
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod agent;
 pub mod atomic;
