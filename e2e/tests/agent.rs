@@ -3,12 +3,12 @@
 //! dataplane lives in a network namespace the test made (`--netns`), with the
 //! state file and CNI dirs in a temp dir. Needs root, `ip` and `nft`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
 use carve_e2e::ControlPlane;
+use carve_e2e::netns::Netns;
 use carve_e2e::testkit::{node, node_agent, wait_for, workspace_bin};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -16,38 +16,6 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A network namespace deleted when dropped (also on panic).
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("agt-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        ip(&["netns", "add", &name]);
-        Netns(name)
-    }
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 async fn set_status(client: &Client, name: &str, status: Value) {
     let api = Api::<NodeNetworkConfig>::all(client.clone());
@@ -76,7 +44,7 @@ async fn wait_condition(client: &Client, node: &str, status: &str, reason: &str)
 }
 
 fn carve_routes(ns: &Netns) -> Vec<String> {
-    let out = ns.ip(&["-j", "route", "show", "proto", "202"]);
+    let out = ns.ip(&["-j", "route", "show", "proto", "202"]).unwrap();
     let v: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
     v.as_array().unwrap().iter().map(|r| r["dst"].as_str().unwrap().to_string()).collect()
 }
@@ -93,11 +61,11 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Api::<Node>::all(client.clone()).create(&PostParams::default(), &node("node-a", "192.168.70.10")).await.unwrap();
 
-    let ns = Netns::new("e2e-a");
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
-    ns.ip(&["link", "set", "eth0", "mtu", "1500", "up"]);
-    ns.ip(&["link", "set", "eth0p", "up"]);
-    ns.ip(&["addr", "add", "192.168.70.10/24", "dev", "eth0"]);
+    let ns = Netns::unique("agent").unwrap();
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    ns.ip(&["link", "set", "eth0", "mtu", "1500", "up"]).unwrap();
+    ns.ip(&["link", "set", "eth0p", "up"]).unwrap();
+    ns.ip(&["addr", "add", "192.168.70.10/24", "dev", "eth0"]).unwrap();
 
     let (state, bin, conf) = (tmp.path().join("node-state.json"), tmp.path().join("bin"), tmp.path().join("net.d"));
     let cni = workspace_bin("carve-node-plugin", "carve-cni").unwrap();
@@ -153,7 +121,7 @@ async fn agent_writes_state_conflist_dataplane_then_marks_the_node_ready() {
     for b in ["carve-cni", "carve-ipam"] {
         assert_eq!(std::fs::read(bin.join(b)).unwrap(), std::fs::read(source.join(b)).unwrap(), "{b} installed");
     }
-    let link: Value = serde_json::from_str(&ns.ip(&["-d", "-j", "link", "show", "carve.vxlan"])).unwrap();
+    let link: Value = serde_json::from_str(&ns.ip(&["-d", "-j", "link", "show", "carve.vxlan"]).unwrap()).unwrap();
     assert_eq!(link[0]["mtu"], 1450);
     assert_eq!(link[0]["linkinfo"]["info_data"]["local"], "192.168.70.10");
     wait_for("a route to node-b's block", WAIT, || async {
