@@ -470,6 +470,18 @@ async fn controller_and_agent_run_with_exactly_the_manifests_rbac() {
     refused("agent writing NNC status", a_nncs.patch_status("node-a", &pp, &status).await, "forbidden");
     refused("agent writing another NNC's status", a_nncs.patch_status("node-b", &pp, &status).await, "forbidden");
     refused("agent deleting its NNC", a_nncs.delete("node-a", &DeleteParams::default()).await, "forbidden");
+    // The controller creates every NNC (with its owner reference); an agent only updates its own.
+    let own_new = NodeNetworkConfig::new("node-c", Default::default());
+    refused("agent creating an NNC", a_nncs.create(&PostParams::default(), &own_new).await, "forbidden");
+    let apply = Patch::Apply(json!({
+        "apiVersion": "carve.dev/v1alpha1", "kind": "NodeNetworkConfig",
+        "metadata": { "name": "node-c" }, "spec": { "requestedIPs": { "ipv4": 16 } },
+    }));
+    refused(
+        "agent creating an NNC by server-side apply",
+        a_nncs.patch("node-c", &PatchParams::apply("carve-agent"), &apply).await,
+        "forbidden",
+    );
     let a_pools = Api::<PodCidr>::all(agent_a.clone());
     let grow = Patch::Merge(json!({ "spec": { "cidrs": ["10.244.0.0/16", "10.246.0.0/16"] } }));
     refused("agent growing a pool", a_pools.patch("system", &pp, &grow).await, "forbidden");
