@@ -64,6 +64,8 @@ pub struct Decision {
     pub spec: NodeNetworkConfigSpec,
     /// Releasing blocks to take back once `spec` (which no longer names them) is written.
     pub take_back: BTreeSet<IpNet>,
+    /// Demand per family this pass saw (allocated + waiting), for the release window.
+    pub demand: BTreeMap<IpFamily, u64>,
 }
 
 /// Usable addresses per block of `status` (size less status.reservedIPs in it), in order.
@@ -89,7 +91,7 @@ fn usable(status: &NodeNetworkConfigStatus) -> Vec<(IpNet, u64)> {
 }
 
 /// The pass, pure: from status, spec, the store's allocations and marks,
-/// and waiting ADDs per family. Marks of blocks gone from status are dropped,
+/// waiting ADDs and the recent demand peak per family. Marks of blocks gone from status are dropped,
 /// marks missing for blocks spec names are added back (an older carve-ipam
 /// may have saved over them); outside dynamic pools every releasing block is
 /// taken back and nothing is requested.
@@ -98,6 +100,7 @@ pub fn plan(
     spec: &NodeNetworkConfigSpec,
     store: &Allocations,
     waiting: &BTreeMap<IpFamily, u64>,
+    recent_peaks: &BTreeMap<IpFamily, u64>,
 ) -> Decision {
     let mut releasing = releasing(status, spec, &store.releasing);
     let in_use = |net: &IpNet| store.count_in(net) > 0;
@@ -105,6 +108,7 @@ pub fn plan(
     let mut take_back: BTreeSet<IpNet> = releasing.iter().filter(|n| in_use(n)).copied().collect();
     let dynamic = status.strategy == Some(AllocationStrategy::Dynamic);
     let mut requested = FamilyCounts::default();
+    let mut demands = BTreeMap::new();
     if !dynamic {
         take_back.extend(releasing.iter().copied());
     } else {
@@ -128,7 +132,9 @@ pub fn plan(
                 active: blocks.iter().filter(|(n, _)| !releasing.contains(n)).map(|b| use_of(b)).collect(),
                 releasing: blocks.iter().filter(|(n, _)| releasing.contains(n)).map(|b| use_of(b)).collect(),
                 demand,
+                recent_peak: recent_peaks.get(&family).copied().unwrap_or(0),
             };
+            demands.insert(family, demand);
             let FamilyPlan { requested: n, release, take_back: back, .. } = scaler::plan(&params, &f);
             let n = Some(i64::try_from(n).unwrap_or(i64::MAX));
             match family {
@@ -157,6 +163,7 @@ pub fn plan(
         marks: releasing.iter().filter(|n| !in_use(n) || store.releasing.contains(n)).copied().collect(),
         spec: NodeNetworkConfigSpec { requested_ips: dynamic.then_some(requested), releases },
         take_back,
+        demand: demands,
     }
 }
 
@@ -214,14 +221,21 @@ mod tests {
     #[test]
     fn requests_demand_plus_margin_including_waiting_adds() {
         let st = status(&THREE[..1]);
-        let d = plan(&st, &Default::default(), &store(&["10.1.0.1", "10.1.0.2"], &[]), &[(IpFamily::IPv4, 3)].into());
+        let d = plan(
+            &st,
+            &Default::default(),
+            &store(&["10.1.0.1", "10.1.0.2"], &[]),
+            &[(IpFamily::IPv4, 3)].into(),
+            &BTreeMap::new(),
+        );
         assert_eq!(d.spec.requested_ips, Some(FamilyCounts { ipv4: Some(5 + 8), ipv6: None }));
         assert!(d.spec.releases.is_empty() && d.marks.is_empty() && d.take_back.is_empty());
     }
 
     #[test]
     fn gives_back_the_newest_empty_block_fenced_by_its_allocation_id() {
-        let d = plan(&status(&THREE), &Default::default(), &store(&["10.1.0.1"], &[]), &BTreeMap::new());
+        let d =
+            plan(&status(&THREE), &Default::default(), &store(&["10.1.0.1"], &[]), &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(d.marks, nets(&["10.1.0.32/28"]));
         assert_eq!(d.spec.releases, [release("10.1.0.32/28", "c")]);
         // The block is out of the state file from now on.
@@ -237,22 +251,22 @@ mod tests {
         let st = status(&THREE[..2]).clone();
         let mut st3 = status(&THREE);
         // 12 pods, 16+16 active, block c releasing: free = 20 ≥ 8, it stays released.
-        let d = plan(&st3, &spec, &store(&busy, &["10.1.0.32/28"]), &BTreeMap::new());
+        let d = plan(&st3, &spec, &store(&busy, &["10.1.0.32/28"]), &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(
             (d.take_back.clone(), d.spec.releases.clone()),
             (BTreeSet::new(), vec![release("10.1.0.32/28", "c")])
         );
         // 12 pods and 14 waiting: free < 8 without c; c comes back (spec without it).
-        let d = plan(&st3, &spec, &store(&busy, &["10.1.0.32/28"]), &[(IpFamily::IPv4, 14)].into());
+        let d = plan(&st3, &spec, &store(&busy, &["10.1.0.32/28"]), &[(IpFamily::IPv4, 14)].into(), &BTreeMap::new());
         assert_eq!(d.take_back, nets(&["10.1.0.32/28"]));
         assert!(d.spec.releases.is_empty());
         // The controller took it: the mark goes, spec forgets it.
-        let d = plan(&st, &spec, &store(&busy, &["10.1.0.32/28"]), &BTreeMap::new());
+        let d = plan(&st, &spec, &store(&busy, &["10.1.0.32/28"]), &BTreeMap::new(), &BTreeMap::new());
         assert!(d.marks.is_empty() && d.spec.releases.is_empty() && d.take_back.is_empty(), "{d:?}");
         // Granted again under a new ID: the old release does not fence it;
         // given back again (free = 36 > 24), the release names the new ID.
         st3.blocks[2].allocation_id = Some("c2".into());
-        let d = plan(&st3, &spec, &store(&busy, &[]), &BTreeMap::new());
+        let d = plan(&st3, &spec, &store(&busy, &[]), &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(d.spec.releases, [release("10.1.0.32/28", "c2")], "{d:?}");
     }
 
@@ -266,6 +280,7 @@ mod tests {
             &spec,
             &store(&busy.iter().map(String::as_str).collect::<Vec<_>>(), &[]),
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(d.marks, nets(&["10.1.0.32/28"]));
         // A pod in it (hand-written release, or an old carve-ipam): taken back, never marked.
@@ -274,6 +289,7 @@ mod tests {
             &status(&THREE),
             &spec,
             &store(&busy.iter().map(String::as_str).collect::<Vec<_>>(), &[]),
+            &BTreeMap::new(),
             &BTreeMap::new(),
         );
         assert_eq!((d.marks.clone(), d.take_back.clone()), (BTreeSet::new(), nets(&["10.1.0.32/28"])));
@@ -284,7 +300,7 @@ mod tests {
     fn outside_dynamic_pools_nothing_is_requested_and_marks_are_taken_back() {
         let mut st = status(&THREE);
         st.strategy = Some(AllocationStrategy::Static);
-        let d = plan(&st, &Default::default(), &store(&[], &["10.1.0.32/28"]), &BTreeMap::new());
+        let d = plan(&st, &Default::default(), &store(&[], &["10.1.0.32/28"]), &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(d.spec, NodeNetworkConfigSpec::default());
         assert_eq!(d.take_back, nets(&["10.1.0.32/28"]));
     }

@@ -21,13 +21,13 @@ pub mod scaler;
 
 pub use run::run;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, PodCidr, PoolMode};
+use carve_crds::{IpFamily, NodeNetworkConfig, NodeNetworkConfigSpec, PodCidr, PoolMode};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -259,11 +259,51 @@ pub struct Agent {
     /// The last spec written and the resourceVersion it was decided from:
     /// skips writing it again while the cache has not caught up.
     written: std::sync::Mutex<Option<(String, NodeNetworkConfigSpec)>>,
+    /// Demand per family of the scaler passes within [`scaler::RELEASE_STABILIZATION`].
+    demand_history: std::sync::Mutex<DemandHistory>,
+}
+
+/// Recent demand per family, oldest first, for the release window.
+#[derive(Default)]
+struct DemandHistory(std::collections::VecDeque<(std::time::Instant, BTreeMap<IpFamily, u64>)>);
+
+impl DemandHistory {
+    /// The highest demand per family within the window before `now` (older entries go).
+    fn peaks(&mut self, now: std::time::Instant) -> BTreeMap<IpFamily, u64> {
+        while self.0.front().is_some_and(|(at, _)| now.duration_since(*at) > scaler::RELEASE_STABILIZATION) {
+            self.0.pop_front();
+        }
+        let mut peaks = BTreeMap::new();
+        for (family, d) in self.0.iter().flat_map(|(_, m)| m) {
+            let peak = peaks.entry(*family).or_insert(0);
+            *peak = (*d).max(*peak);
+        }
+        peaks
+    }
+
+    /// Whether a peak in the window is above the latest demand: a release may
+    /// become due without any change the agent would see.
+    fn holds_release(&self) -> bool {
+        let Some((_, last)) = self.0.back() else { return false };
+        self.0.iter().any(|(_, m)| m.iter().any(|(f, d)| d > last.get(f).unwrap_or(&0)))
+    }
 }
 
 impl Agent {
     pub fn new(settings: Settings, worker: Worker) -> Self {
-        Self { settings, worker, versions: Default::default(), written: Default::default() }
+        Self {
+            settings,
+            worker,
+            versions: Default::default(),
+            written: Default::default(),
+            demand_history: Default::default(),
+        }
+    }
+
+    /// A scaler pass is due although nothing changed: a recent demand peak
+    /// holds back a release that may be allowed once the peak leaves the window.
+    pub fn release_held(&self) -> bool {
+        self.demand_history.lock().unwrap_or_else(|e| e.into_inner()).holds_release()
     }
 
     /// The IPAM store's and waiting markers' modification times.
@@ -315,7 +355,11 @@ impl Agent {
         let decision = {
             let locked = store.lock_within(cni::STORE_LOCK_TIMEOUT)?;
             let mut allocations = locked.load()?;
-            let d = blocks::plan(status, &own.spec, &allocations, &waiting);
+            let now = std::time::Instant::now();
+            let mut history = self.demand_history.lock().unwrap_or_else(|e| e.into_inner());
+            let d = blocks::plan(status, &own.spec, &allocations, &waiting, &history.peaks(now));
+            history.0.push_back((now, d.demand.clone()));
+            drop(history);
             if d.marks != allocations.releasing {
                 for added in d.marks.difference(&allocations.releasing) {
                     info!(block = %added, "marked releasing in the IPAM store: carve-ipam no longer allocates from it");
@@ -518,7 +562,20 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use carve_crds::{IpFamily, NodeBlock, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidrSpec, PoolCidr};
+    use carve_crds::{NodeBlock, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidrSpec, PoolCidr};
+
+    #[test]
+    fn a_demand_peak_holds_releases_for_the_window_then_goes() {
+        let t0 = std::time::Instant::now();
+        let mut h = DemandHistory::default();
+        h.0.push_back((t0, [(IpFamily::IPv4, 40)].into()));
+        h.0.push_back((t0 + std::time::Duration::from_secs(1), [(IpFamily::IPv4, 2)].into()));
+        assert!(h.holds_release(), "40 a second ago, 2 now");
+        assert_eq!(h.peaks(t0 + std::time::Duration::from_secs(2)), [(IpFamily::IPv4, 40)].into());
+        let later = t0 + scaler::RELEASE_STABILIZATION + std::time::Duration::from_millis(1);
+        assert_eq!(h.peaks(later), [(IpFamily::IPv4, 2)].into(), "the peak left the window");
+        assert!(!h.holds_release());
+    }
 
     fn settings() -> Settings {
         Settings {

@@ -128,7 +128,7 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
                     t = triggers.next() => break t.is_some(),
                     _ = tokio::time::sleep(DEMAND_POLL) => {
                         let now = agent.demand_signature();
-                        if now != demand || now.waiting {
+                        if now != demand || now.waiting || agent.release_held() {
                             scale(nncs.get(&own_ref)).await;
                             demand = agent.demand_signature();
                         }

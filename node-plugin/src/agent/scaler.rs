@@ -13,13 +13,21 @@
 //!   family's last, and only while `free > B × release%` and, after it goes,
 //!   `free` still covers the request margin. As `release% ≥ request% + 100`,
 //!   a release never causes a request and a grant never a release: a steady
-//!   demand does not flap;
+//!   demand does not flap. Releases count `free` against the highest demand
+//!   of the last [`RELEASE_STABILIZATION`] (as the HorizontalPodAutoscaler's
+//!   scale-down window does): in a burst, ADDs told to try again later leave
+//!   no marker until the runtime retries, and that dip gives nothing back;
 //! - **take back**: a block being given back that the node needs again (the
 //!   others no longer cover the request margin), newest first, instead of
 //!   asking for a new one.
 
+use std::time::Duration;
+
 use carve_crds::{BlockAllocation, IpFamily, Scaler};
 use ipnet::IpNet;
+
+/// How long a demand peak holds releases back (see the module docs).
+pub const RELEASE_STABILIZATION: Duration = Duration::from_secs(30);
 
 /// The thresholds the node follows (status.scaler, else the pool defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +86,8 @@ pub struct FamilyUse {
     pub releasing: Vec<BlockUse>,
     /// Allocated addresses plus waiting ADDs.
     pub demand: u64,
+    /// The highest demand of the last [`RELEASE_STABILIZATION`] before this one.
+    pub recent_peak: u64,
 }
 
 impl FamilyUse {
@@ -112,9 +122,14 @@ pub fn plan(params: &Params, f: &FamilyUse) -> FamilyPlan {
         out.take_back = f.releasing.last().map(|b| b.cidr);
         return out;
     }
-    if f.active.len() >= 2 && params.above_release(free, f.block_size) {
-        out.release =
-            f.active.iter().rev().find(|b| b.allocated == 0 && free.saturating_sub(b.usable) >= margin).map(|b| b.cidr);
+    let release_free = f.usable().saturating_sub(f.demand.max(f.recent_peak));
+    if f.active.len() >= 2 && params.above_release(release_free, f.block_size) {
+        out.release = f
+            .active
+            .iter()
+            .rev()
+            .find(|b| b.allocated == 0 && release_free.saturating_sub(b.usable) >= margin)
+            .map(|b| b.cidr);
     }
     out
 }
@@ -136,7 +151,7 @@ mod tests {
     }
 
     fn family(active: Vec<BlockUse>, releasing: Vec<BlockUse>, demand: u64) -> FamilyUse {
-        FamilyUse { family: IpFamily::IPv4, block_size: B, active, releasing, demand }
+        FamilyUse { family: IpFamily::IPv4, block_size: B, active, releasing, demand, recent_peak: 0 }
     }
 
     #[test]
@@ -166,6 +181,18 @@ mod tests {
         assert_eq!(plan(&params(), &family(mixed, vec![], 1)).release, Some(block(1, 16, 0).cidr));
         // Never the last block, however empty.
         assert_eq!(plan(&params(), &family(vec![block(0, 16, 0)], vec![], 0)).release, None);
+    }
+
+    #[test]
+    fn a_recent_demand_peak_holds_releases_back() {
+        let blocks = || vec![block(0, 16, 2), block(1, 16, 0), block(2, 16, 0)];
+        // 30 ADDs were waiting a moment ago (told to try again, not yet retried): keep the blocks.
+        let dipped = FamilyUse { recent_peak: 32, ..family(blocks(), vec![], 2) };
+        let p = plan(&params(), &dipped);
+        assert_eq!((p.requested, p.release), (10, None), "requests follow the demand now, releases the peak");
+        // A peak that would still leave more than 150% free after the release.
+        let small_peak = FamilyUse { recent_peak: 6, ..family(blocks(), vec![], 2) };
+        assert_eq!(plan(&params(), &small_peak).release, Some(block(2, 16, 0).cidr));
     }
 
     #[test]
