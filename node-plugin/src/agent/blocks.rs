@@ -90,6 +90,20 @@ fn usable(status: &NodeNetworkConfigStatus) -> Vec<(IpNet, u64)> {
     }
 }
 
+/// The request to write: the scaler's `wanted`, or the `written` one while
+/// the controller would do nothing about either (the active blocks' `usable`
+/// addresses cover both) and they differ by less than `margin` (half a block
+/// by default). So a node does not rewrite its NNC, and the controller not
+/// reconcile it, for every pod that comes or goes; Azure's CNS writes its
+/// request in batches for the same reason. A release rewrites it anyway.
+fn settled_request(wanted: u64, written: Option<i64>, usable: u64, margin: u64) -> i64 {
+    let wanted_i = i64::try_from(wanted).unwrap_or(i64::MAX);
+    match written.and_then(|w| u64::try_from(w).ok()) {
+        Some(w) if w <= usable && wanted <= usable && w.abs_diff(wanted) < margin => w as i64,
+        _ => wanted_i,
+    }
+}
+
 /// The pass, pure: from status, spec, the store's allocations and marks,
 /// waiting ADDs and the recent demand peak per family. Marks of blocks gone from status are dropped,
 /// marks missing for blocks spec names are added back (an older carve-ipam
@@ -136,7 +150,11 @@ pub fn plan(
             };
             demands.insert(family, demand);
             let FamilyPlan { requested: n, release, take_back: back, .. } = scaler::plan(&params, &f);
-            let n = Some(i64::try_from(n).unwrap_or(i64::MAX));
+            let written = spec.requested_ips.as_ref().and_then(|r| match family {
+                IpFamily::IPv4 => r.ipv4,
+                IpFamily::IPv6 => r.ipv6,
+            });
+            let n = Some(settled_request(n, written, f.usable(), params.request_margin(f.block_size)));
             match family {
                 IpFamily::IPv4 => requested.ipv4 = n,
                 IpFamily::IPv6 => requested.ipv6 = n,
@@ -230,6 +248,32 @@ mod tests {
         );
         assert_eq!(d.spec.requested_ips, Some(FamilyCounts { ipv4: Some(5 + 8), ipv6: None }));
         assert!(d.spec.releases.is_empty() && d.marks.is_empty() && d.take_back.is_empty());
+    }
+
+    #[test]
+    fn a_covered_request_is_rewritten_only_when_it_moves_half_a_block() {
+        // Three /28s, 47 usable (10.1.0.0 is reserved); `written` in spec, `n` pods.
+        let request = |written: i64, n: usize| {
+            let spec = NodeNetworkConfigSpec {
+                requested_ips: Some(FamilyCounts { ipv4: Some(written), ipv6: None }),
+                ..Default::default()
+            };
+            let ips: Vec<String> = (1..=n).map(|i| format!("10.1.0.{i}")).collect();
+            let d = plan(
+                &status(&THREE),
+                &spec,
+                &store(&ips.iter().map(String::as_str).collect::<Vec<_>>(), &[]),
+                &BTreeMap::new(),
+                &[(IpFamily::IPv4, 40)].into(),
+            );
+            d.spec.requested_ips.and_then(|r| r.ipv4)
+        };
+        assert_eq!(request(13, 9), Some(13), "9 pods want 17: covered, less than half a block more");
+        assert_eq!(request(13, 13), Some(21), "13 pods want 21: half a block more than written");
+        assert_eq!(request(21, 14), Some(21), "14 pods want 22: covered, close to what is written");
+        assert_eq!(request(21, 5), Some(13), "5 pods want 13: half a block less than written");
+        assert_eq!(settled_request(50, Some(13), 47, 8), 50, "beyond the blocks: the controller must see it");
+        assert_eq!(settled_request(10, Some(50), 47, 8), 10, "an unmet request written before is replaced");
     }
 
     #[test]
