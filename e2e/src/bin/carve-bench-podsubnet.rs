@@ -62,6 +62,9 @@ spec:
   allocation: {strategy: Static, maxPods: 110}
 ";
 
+/// Addresses in a /28, the pools' block size.
+const BLOCK: usize = 16;
+
 /// One write to the node's NodeNetworkConfig as a watch saw it.
 struct Write {
     at: Instant,
@@ -99,13 +102,15 @@ fn record_writes(
     (stop, task)
 }
 
-/// Grant round trips (the agent raising its request → the controller's
-/// status with more blocks), blocks granted, and writes during the burst.
+/// Grant round trips (the agent asking for more than its blocks hold → the
+/// controller's status with more blocks), blocks granted, and writes during
+/// the burst.
 fn grants(writes: &[Write]) -> (Vec<Duration>, usize, usize) {
     let Some(first) = writes.first() else { return (Vec::new(), 0, 0) };
     let (mut trips, mut asked_at, mut requested, mut blocks) = (Vec::new(), None, first.requested, first.blocks);
     for w in &writes[1..] {
-        if w.requested > requested && asked_at.is_none() {
+        // At most BLOCK addresses per block: a request above that needs a grant.
+        if w.requested > requested && w.requested > (w.blocks * BLOCK) as i64 && asked_at.is_none() {
             asked_at = Some(w.at);
         }
         if w.blocks > blocks
