@@ -235,11 +235,7 @@ async fn a_leader_that_cannot_renew_stops_before_the_standby_takes_over() {
     create_node(&client, "before", "192.168.21.1").await;
     nnc_ready(&client, "before").await;
     start_controller(&cp, "replica-b", &lease_args).unwrap();
-    wait_for("replica-b to stand by", WAIT, || async {
-        let log = cp.log_tail("replica-b", 50);
-        if log.contains("waiting for leadership") { Ok(()) } else { Err(log) }
-    })
-    .await;
+    stands_by(&cp).await;
     // From now on the API server refuses every Lease write that keeps replica-a the holder.
     let policy = r#"apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
@@ -259,21 +255,35 @@ spec: {policyName: refuse-replica-a-renewals, validationActions: [Deny]}
 "#;
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], policy).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    standby_takes_over_after_the_leader_stopped(&cp, &client, "lost the leader Lease", "192.168.21.2").await;
+}
+
+/// replica-b stands by (waits for leadership).
+async fn stands_by(cp: &ControlPlane) {
+    wait_for("replica-b to stand by", WAIT, || async {
+        let log = cp.log_tail("replica-b", 50);
+        if log.contains("waiting for leadership") { Ok(()) } else { Err(log) }
+    })
+    .await;
+}
+
+/// Once replica-b holds the Lease, replica-a has already exited with
+/// `why` in its log; then a new Node at `ip` gets its block from replica-b.
+async fn standby_takes_over_after_the_leader_stopped(cp: &ControlPlane, client: &Client, why: &str, ip: &str) {
     let leases = Api::<Lease>::namespaced(client.clone(), "default");
     wait_for("replica-b to take the Lease", WAIT, || async {
         let holder = lease_holder(&leases).await;
         if holder.as_deref() == Some("replica-b") { Ok(()) } else { Err(format!("{holder:?}")) }
     })
     .await;
-    // Checked as soon as replica-b holds the Lease: replica-a had already stopped.
     let exit = cp.exited("replica-a");
     assert!(exit.is_some_and(|s| !s.success()), "replica-a still runs while replica-b leads: {exit:?}");
     // The whole log: with RUST_BACKTRACE set, a backtrace follows the error.
     let log = cp.log_tail("replica-a", 1000);
-    assert!(log.contains("lost the leader Lease"), "{log}");
-    create_node(&client, "after", "192.168.21.2").await;
-    nnc_ready(&client, "after").await;
-    all_blocks_distinct(&client).await;
+    assert!(log.contains(why), "{log}");
+    create_node(client, "after", ip).await;
+    nnc_ready(client, "after").await;
+    all_blocks_distinct(client).await;
 }
 
 /// A TCP relay to the API server that can stop relaying: every request
@@ -341,27 +351,12 @@ async fn a_leader_whose_api_server_stops_answering_stops_before_the_standby_take
     create_node(&client, "before", "192.168.22.1").await;
     nnc_ready(&client, "before").await;
     start_controller(&cp, "replica-b", &lease_args).unwrap();
-    wait_for("replica-b to stand by", WAIT, || async {
-        let log = cp.log_tail("replica-b", 50);
-        if log.contains("waiting for leadership") { Ok(()) } else { Err(log) }
-    })
-    .await;
+    stands_by(&cp).await;
 
     // From now on replica-a's requests hang: no error ever comes back.
     relay.freeze();
-    let leases = Api::<Lease>::namespaced(client.clone(), "default");
-    wait_for("replica-b to take the Lease", WAIT, || async {
-        let holder = lease_holder(&leases).await;
-        if holder.as_deref() == Some("replica-b") { Ok(()) } else { Err(format!("{holder:?}")) }
-    })
-    .await;
-    let exit = cp.exited("replica-a");
-    assert!(exit.is_some_and(|s| !s.success()), "replica-a still runs while replica-b leads: {exit:?}");
-    let log = cp.log_tail("replica-a", 1000);
-    assert!(log.contains("no lease renewal answered within the renew deadline"), "{log}");
-    create_node(&client, "after", "192.168.22.2").await;
-    nnc_ready(&client, "after").await;
-    all_blocks_distinct(&client).await;
+    let why = "no lease renewal answered within the renew deadline";
+    standby_takes_over_after_the_leader_stopped(&cp, &client, why, "192.168.22.2").await;
 }
 
 #[tokio::test]
