@@ -154,9 +154,11 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
         let changed = generations.insert(p.name_any(), p.metadata.generation) != Some(p.metadata.generation);
         changed.then_some(())
     });
-    // Any NNC change, its deletion included, reconciles the Node that owns it.
+    // Any NNC change, its deletion included, reconciles the Node of its
+    // name: the one that owns it, or one whose NNC someone else made (the
+    // reconcile replaces it, and its deletion must bring the Node's back).
     let (nncs, nnc_owners) = cache(Api::<NodeNetworkConfig>::all(client.clone()), |n: Arc<NodeNetworkConfig>| {
-        views::owner_uid(&n).map(|_| ObjectRef::<Node>::new(&n.name_any()))
+        Some(ObjectRef::<Node>::new(&n.name_any()))
     });
     let (nodes, node_writer) = reflector::store();
     let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())

@@ -230,3 +230,22 @@ async fn a_node_joining_inside_a_granted_block_is_withheld_and_reported_with_the
     // carve does not evict: the pod stays.
     assert!(pods.get_opt("early").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn an_nnc_someone_else_made_at_the_nodes_creation_is_replaced_by_the_controllers_own() {
+    let (cp, client) = cluster().await;
+    apply(&cp, DYNAMIC);
+    start_controller(&cp, "ctrl", &[]).unwrap();
+    for (name, ip) in [("early-1", "10.224.0.6"), ("early-2", "10.224.0.7"), ("early-3", "10.224.0.8")] {
+        // A spec applied as the Node appears, before the controller made the
+        // NNC, creates one with no owner: the controller must end up with its own.
+        create_node(&client, name, ip, None).await;
+        agent_spec(&client, name, json!({ "requestedIPs": { "ipv4": 1 } })).await;
+        let nnc = nnc_where(&client, name, "owned by its Node, with a block", WAIT, |n| {
+            n.metadata.owner_references.as_ref().is_some_and(|o| o.iter().any(|r| r.kind == "Node" && r.name == name))
+                && grants(n).len() == 1
+        })
+        .await;
+        assert!(nnc.status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")));
+    }
+}
