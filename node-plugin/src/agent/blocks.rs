@@ -105,10 +105,10 @@ fn settled_request(wanted: u64, written: Option<i64>, usable: u64, margin: u64) 
 }
 
 /// The pass, pure: from status, spec, the store's allocations and marks,
-/// waiting ADDs and the recent demand peak per family. Marks of blocks gone from status are dropped,
-/// marks missing for blocks spec names are added back (an older carve-ipam
-/// may have saved over them); outside dynamic pools every releasing block is
-/// taken back and nothing is requested.
+/// waiting ADDs and the recent demand peak per family. Marks of blocks gone
+/// from status are dropped, marks missing for blocks spec names are added
+/// back (an older carve-ipam may have saved over them); outside dynamic pools
+/// every releasing block is taken back and nothing is requested.
 pub fn plan(
     status: &NodeNetworkConfigStatus,
     spec: &NodeNetworkConfigSpec,
@@ -150,10 +150,7 @@ pub fn plan(
             };
             demands.insert(family, demand);
             let FamilyPlan { requested: n, release, take_back: back, .. } = scaler::plan(&params, &f);
-            let written = spec.requested_ips.as_ref().and_then(|r| match family {
-                IpFamily::IPv4 => r.ipv4,
-                IpFamily::IPv6 => r.ipv6,
-            });
+            let written = spec.requested_ips.as_ref().map(|r| r.get(family));
             let n = Some(settled_request(n, written, f.usable(), params.request_margin(f.block_size)));
             match family {
                 IpFamily::IPv4 => requested.ipv4 = n,
