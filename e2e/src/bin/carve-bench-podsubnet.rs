@@ -132,12 +132,11 @@ struct Round {
     writes: usize,
 }
 
-async fn burst(cluster: &Cluster, node: &str, pods: usize, tag: &str) -> Result<Round> {
-    let client = cluster.cp().client().await?;
+async fn burst(client: &kube::Client, node: &str, pods: usize, tag: &str) -> Result<Round> {
     let (stop, recorder) = record_writes(Api::all(client.clone()), node);
     // The recorder sees the NNC as it is before the first pod.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let times = start_pods(&Api::<Pod>::namespaced(client, "default"), &[node.to_string()], pods, tag).await?;
+    let times = start_pods(&Api::<Pod>::namespaced(client.clone(), "default"), &[node.to_string()], pods, tag).await?;
     // The last grant's status write lands before the last pod runs; give stragglers a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop.send(());
@@ -161,13 +160,14 @@ async fn main() -> Result<()> {
     cp.kubectl_ok(&["label", "node", "node-1", "bench=dynamic"])?;
     cp.kubectl_ok(&["label", "node", "node-2", "bench=static"])?;
     cluster.deploy_carve(POOLS).await?;
-    let pods: Api<Pod> = Api::namespaced(cp.client().await?, "default");
+    let client = cp.client().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     let mut rounds: Vec<(&str, Round)> = Vec::new();
     for round in 0..args.rounds {
         for (contender, node) in [("dynamic", "node-1"), ("static", "node-2")] {
             let (blocks, _) = blocks_of(&cluster, node)?;
-            let r = burst(&cluster, node, args.pods, &format!("{contender}{round}")).await?;
+            let r = burst(&client, node, args.pods, &format!("{contender}{round}")).await?;
             println!(
                 "round {} {contender:>7}: {} pods from {blocks} block(s): all Running {:.1} s (median pod {:.1} s), \
                  {} blocks granted in {} round trips, {} NNC writes",
