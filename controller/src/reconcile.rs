@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus, PodCidr, PoolMode};
 use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use crate::index::{Assignment, BlockProblem, Index, PoolView, Request};
 use crate::metrics::Metrics;
 use crate::status::{self, Notice, Subject};
-use crate::views;
+use crate::views::{self, PartialNode};
 use carve_crds::AddressConflict;
 use k8s_openapi::api::core::v1::Pod;
 
@@ -100,18 +100,18 @@ pub struct Ctx {
     state: Mutex<State>,
     pools: Store<PodCidr>,
     nncs: Store<NodeNetworkConfig>,
-    nodes: Store<Node>,
+    nodes: Store<PartialNode>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     /// Reconciles another Node (one whose blocks hold a new node's address).
-    nudge: UnboundedSender<ObjectRef<Node>>,
+    nudge: UnboundedSender<ObjectRef<PartialNode>>,
 }
 
 /// The caches the controller reads.
 pub struct Stores {
     pub pools: Store<PodCidr>,
     pub nncs: Store<NodeNetworkConfig>,
-    pub nodes: Store<Node>,
+    pub nodes: Store<PartialNode>,
 }
 
 impl Ctx {
@@ -121,7 +121,7 @@ impl Ctx {
         stores: Stores,
         recorder: Recorder,
         metrics: Arc<Metrics>,
-        nudge: UnboundedSender<ObjectRef<Node>>,
+        nudge: UnboundedSender<ObjectRef<PartialNode>>,
     ) -> Self {
         let Stores { pools, nncs, nodes } = stores;
         Ctx { client, cfg, state: Mutex::default(), pools, nncs, nodes, recorder, metrics, nudge }
@@ -137,7 +137,7 @@ impl Ctx {
         self.state().set_pools(views);
     }
 
-    async fn publish(&self, notice: Notice, node: &Node, nnc: Option<&NodeNetworkConfig>) {
+    async fn publish(&self, notice: Notice, node: &PartialNode, nnc: Option<&NodeNetworkConfig>) {
         let reference = match &notice.subject {
             Subject::Node => Some(node.object_ref(&())),
             Subject::Nnc => nnc.map(|n| n.object_ref(&())),
@@ -151,7 +151,7 @@ impl Ctx {
     /// A Node that joined with an address inside `holder`'s blocks: Events on
     /// both Nodes, and on any pod already using the address (found by
     /// `status.podIP`; carve does not evict it).
-    async fn announce_conflict(&self, holder: &Node, nnc: &NodeNetworkConfig, conflict: &AddressConflict) {
+    async fn announce_conflict(&self, holder: &PartialNode, nnc: &NodeNetworkConfig, conflict: &AddressConflict) {
         let note = format!(
             "Node {} has address {}, inside a block of node {}: withheld from new pods there",
             conflict.node,
@@ -207,7 +207,7 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
     let started = Instant::now();
     let pools = Api::<PodCidr>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     let nncs = Api::<NodeNetworkConfig>::all(ctx.client.clone()).list(&ListParams::default()).await?;
-    let nodes = Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()).await?;
+    let nodes = Api::<PartialNode>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     let mut state = ctx.state();
     let state = &mut *state;
     state.set_pools(pools.items.iter().map(views::pool_view).collect());
@@ -245,7 +245,7 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
 
 /// One Node: its NNC, its blocks, the NNC's status, the Events, and (kubenet
 /// compatibility) its podCIDRs.
-pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+pub async fn reconcile(node: Arc<PartialNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
     if node.metadata.deletion_timestamp.is_some() {
         // Held by a finalizer: the node may still run pods, so its blocks stay.
@@ -292,7 +292,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 
 /// The node's NNC as the cache (or our own create) shows it; one left by an
 /// earlier Node of the same name is deleted, never reused blindly.
-async fn current_nnc(ctx: &Ctx, node: &Node) -> Result<Option<Arc<NodeNetworkConfig>>, Error> {
+async fn current_nnc(ctx: &Ctx, node: &PartialNode) -> Result<Option<Arc<NodeNetworkConfig>>, Error> {
     let name = node.name_any();
     let existing = match ctx.nncs.get(&ObjectRef::new(&name)) {
         Some(cached) => {
@@ -312,7 +312,7 @@ async fn current_nnc(ctx: &Ctx, node: &Node) -> Result<Option<Arc<NodeNetworkCon
 /// truth), then whatever its pool still owes it is carved.
 fn assign(
     ctx: &Ctx,
-    node: &Node,
+    node: &PartialNode,
     nnc: Option<&NodeNetworkConfig>,
     request: &Request,
     now: i64,
@@ -339,7 +339,7 @@ fn assign(
     (assignment, problems)
 }
 
-async fn create_nnc(ctx: &Ctx, node: &Node) -> Result<Arc<NodeNetworkConfig>, Error> {
+async fn create_nnc(ctx: &Ctx, node: &PartialNode) -> Result<Arc<NodeNetworkConfig>, Error> {
     let api = Api::<NodeNetworkConfig>::all(ctx.client.clone());
     let name = node.name_any();
     let mut nnc = NodeNetworkConfig::new(&name, NodeNetworkConfigSpec::default());
@@ -428,7 +428,7 @@ async fn write_nnc_status(
 
 /// Kubenet compatibility: an Overlay node without podCIDRs gets its blocks
 /// there, once (the API server refuses to change them later).
-async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Result<(), Error> {
+async fn write_pod_cidrs(ctx: &Ctx, node: &PartialNode, assignment: &Assignment) -> Result<(), Error> {
     let name = node.name_any();
     if !views::node_view(node).pod_cidrs.is_empty() {
         // Set (by us or anyone): nothing to remember.
@@ -447,13 +447,13 @@ async fn write_pod_cidrs(ctx: &Ctx, node: &Node, assignment: &Assignment) -> Res
         return Ok(());
     }
     let cidrs: Vec<String> = assignment.blocks().iter().map(|b| b.to_string()).collect();
-    let body = apply_body::<Node>(&name, json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } }));
-    Api::<Node>::all(ctx.client.clone()).patch(&name, &apply(), &body).await?;
+    let body = apply_body::<PartialNode>(&name, json!({ "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs } }));
+    Api::<PartialNode>::all(ctx.client.clone()).patch(&name, &apply(), &body).await?;
     ctx.state().written_pod_cidrs.insert(name, seen);
     Ok(())
 }
 
-pub fn error_policy(_node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
+pub fn error_policy(_node: Arc<PartialNode>, error: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&vec![("reason".to_string(), error.metric_label().to_string())]).inc();
     warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
@@ -463,7 +463,7 @@ pub fn error_policy(_node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
 /// *and* from a fresh GET (or present with another UID). A Node held by a
 /// finalizer still exists, so it keeps its blocks.
 pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
-    let nodes_api = Api::<Node>::all(ctx.client.clone());
+    let nodes_api = Api::<PartialNode>::all(ctx.client.clone());
     let cached_uid = |name: &str| ctx.nodes.get(&ObjectRef::new(name)).and_then(|n| n.uid());
     let mut suspects: BTreeMap<String, Option<String>> = BTreeMap::new();
     for nnc in ctx.nncs.state() {

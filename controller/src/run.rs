@@ -19,7 +19,6 @@ use anyhow::{Context, Result, bail};
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -31,7 +30,7 @@ use tracing::{info, warn};
 use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Ctx, Stores};
-use crate::views;
+use crate::views::{self, PartialNode};
 
 /// What the controller runs with (the binary's flags).
 #[derive(Debug, Clone)]
@@ -68,20 +67,6 @@ async fn check_crds(client: &Client) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Nodes carry image lists and conditions carve never reads; drop them from the cache.
-fn prune_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    if let Some(status) = node.status.as_mut() {
-        let addresses = status.addresses.take();
-        // Static pools size a node's blocks by its pod capacity.
-        let pods = status.capacity.take().and_then(|mut c| c.remove("pods"));
-        *status = Default::default();
-        status.addresses = addresses;
-        status.capacity = pods.map(|p| [("pods".to_string(), p)].into());
-    }
 }
 
 /// Keeps only what reaches the cache and turns `interest` (on the changed
@@ -158,12 +143,16 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
     // name: the one that owns it, or one whose NNC someone else made (the
     // reconcile replaces it, and its deletion must bring the Node's back).
     let (nncs, nnc_owners) = cache(Api::<NodeNetworkConfig>::all(client.clone()), |n: Arc<NodeNetworkConfig>| {
-        Some(ObjectRef::<Node>::new(&n.name_any()))
+        Some(ObjectRef::<PartialNode>::new(&n.name_any()))
     });
     let (nodes, node_writer) = reflector::store();
-    let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+    let node_changes = watcher(Api::<PartialNode>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .modify(prune_node)
+        // Annotations are many on real nodes and carve reads none.
+        .modify(|n: &mut PartialNode| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+        })
         .reflect(node_writer)
         .applied_objects()
         // Only changes to what carve reads reconcile (not kubelet's status reports).

@@ -6,9 +6,12 @@ use std::net::IpAddr;
 
 use carve_crds::net::IpFamily;
 use carve_crds::{NodeBlock, NodeNetworkConfig, PodCidr, PoolMode, QuarantinedBlock};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use serde::Deserialize;
 
 use crate::index::{Grant, NodeView, PoolView, Quarantine, Request};
 use crate::selector::Selector;
@@ -41,7 +44,40 @@ pub fn pool_view(pool: &PodCidr) -> PoolView {
     }
 }
 
-pub fn node_view(node: &Node) -> NodeView {
+/// A Node as carve's cache holds it: the fields carve reads, no others. The
+/// decoder skips the rest (images, conditions, nodeInfo, daemon endpoints), so
+/// a cached Node costs a third of a full `Node` and 5,000 of them fit the
+/// controller's memory budget.
+#[derive(kube::Resource, Deserialize, Clone, Debug, Default)]
+#[resource(inherit = Node)]
+pub struct PartialNode {
+    pub metadata: ObjectMeta,
+    pub spec: Option<PartialNodeSpec>,
+    pub status: Option<PartialNodeStatus>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PartialNodeSpec {
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct PartialNodeStatus {
+    pub addresses: Option<Vec<NodeAddress>>,
+    pub capacity: Option<PodCapacity>,
+}
+
+/// `status.capacity`, of which carve reads only `pods`.
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct PodCapacity {
+    pub pods: Option<Quantity>,
+}
+
+pub fn node_view(node: &PartialNode) -> NodeView {
     let spec = node.spec.as_ref();
     let mut pod_cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if pod_cidrs.is_empty()
@@ -54,42 +90,41 @@ pub fn node_view(node: &Node) -> NodeView {
         uid: node.uid().unwrap_or_default(),
         labels: node.labels().clone(),
         pod_cidrs,
-        internal_ips: internal_ips(node).iter().filter_map(|a| a.parse().ok()).collect(),
+        internal_ips: internal_ips(node).filter_map(|a| a.parse().ok()).collect(),
         max_pods: max_pods(node),
     }
 }
 
-fn internal_ips(node: &Node) -> Vec<&str> {
+fn internal_ips(node: &PartialNode) -> impl Iterator<Item = &str> {
     node.status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
         .filter(|a| a.type_ == "InternalIP")
         .map(|a| a.address.as_str())
-        .collect()
 }
 
 /// `status.capacity.pods`: how many pods kubelet runs here (static pools size by it).
-pub fn max_pods(node: &Node) -> Option<u32> {
-    node.status.as_ref()?.capacity.as_ref()?.get("pods")?.0.parse().ok()
+pub fn max_pods(node: &PartialNode) -> Option<u32> {
+    node.status.as_ref()?.capacity.as_ref()?.pods.as_ref()?.0.parse().ok()
 }
 
 /// A digest of the Node fields carve reads: name, uid, labels, InternalIP
 /// addresses, podCIDR(s), capacity.pods and whether it is being deleted. The controller's
 /// Node trigger drops updates that change none of them (kubelet's status
 /// reports, carve-agent's own condition writes).
-pub fn node_fields(node: &Node) -> Option<u64> {
+pub fn node_fields(node: &PartialNode) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let view = node_view(node);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (&view.name, &view.uid, &view.labels, &view.pod_cidrs, view.max_pods).hash(&mut h);
-    internal_ips(node).hash(&mut h);
+    internal_ips(node).for_each(|ip| ip.hash(&mut h));
     node.metadata.deletion_timestamp.is_some().hash(&mut h);
     Some(h.finish())
 }
 
 /// The node's InternalIP (the first one; IPv4 sorts before IPv6 in practice).
-pub fn internal_ip(node: &Node) -> Option<String> {
-    node.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone())
+pub fn internal_ip(node: &PartialNode) -> Option<String> {
+    internal_ips(node).next().map(str::to_string)
 }
 
 /// UID of the Node that controls this NNC, if any.
@@ -156,7 +191,7 @@ pub fn addresses(ips: &[IpAddr]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn node(patch: serde_json::Value) -> Node {
+    fn node(patch: serde_json::Value) -> PartialNode {
         let mut base = serde_json::json!({
             "metadata": {"name": "node-1", "uid": "u1", "labels": {"pool": "a"}, "resourceVersion": "1"},
             "spec": {"podCIDR": "10.244.0.0/24"},
@@ -178,6 +213,31 @@ mod tests {
             }
             (b, p) => *b = p,
         }
+    }
+
+    #[test]
+    fn a_cached_node_keeps_every_field_carve_reads_from_a_full_node() {
+        let full: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-1", "uid": "u1", "labels": {"pool": "a"}},
+            "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00::/80"]},
+            "status": {
+                "addresses": [{"type": "Hostname", "address": "node-1"}, {"type": "InternalIP", "address": "10.224.0.4"}],
+                "capacity": {"cpu": "2", "pods": "30"},
+                "images": [{"names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 1}],
+                "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6", "osImage": "d",
+                             "containerRuntimeVersion": "containerd://1.6", "kubeletVersion": "v1.35.4",
+                             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+            },
+        }))
+        .unwrap();
+        let cached: PartialNode = serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
+        let view = node_view(&cached);
+        assert_eq!((view.name.as_str(), view.uid.as_str()), ("node-1", "u1"));
+        assert_eq!(view.labels, full.labels().clone());
+        assert_eq!(view.pod_cidrs, ["10.244.0.0/24", "fd00::/80"]);
+        assert_eq!(view.internal_ips, ["10.224.0.4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(view.max_pods, Some(30));
+        assert_eq!(internal_ip(&cached).as_deref(), Some("10.224.0.4"));
     }
 
     #[test]
@@ -203,6 +263,7 @@ mod tests {
             serde_json::json!({"spec": {"podCIDR": "10.244.1.0/24"}}),
             serde_json::json!({"spec": {"podCIDRs": ["10.244.0.0/24", "fd00::/80"]}}),
             serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.224.0.9"}]}}),
+            serde_json::json!({"status": {"capacity": {"pods": "30"}}}),
         ] {
             assert_ne!(node_fields(&node(patch.clone())), before, "{patch}");
         }

@@ -14,11 +14,11 @@ use anyhow::{Context, Result, bail};
 use carve_controller::check::{self, Finding, NncInfo, NodeInfo, PoolInfo};
 use carve_controller::plan::{self, DEFAULT_SURGE, FamilyPlan, MAX_PODS_PER_NODE, Plan, PlanInput};
 use carve_controller::views;
+use carve_controller::views::PartialNode;
 use carve_crds::net::{IpFamily, parse_cidr};
 use carve_crds::{NodeNetworkConfig, PodCidr, PoolMode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
@@ -274,7 +274,7 @@ async fn client(args: &ClusterArgs) -> Result<Client> {
 struct Snapshot {
     pools: Vec<PodCidr>,
     nncs: Vec<NodeNetworkConfig>,
-    nodes: Vec<Node>,
+    nodes: Vec<PartialNode>,
 }
 
 async fn list_all<K>(client: &Client, name: &str) -> Result<Vec<K>>
@@ -296,7 +296,7 @@ async fn snapshot(args: &ClusterArgs) -> Result<Snapshot> {
     let (pools, nncs, nodes) = tokio::try_join!(
         list_all::<PodCidr>(&client, "podcidrs.carve.dev"),
         list_all::<NodeNetworkConfig>(&client, "nodenetworkconfigs.carve.dev"),
-        list_all::<Node>(&client, "nodes"),
+        list_all::<PartialNode>(&client, "nodes"),
     )?;
     Ok(Snapshot { pools, nncs, nodes })
 }
