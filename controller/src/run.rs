@@ -102,6 +102,25 @@ where
     (store, rx)
 }
 
+/// The Node cache, as `PartialNode`s without managed fields or annotations
+/// (real nodes carry many; carve reads none), and the Nodes to reconcile:
+/// only changes to what carve reads, not kubelet's status reports.
+fn node_cache(
+    client: &Client,
+) -> (reflector::Store<PartialNode>, impl Stream<Item = Result<PartialNode, watcher::Error>> + Send + 'static) {
+    let (store, writer) = reflector::store();
+    let changes = watcher(Api::<PartialNode>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|n: &mut PartialNode| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+        })
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(views::node_fields, Default::default());
+    (store, changes)
+}
+
 /// Runs the controller until SIGTERM / Ctrl-C or until it loses the Lease
 /// (an error: a fresh start rebuilds from the API).
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Result<()> {
@@ -145,18 +164,7 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
     let (nncs, nnc_owners) = cache(Api::<NodeNetworkConfig>::all(client.clone()), |n: Arc<NodeNetworkConfig>| {
         Some(ObjectRef::<PartialNode>::new(&n.name_any()))
     });
-    let (nodes, node_writer) = reflector::store();
-    let node_changes = watcher(Api::<PartialNode>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        // Annotations are many on real nodes and carve reads none.
-        .modify(|n: &mut PartialNode| {
-            n.metadata.managed_fields = None;
-            n.metadata.annotations = None;
-        })
-        .reflect(node_writer)
-        .applied_objects()
-        // Only changes to what carve reads reconcile (not kubelet's status reports).
-        .predicate_filter(views::node_fields, Default::default());
+    let (nodes, node_changes) = node_cache(&client);
 
     // Reconciles one reconcile asks for another Node (see `Ctx::nudge`).
     let (nudge, nudges) = mpsc::unbounded();
