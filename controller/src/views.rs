@@ -57,7 +57,6 @@ pub struct PartialNode {
 }
 
 #[derive(Deserialize, Clone, Debug, Default)]
-#[serde(rename_all = "camelCase")]
 pub struct PartialNodeSpec {
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Option<String>,
