@@ -321,6 +321,141 @@ fn failed_add_rolls_back_the_allocation() {
     assert!(stored(&node.data).is_empty(), "address leaked: {:?}", stored(&node.data));
 }
 
+/// The pod's eth0 addresses and the store's entries for `container` agree on `ip`.
+fn held_and_wired(node: &Node, pod: &Netns, container: &str, ip: &str) {
+    let held: Vec<String> = stored(&node.data).into_iter().filter(|e| e.1 == container).map(|e| e.0).collect();
+    assert_eq!(held, [ip], "the store keeps the live pod's address: {:?}", stored(&node.data));
+    assert_eq!(addrs(pod, "eth0"), [format!("{ip}/32")], "the pod still has its address");
+}
+
+fn address_of(result: &Value) -> String {
+    result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_owned()
+}
+
+#[test]
+fn a_repeated_add_fails_without_freeing_the_live_pods_address_on_either_libcni() {
+    for (i, tool) in [cnitool(), cnitool_v1_1_2()].iter().enumerate() {
+        let node = Node::new(&format!("10.79.{}.0/24", 9 + i), &format!("10.79.{}.1", 9 + i), "1.0.0", false);
+        let pod = Netns::unique("pod").unwrap();
+        let ip = address_of(&node.add_with(tool, &pod));
+        let container = stored(&node.data)[0].1.clone();
+        // The runtime repeats the ADD (a timeout, a restart): it fails on the existing eth0.
+        let (ok, out, err) = node.cnitool_with(tool, "add", &pod);
+        assert!(!ok, "{}: the repeated ADD succeeded: {out}", tool.display());
+        assert!(err.contains("eth0"), "{err}");
+        held_and_wired(&node, &pod, &container, &ip);
+        let (ok, _, err) = node.cnitool_with(tool, "check", &pod);
+        assert!(ok, "{}: CHECK of the first pod after the repeated ADD: {err}", tool.display());
+        // The next pod gets another address, and the first still answers.
+        let next = Netns::unique("pod").unwrap();
+        let other = address_of(&node.add_with(tool, &next));
+        assert_ne!(other, ip, "two pods, one address");
+        assert!(node.ns.ping(&ip, 3), "the first pod lost its connectivity");
+        let (ok, _, err) = node.cnitool_with(tool, "del", &next);
+        assert!(ok, "DEL of the second pod: {err}");
+        node.check_and_del_with(tool, &pod);
+    }
+}
+
+#[test]
+fn an_add_killed_after_ipam_is_retried_onto_the_same_address_and_a_failed_retry_keeps_it_for_del() {
+    let node = Node::new("10.79.11.0/24", "10.79.11.1", "1.1.0", false);
+    let conf = node.plugin_conf("1.1.0");
+    let pod = Netns::unique("pod").unwrap();
+    let netns = pod.path().to_str().unwrap().to_owned();
+    // What carve-cni killed after its in-process IPAM step leaves: the store entry, no interface.
+    let (code, out) = run_plugin(IPAM, "ADD", "killed", "eth0", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    let ip = address_of(&out);
+    let (code, out) = node.direct("ADD", "killed", &netns, &conf);
+    assert_eq!(code, 0, "the retried ADD: {out}");
+    assert_eq!(address_of(&out), ip, "the retry gets the address its first try recorded");
+    held_and_wired(&node, &pod, "killed", &ip);
+    let (code, out) = node.direct("DEL", "killed", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+
+    // The same, but the retry's interface step fails: the address stays until the runtime's DEL.
+    let (code, out) = run_plugin(IPAM, "ADD", "killed-again", "eth0", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    pod.exec("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"]).unwrap();
+    let (code, out) = node.direct("ADD", "killed-again", &netns, &conf);
+    assert_ne!(code, 0, "ADD over a foreign eth0 succeeded: {out}");
+    assert_eq!(stored(&node.data), [(ip.clone(), "killed-again".into(), "eth0".into())], "a retry frees nothing");
+    let (code, out) = node.direct("DEL", "killed-again", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    assert!(stored(&node.data).is_empty(), "DEL frees it: {:?}", stored(&node.data));
+}
+
+/// carve-cni with carve-ipam exec'd as a delegated plugin (`carve-ipam-exec`, the same
+/// binary under another type, so carve-cni does not run it in process), behind a
+/// wrapper that kills carve-cni after the IPAM ADD once, when `kill_once` exists.
+fn delegated_conf(node: &Node) -> (Value, std::path::PathBuf) {
+    let bin = node.dirs.bin();
+    let kill_once = node.dirs.root.path().join("kill-once");
+    let wrapper = format!(
+        "#!/bin/sh\nout=$('{IPAM}')\nstatus=$?\nif [ \"$CNI_COMMAND\" = ADD ] && rm '{}' 2>/dev/null; then kill -9 $PPID; fi\necho \"$out\"\nexit $status\n",
+        kill_once.display()
+    );
+    std::fs::write(bin.join("carve-ipam-exec"), wrapper).unwrap();
+    std::fs::set_permissions(bin.join("carve-ipam-exec"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let conf = json!({
+        "cniVersion": "1.1.0", "name": node.net, "type": "carve-cni", "stateFile": node.state,
+        "runDir": node.dirs.root.path().join("run"),
+        "ipam": { "type": "carve-ipam-exec", "stateFile": node.state, "dataDir": node.data },
+    });
+    (conf, kill_once)
+}
+
+#[test]
+fn a_delegated_ipam_is_rolled_back_only_by_the_add_that_claimed_the_attachment() {
+    let node = Node::new("10.79.12.0/24", "10.79.12.1", "1.1.0", false);
+    let (conf, kill_once) = delegated_conf(&node);
+    let pod = Netns::unique("pod").unwrap();
+    let netns = pod.path().to_str().unwrap().to_owned();
+
+    // Repeated ADD: the second fails on eth0 and leaves the first one's address.
+    let (code, out) = node.direct("ADD", "repeated", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    let ip = address_of(&out);
+    let (code, out) = node.direct("ADD", "repeated", &netns, &conf);
+    assert_ne!(code, 0, "the repeated ADD succeeded: {out}");
+    held_and_wired(&node, &pod, "repeated", &ip);
+    let (code, out) = node.direct("DEL", "repeated", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    assert!(stored(&node.data).is_empty());
+
+    // Killed between the IPAM ADD and the interface: the retry is wired with the same address.
+    std::fs::write(&kill_once, "").unwrap();
+    let (code, out) = node.direct("ADD", "killed", &netns, &conf);
+    assert_eq!((code, &out), (-1, &Value::Null), "carve-cni was killed mid-ADD");
+    assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err(), "killed before the interface");
+    let recorded = stored(&node.data);
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let (code, out) = node.direct("ADD", "killed", &netns, &conf);
+    assert_eq!(code, 0, "the retried ADD: {out}");
+    assert_eq!(address_of(&out), recorded[0].0);
+    held_and_wired(&node, &pod, "killed", &recorded[0].0);
+    // A third ADD fails on eth0; it claimed nothing, so it frees nothing.
+    let (code, _) = node.direct("ADD", "killed", &netns, &conf);
+    assert_ne!(code, 0);
+    held_and_wired(&node, &pod, "killed", &recorded[0].0);
+    let (code, out) = node.direct("DEL", "killed", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    assert!(stored(&node.data).is_empty());
+
+    // A fresh allocation whose interface step fails is given back through the plugin's DEL.
+    pod.exec("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"]).unwrap();
+    let (code, out) = node.direct("ADD", "fresh", &netns, &conf);
+    assert_ne!(code, 0, "ADD over a foreign eth0 succeeded: {out}");
+    assert!(stored(&node.data).is_empty(), "the fresh address leaked: {:?}", stored(&node.data));
+    pod.exec("ip", &["link", "del", "eth0"]).unwrap();
+    let (code, out) = node.direct("ADD", "fresh", &netns, &conf);
+    assert_eq!(code, 0, "after the rollback the attachment is claimed anew: {out}");
+    let (code, out) = node.direct("DEL", "fresh", &netns, &conf);
+    assert_eq!(code, 0, "{out}");
+    assert!(stored(&node.data).is_empty());
+}
+
 #[test]
 fn version_and_protocol_errors() {
     let out = std::process::Command::new(CNI).arg("--version").output().unwrap();

@@ -8,10 +8,20 @@
 //! (node state file for the MTU; else `ipam.stateFile`, else the default;
 //! `CARVE_STATE_FILE` overrides), optional `mtu` (overrides the state's),
 //! optional `syncDelete` (`true`, or `CARVE_CNI_SYNC_DELETE=1`: DEL waits for
-//! the kernel's whole link delete itself, see [`crate::podnet`]), `logLevel`, `logFile`.
+//! the kernel's whole link delete itself, see [`crate::podnet`]), optional
+//! `runDir` (the exec'd IPAM's attachment claims, default [`attachment::DEFAULT_RUN_DIR`]),
+//! `logLevel`, `logFile`.
+//!
+//! A failed ADD rolls back only what it created. An ADD for an attachment
+//! that already has an address (repeated by the runtime, retried after a
+//! kill, or racing the first) gets that address back from IPAM and may fail
+//! on the interface the first one made: freeing it would give a live pod's
+//! address to the next pod. carve-ipam says which addresses an ADD recorded;
+//! for an exec'd IPAM, the first ADD of an attachment claims it in `runDir`
+//! ([`attachment`]) and only the claimant rolls back.
 //!
 //! ```text
-//!  ADD:   IPAM ADD ─▶ podnet::setup ─(fails)─▶ IPAM DEL (roll back)
+//!  ADD:   IPAM ADD ─▶ podnet::setup ─(fails)─▶ undo what this ADD created
 //!  DEL:   delete host veth (gone = fine; detached unless syncDelete) ─▶ IPAM DEL (always)
 //!  CHECK: podnet::check (address, routes) ─▶ IPAM CHECK
 //!  STATUS: node state file readable (else 50) ─▶ IPAM STATUS;  GC ─▶ IPAM GC
@@ -23,8 +33,8 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::delegate;
 use super::{CniError, CniResult, Command, Interface, IpConfig, Plugin, Request, Route, code};
+use super::{attachment, delegate};
 use crate::ipam::{CarveIpam, read_state, state_file_path};
 use crate::podnet::{self, Delete, GATEWAY_V4, GATEWAY_V6, PodNetSpec};
 
@@ -32,6 +42,16 @@ pub struct CarveCni;
 
 /// Environment variable that makes DEL delete synchronously (like `syncDelete`).
 pub const SYNC_DELETE_ENV: &str = "CARVE_CNI_SYNC_DELETE";
+
+/// What a failed ADD gives back: only what it created.
+enum Undo {
+    /// carve-ipam's addresses this ADD recorded (none: the attachment had them before).
+    Release(Vec<IpAddr>),
+    /// The exec'd IPAM's allocation, claimed by this ADD: its DEL.
+    Delete(attachment::Claim),
+    /// An earlier ADD claimed the attachment: keep it.
+    Nothing,
+}
 
 /// The IPAM plugin of `ipam.type`: carve-ipam in this process, anything else exec'd.
 enum Ipam {
@@ -55,10 +75,41 @@ impl Ipam {
         }
     }
 
-    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+    /// IPAM ADD, and how to undo what it created.
+    fn add(&self, req: &Request) -> Result<(CniResult, Undo), CniError> {
         match self {
-            Ipam::InProcess => CarveIpam.add(req),
-            Ipam::Exec(path) => delegate::ipam_add(path, &req.raw),
+            Ipam::InProcess => {
+                let grant = CarveIpam.grant(req)?;
+                Ok((grant.result, Undo::Release(grant.created)))
+            }
+            Ipam::Exec(path) => {
+                let claim = attachment::claim(&run_dir(req), &req.conf.name, &req.env.container_id, &req.env.ifname)?;
+                match delegate::ipam_add(path, &req.raw) {
+                    Ok(result) => Ok((result, claim.map_or(Undo::Nothing, Undo::Delete))),
+                    Err(e) => {
+                        // The plugin refused: nothing of this ADD to keep a claim for.
+                        if let Some(claim) = claim {
+                            claim.drop_claim();
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rolls back a failed ADD; logs what it could not undo (the runtime's DEL follows).
+    fn undo(&self, undo: Undo, req: &Request) {
+        let outcome = match undo {
+            Undo::Release(created) if !created.is_empty() => CarveIpam.undo(req, &created),
+            Undo::Delete(claim) => self.run(Command::Del, req).map(|()| claim.drop_claim()),
+            Undo::Release(_) | Undo::Nothing => {
+                tracing::warn!("ADD failed for an attachment an earlier ADD gave its address: the address stays");
+                Ok(())
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!("rolling back the IPAM allocation after a failed ADD: {e}");
         }
     }
 
@@ -102,6 +153,14 @@ fn state_file(req: &Request) -> PathBuf {
     state_file_path(configured)
 }
 
+fn run_dir(req: &Request) -> PathBuf {
+    req.conf
+        .other
+        .get("runDir")
+        .and_then(Value::as_str)
+        .map_or_else(|| attachment::DEFAULT_RUN_DIR.into(), PathBuf::from)
+}
+
 fn netns(req: &Request) -> Result<PathBuf, CniError> {
     req.env.netns.clone().ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is required"))
 }
@@ -137,11 +196,12 @@ impl Plugin for CarveCni {
         if !(576..=65535).contains(&mtu) {
             return Err(CniError::new(code::INVALID_CONFIG, format!("MTU {mtu} is out of range 576..65535")));
         }
-        let allocated = ipam.add(req)?;
+        let (allocated, undo) = ipam.add(req)?;
         let ips: Vec<IpAddr> = allocated.ips.iter().map(|c| c.address.addr()).collect();
-        let rollback = |e: CniError| {
-            if let Err(d) = ipam.run(Command::Del, req) {
-                tracing::error!("rolling back the IPAM allocation after a failed ADD: {d}");
+        let mut undo = Some(undo);
+        let mut rollback = |e: CniError| {
+            if let Some(undo) = undo.take() {
+                ipam.undo(undo, req);
             }
             e
         };
@@ -151,7 +211,7 @@ impl Plugin for CarveCni {
                 format!("IPAM {} returned more than one address per family: {ips:?}", ipam.name()),
             )));
         }
-        let spec = spec(req, ips.clone(), mtu).map_err(rollback)?;
+        let spec = spec(req, ips.clone(), mtu).map_err(&mut rollback)?;
         let info = podnet::setup(&spec).map_err(|e| {
             rollback(CniError::internal(format!(
                 "setting up {} in {} (host side {}): {e}",
@@ -195,11 +255,13 @@ impl Plugin for CarveCni {
             errors.push(format!("deleting host veth {host}: {e}"));
         }
         match Ipam::of(req) {
-            Ok(ipam) => {
-                if let Err(e) = ipam.run(Command::Del, req) {
-                    errors.push(e.msg);
+            Ok(ipam) => match ipam.run(Command::Del, req) {
+                Ok(()) if matches!(ipam, Ipam::Exec(_)) => {
+                    attachment::forget(&run_dir(req), &req.conf.name, &req.env.container_id, &req.env.ifname)
                 }
-            }
+                Ok(()) => {}
+                Err(e) => errors.push(e.msg),
+            },
             Err(e) => errors.push(e.msg),
         }
         if errors.is_empty() { Ok(()) } else { Err(CniError::internal(errors.join("; "))) }

@@ -10,6 +10,7 @@
 //! Pure: nothing here touches the network or the disk except [`run`], which
 //! reads stdin and writes stdout.
 
+pub mod attachment;
 pub mod carve_cni;
 pub mod delegate;
 pub mod result;

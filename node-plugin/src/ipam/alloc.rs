@@ -231,6 +231,16 @@ impl Allocations {
         freed
     }
 
+    /// Frees those of `ips` that `owner` still holds (a rollback's release:
+    /// an address the same attachment held before the failed ADD stays).
+    pub fn release_only(&mut self, owner: &Owner, ips: &[IpAddr]) -> Vec<IpAddr> {
+        let freed: Vec<IpAddr> = ips.iter().filter(|ip| self.by_ip.get(ip) == Some(owner)).copied().collect();
+        for ip in &freed {
+            self.by_ip.remove(ip);
+        }
+        freed
+    }
+
     /// Frees every address whose owner is not in `valid`; returns what was freed.
     pub fn gc(&mut self, valid: &BTreeSet<Owner>) -> Vec<(IpAddr, Owner)> {
         let stale: Vec<(IpAddr, Owner)> =
@@ -360,6 +370,25 @@ mod tests {
         assert_eq!(a.release(&o1), first);
         assert!(a.release(&o1).is_empty());
         assert_eq!(a.assign(&pool, &Owner::new("c2", "eth0")).unwrap(), first, "the freed address is reused");
+    }
+
+    #[test]
+    fn a_rollback_frees_only_the_addresses_it_names_and_only_from_their_owner() {
+        let st = state(PoolMode::Overlay, &[("10.0.0.0/24", Some("10.0.0.1")), ("fd00::/120", Some("fd00::1"))], &[]);
+        let pool = NodePool::from_state(&st, &[]).unwrap();
+        let mut a = Allocations::default();
+        let pod = Owner::new("c1", "eth0");
+        let v4 = a.assign(&pool, &pod).unwrap()[0];
+        a.by_ip.retain(|ip, _| ip.is_ipv4());
+        // A later ADD of the same attachment added only the IPv6 address; its rollback keeps the IPv4 one.
+        let again = a.assign(&pool, &pod).unwrap();
+        let v6 = again[1];
+        assert_eq!(a.release_only(&pod, &[v6]), [v6]);
+        assert_eq!(a.held_by(&pod), [v4]);
+        // An address that moved to another attachment meanwhile is not this rollback's.
+        a.by_ip.insert(v6, Owner::new("c2", "eth0"));
+        assert!(a.release_only(&pod, &[v6]).is_empty());
+        assert_eq!(a.by_ip.len(), 2);
     }
 
     #[test]

@@ -162,8 +162,16 @@ impl From<CniError> for AddError {
     }
 }
 
+/// An ADD's answer and the addresses that ADD itself recorded: an
+/// attachment that already held an address (a repeated or retried ADD) gets
+/// it back, but did not create it, and must not free it on a rollback.
+pub struct Grant {
+    pub result: CniResult,
+    pub created: Vec<IpAddr>,
+}
+
 /// One allocation attempt: the store's lock first, then the state file.
-fn allocate(r: &Resolved, owner: &Owner) -> Result<CniResult, AddError> {
+fn allocate(r: &Resolved, owner: &Owner) -> Result<Grant, AddError> {
     let locked = r.store.lock().map_err(store_err)?;
     let mut allocations = locked.load().map_err(store_err)?;
     let node = read_state(&r.state_file, code::TRY_AGAIN_LATER)?;
@@ -175,13 +183,14 @@ fn allocate(r: &Resolved, owner: &Owner) -> Result<CniResult, AddError> {
         Err(e @ AllocError::NoBlocks) if dynamic => return Err(full(e, vec![])),
         Err(e) => return Err(alloc_err(e).into()),
     };
-    let before = allocations.clone();
+    let held = allocations.held_by(owner);
     let ips = match allocations.assign(&pool, owner) {
         Ok(ips) => ips,
         Err(e @ AllocError::Exhausted { family, .. }) if dynamic => return Err(full(e, vec![family])),
         Err(e) => return Err(alloc_err(e).into()),
     };
-    if allocations != before {
+    let created: Vec<IpAddr> = ips.iter().filter(|ip| !held.contains(ip)).copied().collect();
+    if !created.is_empty() {
         locked.save(&allocations).map_err(store_err)?;
     }
     drop(locked);
@@ -191,8 +200,8 @@ fn allocate(r: &Resolved, owner: &Owner) -> Result<CniResult, AddError> {
         let address = IpNet::new(ip, block.net.prefix_len()).expect("prefix of a parsed block");
         result.ips.push(IpConfig { address, gateway: block.gateway, interface: None });
     }
-    tracing::info!(container = %owner.container_id, ifname = %owner.ifname, ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "allocated");
-    Ok(result)
+    tracing::info!(container = %owner.container_id, ifname = %owner.ifname, ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), ?created, "allocated");
+    Ok(Grant { result, created })
 }
 
 fn owner(req: &Request) -> Owner {
@@ -202,10 +211,9 @@ fn owner(req: &Request) -> Owner {
 /// The carve-ipam plugin.
 pub struct CarveIpam;
 
-impl Plugin for CarveIpam {
-    const NAME: &'static str = "carve-ipam";
-
-    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+impl CarveIpam {
+    /// ADD, telling which addresses it recorded (see [`Grant`]).
+    pub fn grant(&self, req: &Request) -> Result<Grant, CniError> {
         let r = resolve(req)?;
         let owner = owner(req);
         let full = match allocate(&r, &owner) {
@@ -237,6 +245,31 @@ impl Plugin for CarveIpam {
                 ),
             )),
         }
+    }
+
+    /// Rolls back a failed ADD: frees `created` (what [`grant`](Self::grant)
+    /// recorded), each only while it is still this attachment's.
+    pub fn undo(&self, req: &Request, created: &[IpAddr]) -> Result<(), CniError> {
+        if created.is_empty() {
+            return Ok(());
+        }
+        let r = resolve(req)?;
+        let locked = r.store.lock().map_err(store_err)?;
+        let mut allocations = locked.load().map_err(store_err)?;
+        let freed = allocations.release_only(&owner(req), created);
+        if !freed.is_empty() {
+            locked.save(&allocations).map_err(store_err)?;
+        }
+        tracing::info!(container = %req.env.container_id, ifname = %req.env.ifname, ?freed, "rolled back");
+        Ok(())
+    }
+}
+
+impl Plugin for CarveIpam {
+    const NAME: &'static str = "carve-ipam";
+
+    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        self.grant(req).map(|g| g.result)
     }
 
     fn del(&self, req: &Request) -> Result<(), CniError> {
