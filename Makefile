@@ -6,13 +6,14 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
+.PHONY: help prereqs build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures (nodes, CNI, pod start, Pod Subnet bursts)"
 	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
+	@echo "make prereqs       check root, Go, Rust, kernel and cgroups; install the Debian packages the tests use (demo and test run it first)"
 	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
@@ -20,6 +21,11 @@ help:
 	@echo "make dist          CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
 	@echo "make conformance   Kubernetes' sig-network conformance tests on carve (3 real nodes); PROCS=N ginkgo processes"
+
+# Seconds, before any long build: one line naming the cause and the fix when
+# the machine cannot run the tiers; installs the Debian packages they use.
+prereqs:
+	@e2e/scripts/prereqs.sh
 
 build:
 	$(CARGO) build --workspace
@@ -56,7 +62,7 @@ crds:
 
 # Builds etcd, kube-apiserver, kube-controller-manager, kubectl and cnitool from
 # Go modules once; later runs find them in ~/.cache/carve.
-bins:
+bins: prereqs
 	@e2e/scripts/control-plane-bins.sh
 
 $(CLUSTER): FORCE
@@ -81,7 +87,7 @@ cluster-down: $(CLUSTER)
 # its image with `kubectl apply -f crds/ -f manifests/`, the overlay pool, six
 # pods spread over the nodes and a ping between two of them. The cluster keeps
 # running afterwards.
-demo:
+demo: prereqs
 	@$(MAKE) --no-print-directory cluster-up NODES=3
 	@e2e/scripts/demo.sh $(BINS)/kubectl $(KUBECONFIG_OUT)
 
@@ -94,7 +100,7 @@ unit:
 
 # The last line sums every test binary's result, so the run ends on one total.
 # The upstream e2e binaries too: the conformance tests' share runs here.
-test: lint bins
+test: prereqs lint bins
 	@e2e/scripts/control-plane-bins.sh --conformance >/dev/null
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
@@ -118,7 +124,7 @@ bench-cni: bins
 # on a fresh 3-node cluster running carve's overlay pool, kube-proxy and
 # CoreDNS; prints a table and `conformance: <n> passed, <n> failed, <n> skipped`.
 PROCS ?= 3
-conformance: image
+conformance: prereqs image
 	@e2e/scripts/control-plane-bins.sh --conformance >/dev/null
 	$(CARGO) run -q --release -p carve-e2e --bin carve-conformance -- --procs $(PROCS)
 

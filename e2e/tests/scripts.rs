@@ -61,8 +61,13 @@ fn every_shell_script_passes_shellcheck() {
     scripts.sort();
     let rel: BTreeSet<String> =
         scripts.iter().map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned()).collect();
-    for expected in [".ci/run", "e2e/scripts/control-plane-bins.sh", "e2e/kind/run.sh", "scripts/install-cni-plugin.sh"]
-    {
+    for expected in [
+        ".ci/run",
+        "e2e/scripts/control-plane-bins.sh",
+        "e2e/scripts/prereqs.sh",
+        "e2e/kind/run.sh",
+        "scripts/install-cni-plugin.sh",
+    ] {
         assert!(rel.contains(expected), "{expected} is not among the shell scripts found: {rel:?}");
     }
     for script in &scripts {
@@ -301,4 +306,51 @@ fn install_script_installs_from_a_release_and_refuses_bad_input() {
     let out = run(Command::new(repo_root().join("scripts/install-cni-plugin.sh")).arg("--help"));
     let (stdout, _) = text(&out);
     assert!(out.status.success() && stdout.contains("CARVE_RELEASE_URL") && stdout.contains("CNI_BIN_DIR"), "{stdout}");
+}
+
+/// e2e/scripts/prereqs.sh with `env` set; its exit code and stderr.
+fn prereqs(env: &[(&str, &str)], as_nobody: bool) -> (Option<i32>, String) {
+    let script = repo_root().join("e2e/scripts/prereqs.sh");
+    let mut cmd = if as_nobody {
+        // On stdin: the clone may sit where nobody cannot read.
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-s"]);
+        c.stdin(std::fs::File::open(&script).unwrap());
+        c
+    } else {
+        Command::new(&script)
+    };
+    cmd.envs(env.iter().copied());
+    let out = run(&mut cmd);
+    (out.status.code(), text(&out).1)
+}
+
+/// One line on stderr, exit 1, naming the cause and the fix.
+fn refused(got: (Option<i32>, String), cause: &str, fix: &str) {
+    let (code, stderr) = got;
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("prereqs: ") && last.contains(cause) && last.contains(fix), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+#[test]
+fn the_prerequisite_check_passes_here_and_names_cause_and_fix_for_what_it_cannot_mend() {
+    let (code, stderr) = prereqs(&[], false);
+    assert_eq!(code, Some(0), "this machine passes the check make test ran first: {stderr}");
+    // A package no source has: found before any build, not installed, named.
+    refused(
+        prereqs(&[("CARVE_PREREQS_EXTRA", "carve-no-such-package")], false),
+        "carve-no-such-package not in this machine's package sources",
+        "add a source",
+    );
+    // A host without the v1 cgroup hierarchies the nodes need.
+    let empty = temp_dir("no-cgroups");
+    refused(
+        prereqs(&[("CARVE_PREREQS_CGROUP_ROOT", empty.path().to_str().unwrap())], false),
+        "no cgroup v1 hierarchy for cpu memory pids devices freezer",
+        "systemd.unified_cgroup_hierarchy=0",
+    );
+    // Not root.
+    refused(prereqs(&[], true), "not root", "run as root");
 }
