@@ -420,9 +420,21 @@ impl Cluster {
     /// Deploys carve as users do (CRDs, manifests, then `pool`, a PodCIDR's
     /// YAML) and waits until every node is Ready on carve's network.
     pub async fn deploy_carve(&self, pool: &str) -> Result<()> {
+        self.deploy_carve_with(pool, &[]).await
+    }
+
+    /// [`Cluster::deploy_carve`] with `agent_env` (`NAME=value`) set on the
+    /// agent's DaemonSet, as `kubectl set env` does for a user.
+    pub async fn deploy_carve_with(&self, pool: &str, agent_env: &[&str]) -> Result<()> {
         let cp = self.cp();
         cp.install_crds()?;
         cp.kubectl_ok(&["apply", "-f", "manifests/"])?;
+        if !agent_env.is_empty() {
+            let mut args = vec!["-n", "carve-system", "set", "env", "daemonset/carve-agent", "-c", "agent"];
+            args.extend_from_slice(agent_env);
+            cp.kubectl_ok(&args)?;
+            cp.kubectl_ok(&["-n", "carve-system", "rollout", "status", "daemonset/carve-agent", "--timeout=180s"])?;
+        }
         let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
         ensure!(out.status.success(), "kubectl apply of the pool: {}", String::from_utf8_lossy(&out.stderr));
         let nodes = self.nodes.len();

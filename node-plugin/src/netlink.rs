@@ -193,6 +193,23 @@ impl Netlink {
         self.get_link(msg, &index.to_string())
     }
 
+    /// The names of every link in the namespace (one dump).
+    pub fn link_names(&mut self) -> Result<Vec<String>, NetlinkError> {
+        let links = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP, || {
+            "listing links".to_string()
+        })?;
+        Ok(links
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn get_link(&mut self, msg: LinkMessage, what: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         match self.request(RouteNetlinkMessage::GetLink(msg), 0, || format!("looking up link {what}")) {
             Ok(mut links) => Ok(links.pop().and_then(|m| match m {

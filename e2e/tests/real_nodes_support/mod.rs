@@ -6,14 +6,16 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, RealNode};
 use carve_e2e::netns::Netns;
 use carve_e2e::testkit::wait_for;
 use ipnet::IpNet;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[allow(unused_imports)]
 pub use carve_e2e::cluster::condition;
@@ -156,6 +158,11 @@ pub async fn deploy_carve(cluster: &Cluster, pool: &str) {
     cluster.deploy_carve(pool).await.unwrap_or_else(|e| panic!("deploying carve: {e:#}"))
 }
 
+/// [`deploy_carve`] with `NAME=value` settings on the agent's DaemonSet.
+pub async fn deploy_carve_with(cluster: &Cluster, pool: &str, agent_env: &[&str]) {
+    cluster.deploy_carve_with(pool, agent_env).await.unwrap_or_else(|e| panic!("deploying carve: {e:#}"))
+}
+
 /// A host outside every cluster CIDR, on the underlay, for egress checks.
 pub const EXTERNAL_IP: &str = "10.224.0.200";
 
@@ -260,4 +267,70 @@ pub async fn wait_released(cluster: &Cluster, selector: &str, pods: &[Pod], time
         }
     })
     .await;
+}
+
+/// carve-ipam on one node as its container runtime runs it: the installed
+/// binary, the IPAM section of the installed conflist, the node's namespaces.
+pub struct NodeIpam<'a> {
+    pub node: &'a RealNode,
+    conf: String,
+}
+
+impl<'a> NodeIpam<'a> {
+    pub fn on(node: &'a RealNode) -> Self {
+        let path = node.host_path("/etc/cni/net.d/10-carve.conflist");
+        let list: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let plugin = &list["plugins"][0];
+        let conf = json!({
+            "cniVersion": list["cniVersion"],
+            "name": list["name"],
+            "type": plugin["type"],
+            "ipam": plugin["ipam"],
+        });
+        NodeIpam { node, conf: conf.to_string() }
+    }
+
+    /// One carve-ipam call: the exit code and its JSON answer.
+    pub fn call(&self, command: &str, container: &str) -> (i32, Value) {
+        let mut child = self
+            .node
+            .command("/opt/cni/bin/carve-ipam")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", format!("/var/run/netns/{container}"))
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(self.conf.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let answer = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| json!({ "stdout": String::from_utf8_lossy(&out.stdout), "stderr": String::from_utf8_lossy(&out.stderr) }));
+        (out.status.code().unwrap_or(-1), answer)
+    }
+
+    /// ADD until it gets an address, again after code 11 as kubelet would,
+    /// until `deadline`; the last error answer otherwise.
+    pub fn add(&self, container: &str, deadline: Instant) -> Result<IpAddr, Value> {
+        loop {
+            let (code, answer) = self.call("ADD", container);
+            if code == 0 {
+                let address = answer["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address: {answer}"));
+                return Ok(address.parse::<IpNet>().unwrap().addr());
+            }
+            assert_eq!(answer["code"], json!(11), "only 'try again later' is expected: {answer}");
+            if Instant::now() > deadline {
+                return Err(answer);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    pub fn del(&self, container: &str) {
+        let (code, answer) = self.call("DEL", container);
+        assert_eq!(code, 0, "DEL {container} on {}: {answer}", self.node.name);
+    }
 }

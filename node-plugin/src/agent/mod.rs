@@ -16,6 +16,8 @@
 
 pub mod blocks;
 pub mod cni;
+pub mod leaks;
+pub mod metrics;
 mod run;
 pub mod scaler;
 
@@ -261,6 +263,10 @@ pub struct Agent {
     written: std::sync::Mutex<Option<(String, NodeNetworkConfigSpec)>>,
     /// Demand per family of the scaler passes within [`scaler::RELEASE_STABILIZATION`].
     demand_history: std::sync::Mutex<DemandHistory>,
+    leak_settings: leaks::LeakSettings,
+    /// The leak reconciler's allocations without a pod or interface (see [`leaks`]).
+    leak_suspects: std::sync::Mutex<crate::ipam::leaks::Suspects>,
+    pub metrics: Arc<metrics::AgentMetrics>,
 }
 
 /// Recent demand per family, oldest first, for the release window.
@@ -290,13 +296,16 @@ impl DemandHistory {
 }
 
 impl Agent {
-    pub fn new(settings: Settings, worker: Worker) -> Self {
+    pub fn new(settings: Settings, worker: Worker, leak_settings: leaks::LeakSettings) -> Self {
         Self {
             settings,
             worker,
             versions: Default::default(),
             written: Default::default(),
             demand_history: Default::default(),
+            leak_settings,
+            leak_suspects: Default::default(),
+            metrics: Default::default(),
         }
     }
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -72,6 +73,8 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     });
     let mut triggers = futures::stream::select_all([nnc_changes.boxed(), pool_changes.boxed(), ticks.boxed()]);
     let nodes = Api::<Node>::all(client.clone());
+    let reporter = Reporter { controller: "carve-agent".into(), instance: Some(node.clone()) };
+    let reclaim = super::leaks::run(&agent, Api::<Pod>::all(client.clone()), Recorder::new(client.clone(), reporter));
     let nnc_api = Api::<NodeNetworkConfig>::all(client);
     let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
         let (agent, nnc_api) = (&agent, &nnc_api);
@@ -143,6 +146,7 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     };
     tokio::select! {
         _ = work => bail!("the watches ended"),
+        _ = reclaim => bail!("the leak reconciler ended"),
         _ = shutdown() => {
             info!("shutting down; the dataplane, state file and conflist stay so running pods keep working");
             Ok(())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
-use carve_node_plugin::agent::{self, Agent, Settings, cni};
+use carve_node_plugin::agent::{self, Agent, Settings, cni, leaks, metrics};
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
 use carve_node_plugin::dataplane::worker::Worker;
 use carve_node_plugin::state::DEFAULT_STATE_FILE;
@@ -89,6 +89,16 @@ struct Args {
     /// Reconcile at least this often even without changes (e.g. 30s, 500ms, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     resync_interval: Duration,
+    /// Serve Prometheus metrics on this address (/metrics); unset: no server.
+    #[arg(long, env = "CARVE_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Time between leak reconciler passes over the IPAM store; 0 turns it off.
+    #[arg(long, env = "CARVE_LEAK_CHECK_PERIOD", default_value = "60s", value_parser = parse_duration)]
+    leak_check_period: Duration,
+    /// How long an allocation must have no pod and no host interface, across
+    /// two passes, before it is freed (at least 5s).
+    #[arg(long, env = "CARVE_LEAK_GRACE", default_value = "120s", value_parser = parse_duration)]
+    leak_grace: Duration,
     #[arg(long, env = "CARVE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     /// tracing filter, e.g. info or carve_node_plugin=debug.
@@ -130,6 +140,14 @@ fn settings(args: &Args) -> Result<Settings> {
         && !(576..=65535).contains(&mtu)
     {
         bail!("--mtu {mtu} is out of range (576 to 65535)");
+    }
+    if args.leak_grace < leaks::MIN_GRACE {
+        bail!(
+            "--leak-grace {:?} is shorter than {:?}: a pod's IP reaches the API server seconds after its ADD, \
+             and a shorter grace could free a live pod's address",
+            args.leak_grace,
+            leaks::MIN_GRACE
+        );
     }
     let cni_source_dir = cni_source_dir(args)?;
     Ok(Settings {
@@ -191,5 +209,10 @@ async fn main() -> Result<()> {
         Worker::spawn(args.netns.clone(), args.proc_sys_dir.clone()).context("starting the dataplane thread")?;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     info!(node = %settings.node, netns = ?args.netns, "carve-agent starting");
-    agent::run(client, Agent::new(settings, worker), args.resync_interval).await
+    let leak_settings = leaks::LeakSettings { period: args.leak_check_period, grace: args.leak_grace };
+    let agent = Agent::new(settings, worker, leak_settings);
+    if let Some(addr) = args.metrics_addr {
+        metrics::serve(addr, agent.metrics.clone()).await?;
+    }
+    agent::run(client, agent, args.resync_interval).await
 }

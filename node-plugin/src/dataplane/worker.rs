@@ -18,6 +18,7 @@ use super::{Applied, DataplaneError};
 enum Job {
     Apply { desired: Box<Desired>, vxlan_device: String, reply: oneshot::Sender<Result<Applied, DataplaneError>> },
     UnderlayMtu { node_ip: IpAddr, reply: oneshot::Sender<Result<Option<u32>, DataplaneError>> },
+    LinkNames { reply: oneshot::Sender<Result<Vec<String>, DataplaneError>> },
 }
 
 /// Handle to the dataplane thread; dropping it stops the thread.
@@ -65,6 +66,9 @@ impl Worker {
                         Job::UnderlayMtu { node_ip, reply } => {
                             let _ = reply.send(nl.mtu_of_address(node_ip));
                         }
+                        Job::LinkNames { reply } => {
+                            let _ = reply.send(nl.link_names().map_err(DataplaneError::from));
+                        }
                     }
                 }
             })
@@ -78,6 +82,13 @@ impl Worker {
         let (reply, rx) = oneshot::channel();
         let job = Job::Apply { desired: Box::new(desired), vxlan_device: vxlan_device.to_string(), reply };
         self.jobs.send(job).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The names of the node's links (the pods' host veths among them).
+    pub async fn link_names(&self) -> Result<Vec<String>, DataplaneError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job::LinkNames { reply }).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 

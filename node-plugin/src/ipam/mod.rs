@@ -24,6 +24,7 @@
 //! later): the runtime retries while the agent asks for more.
 
 pub mod alloc;
+pub mod leaks;
 pub mod store;
 pub mod waiting;
 
