@@ -125,6 +125,7 @@ const NOT_REACHED: &[(&str, &str, &str, &str, &str)] = &[
     (CONTROLLER_SA, "carve.dev", "nodenetworkconfigs", "get", "re-reads an NNC whose create conflicted (409)"),
     (CONTROLLER_SA, "events.k8s.io", "events", "patch", "a repeated Event becomes a series"),
     (AGENT_SA, "carve.dev", "nodenetworkconfigs", "patch", "the node's side of its NNC: dynamic mode"),
+    (AGENT_SA, "", "nodes", "patch", "the no-pod-addresses taint: a node out of addresses"),
     (AGENT_SA, "events.k8s.io", "events", "create", "a leaked address freed"),
     (AGENT_SA, "events.k8s.io", "events", "patch", "a repeated Event becomes a series"),
 ];
@@ -456,6 +457,34 @@ async fn controller_and_agent_run_with_exactly_the_manifests_rbac() {
         .patch_status("node-a", &pp, &condition_patch("NetworkUnavailable", "False", "CarveReady"))
         .await
         .expect("its own NetworkUnavailable condition");
+    // The whole list, as the agent writes it: the API server's own taints stay.
+    let existing = nodes.get("node-a").await.unwrap().spec.and_then(|s| s.taints).unwrap_or_default();
+    let taint = |key: &str| {
+        let mut taints = serde_json::to_value(&existing).unwrap();
+        taints.as_array_mut().unwrap().push(json!({ "key": key, "effect": "NoSchedule" }));
+        Patch::Merge(json!({ "spec": { "taints": taints } }))
+    };
+    a_nodes.patch("node-a", &pp, &taint("carve.dev/no-pod-addresses")).await.expect("its own no-pod-addresses taint");
+    refused(
+        "agent tainting node-b",
+        a_nodes.patch("node-b", &pp, &taint("carve.dev/no-pod-addresses")).await,
+        "carve-agent on node node-a may not write Node node-b",
+    );
+    refused(
+        "agent adding another taint",
+        a_nodes.patch("node-a", &pp, &taint("dedicated")).await,
+        "only the carve.dev/no-pod-addresses taint",
+    );
+    refused(
+        "agent labelling its Node",
+        a_nodes.patch("node-a", &pp, &Patch::Merge(json!({ "metadata": { "labels": { "x": "y" } } }))).await,
+        "only the carve.dev/no-pod-addresses taint",
+    );
+    refused(
+        "agent cordoning its Node",
+        a_nodes.patch("node-a", &pp, &Patch::Merge(json!({ "spec": { "unschedulable": true } }))).await,
+        "only the carve.dev/no-pod-addresses taint",
+    );
     let spec = Patch::Merge(json!({ "spec": { "requestedIPs": { "ipv4": 16 } } }));
     a_nncs.patch("node-a", &pp, &spec).await.expect("its own NNC spec");
     refused(

@@ -69,7 +69,7 @@ pub struct Decision {
 }
 
 /// Usable addresses per block of `status` (size less status.reservedIPs in it), in order.
-fn usable(status: &NodeNetworkConfigStatus) -> Vec<(IpNet, u64)> {
+pub(crate) fn usable(status: &NodeNetworkConfigStatus) -> Vec<(IpNet, u64)> {
     let state = NodeState {
         node: String::new(),
         mode: status.mode.unwrap_or(carve_crds::PoolMode::VNet),

@@ -15,6 +15,7 @@
 //! ([`Agent::scale`]: requested IPs and the fenced release handshake).
 
 pub mod blocks;
+pub mod capacity;
 pub mod cni;
 pub mod leaks;
 pub mod metrics;
@@ -71,6 +72,8 @@ pub struct Settings {
     pub vxlan_port: u16,
     /// Pod (and VXLAN) MTU; `None`: underlay MTU, less [`VXLAN_OVERHEAD`] in Overlay.
     pub mtu: Option<u32>,
+    /// Taint the Node while no pod address is free and none can be had ([`capacity`]).
+    pub no_address_taint: bool,
 }
 
 impl Settings {
@@ -267,6 +270,8 @@ pub struct Agent {
     /// The leak reconciler's allocations without a pod or interface (see [`leaks`]).
     leak_suspects: std::sync::Mutex<crate::ipam::leaks::Suspects>,
     pub metrics: Arc<metrics::AgentMetrics>,
+    /// The capacity verdict last written to the Node (see [`capacity`]).
+    taint_written: std::sync::Mutex<Option<Option<String>>>,
 }
 
 /// Recent demand per family, oldest first, for the release window.
@@ -306,6 +311,7 @@ impl Agent {
             leak_settings,
             leak_suspects: Default::default(),
             metrics: Default::default(),
+            taint_written: Default::default(),
         }
     }
 
@@ -601,6 +607,7 @@ mod tests {
             vni: 4097,
             vxlan_port: 4789,
             mtu: None,
+            no_address_taint: true,
         }
     }
 

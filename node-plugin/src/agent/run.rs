@@ -74,13 +74,18 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     let mut triggers = futures::stream::select_all([nnc_changes.boxed(), pool_changes.boxed(), ticks.boxed()]);
     let nodes = Api::<Node>::all(client.clone());
     let reporter = Reporter { controller: "carve-agent".into(), instance: Some(node.clone()) };
-    let reclaim = super::leaks::run(&agent, Api::<Pod>::all(client.clone()), Recorder::new(client.clone(), reporter));
-    let nnc_api = Api::<NodeNetworkConfig>::all(client);
+    let recorder = Recorder::new(client.clone(), reporter);
+    let reclaim = super::leaks::run(&agent, Api::<Pod>::all(client.clone()), recorder.clone());
+    let nnc_api = Api::<NodeNetworkConfig>::all(client.clone());
+    let taints = recorder;
     let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
-        let (agent, nnc_api) = (&agent, &nnc_api);
+        let (agent, nnc_api, nodes, taints) = (&agent, &nnc_api, &nodes, &taints);
         async move {
             if let Err(e) = agent.scale(nnc_api, own.as_deref()).await {
                 warn!(error = %e, "scaler pass failed; retrying on the next change");
+            }
+            if let Err(e) = agent.enforce_capacity(nodes, taints, own.as_deref()).await {
+                warn!(error = %e, "writing the no-pod-addresses taint failed; retrying on the next change");
             }
         }
     };

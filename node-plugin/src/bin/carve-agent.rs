@@ -99,6 +99,10 @@ struct Args {
     /// two passes, before it is freed (at least 5s).
     #[arg(long, env = "CARVE_LEAK_GRACE", default_value = "120s", value_parser = parse_duration)]
     leak_grace: Duration,
+    /// Taint the Node carve.dev/no-pod-addresses:NoSchedule while no pod
+    /// address is free and none can be had; false: never (and remove it).
+    #[arg(long, env = "CARVE_NO_ADDRESS_TAINT", default_value_t = true, action = clap::ArgAction::Set)]
+    no_address_taint: bool,
     #[arg(long, env = "CARVE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     /// tracing filter, e.g. info or carve_node_plugin=debug.
@@ -164,6 +168,7 @@ fn settings(args: &Args) -> Result<Settings> {
         vni: args.vxlan_vni,
         vxlan_port: args.vxlan_port,
         mtu: args.mtu,
+        no_address_taint: args.no_address_taint,
     })
 }
 
