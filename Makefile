@@ -112,6 +112,7 @@ bench: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-nodes
 	@$(MAKE) --no-print-directory bench-cni
 	$(CARGO) build -q --release -p carve-controller -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-podsubnet
+	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-leaks
 
 # The CNI plugins alone: ADD/DEL against bridge + host-local, syscall counts
 # (with strace), 200 concurrent IPAM calls, sizes, then pod create -> Running

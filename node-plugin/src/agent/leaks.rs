@@ -19,8 +19,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
+use kube::Client;
 use kube::api::ListParams;
 use kube::runtime::events::{Event, EventType, Recorder};
 use tracing::{info, warn};
@@ -49,23 +48,50 @@ impl Default for LeakSettings {
     }
 }
 
-/// Addresses of the pods the API server binds to `node`.
-async fn pod_ips(pods: &Api<Pod>, node: &str) -> kube::Result<BTreeSet<IpAddr>> {
+/// A pod LIST as the reconciler reads it: only the addresses are decoded
+/// (metadata and spec, managedFields above all, are skipped, not allocated).
+#[derive(serde::Deserialize)]
+struct PodIpList {
+    items: Vec<PodIps>,
+}
+
+#[derive(serde::Deserialize)]
+struct PodIps {
+    status: Option<PodIpsStatus>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodIpsStatus {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<PodIp>,
+}
+
+#[derive(serde::Deserialize)]
+struct PodIp {
+    ip: String,
+}
+
+/// Addresses of the pods the API server binds to `node` (one LIST, read from etcd).
+async fn pod_ips(client: &Client, node: &str) -> kube::Result<BTreeSet<IpAddr>> {
     let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
-    let list = pods.list(&on_node).await?;
+    let request = kube::core::Request::new("/api/v1/pods").list(&on_node).map_err(kube::Error::BuildRequest)?;
+    let list: PodIpList = client.request(request).await?;
     Ok(list
         .items
         .iter()
         .filter_map(|p| p.status.as_ref())
-        .flat_map(|s| s.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(s.pod_ip.as_deref()))
+        .flat_map(|s| s.pod_ips.iter().map(|i| i.ip.as_str()).chain(s.pod_ip.as_deref()))
         .filter_map(|ip| ip.parse().ok())
         .collect())
 }
 
 impl Agent {
     /// One leak pass; returns what it freed. Nothing is freed on any error.
-    pub async fn reclaim_leaks(&self, pods: &Api<Pod>, recorder: &Recorder) -> anyhow::Result<Vec<(IpAddr, Owner)>> {
-        let in_api = pod_ips(pods, &self.settings.node).await?;
+    pub async fn reclaim_leaks(&self, client: &Client, recorder: &Recorder) -> anyhow::Result<Vec<(IpAddr, Owner)>> {
+        let in_api = pod_ips(client, &self.settings.node).await?;
         let links: BTreeSet<String> = self.worker.link_names().await?.into_iter().collect();
         let store = PodIpStore::new(self.settings.ipam_store_dir());
         if !store.file().exists() {
@@ -123,7 +149,7 @@ impl Agent {
 }
 
 /// Runs [`Agent::reclaim_leaks`] every `period`, the first pass at once.
-pub async fn run(agent: &Agent, pods: Api<Pod>, recorder: Recorder) {
+pub async fn run(agent: &Agent, client: Client, recorder: Recorder) {
     let period = agent.leak_settings.period;
     if period.is_zero() {
         info!("leak reconciler off (--leak-check-period 0)");
@@ -131,7 +157,7 @@ pub async fn run(agent: &Agent, pods: Api<Pod>, recorder: Recorder) {
     }
     info!(?period, grace = ?agent.leak_settings.grace, "leak reconciler on");
     loop {
-        if let Err(e) = agent.reclaim_leaks(&pods, &recorder).await {
+        if let Err(e) = agent.reclaim_leaks(&client, &recorder).await {
             warn!(error = %e, "leak pass failed; nothing freed");
         }
         tokio::time::sleep(period).await;

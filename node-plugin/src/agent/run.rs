@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -75,7 +75,7 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     let nodes = Api::<Node>::all(client.clone());
     let reporter = Reporter { controller: "carve-agent".into(), instance: Some(node.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
-    let reclaim = super::leaks::run(&agent, Api::<Pod>::all(client.clone()), recorder.clone());
+    let reclaim = super::leaks::run(&agent, client.clone(), recorder.clone());
     let nnc_api = Api::<NodeNetworkConfig>::all(client.clone());
     let taints = recorder;
     let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
