@@ -62,6 +62,13 @@ pub struct PartialNodeSpec {
     pub pod_cidr: Option<String>,
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Option<Vec<String>>,
+    /// Their keys only: carvectl shows carve-agent's no-pod-addresses taint.
+    pub taints: Option<Vec<TaintKey>>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct TaintKey {
+    pub key: String,
 }
 
 #[derive(Deserialize, Clone, Debug, Default)]

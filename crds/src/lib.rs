@@ -433,6 +433,14 @@ pub struct Scaler {
     pub max_blocks_per_node: i32,
 }
 
+/// The taint carve-agent puts on its Node while no pod address is free
+/// there and none can be had (NoSchedule).
+pub const NO_POD_ADDRESSES_TAINT: &str = "carve.dev/no-pod-addresses";
+
+/// The reason of the Event carve-agent records on its Node for each leaked
+/// pod address it frees.
+pub const LEAKED_ADDRESS_FREED: &str = "LeakedAddressFreed";
+
 /// Both CRDs, in the order `kubectl apply -f crds/` should see them.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     vec![PodCidr::crd(), NodeNetworkConfig::crd()]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec, PodCidr};
 use carve_e2e::ControlPlane;
 use carve_e2e::testkit::{node, start_controller, wait_for, workspace_bin};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -154,8 +154,27 @@ async fn status_shows_pool_usage_and_each_nodes_block() {
     for (i, name) in ["node-a", "node-b", "node-c"].into_iter().enumerate() {
         let block = format!("10.244.{i}.0/24");
         let ip = format!("192.168.10.{}", i + 1);
-        assert_eq!(row(&out, &[name]), [name, "overlay", &block, &ip, "True"], "{out}");
+        assert_eq!(row(&out, &[name]), [name, "overlay", &block, &ip, "True", "available", "0"], "{out}");
     }
+
+    // What carve-agent leaves for it: the no-pod-addresses taint on node-b, an
+    // address freed twice on node-c (an Event and its repeat).
+    let taint = json!({ "spec": { "taints": [{ "key": "carve.dev/no-pod-addresses", "effect": "NoSchedule" }] } });
+    Api::<Node>::all(client.clone()).patch("node-b", &PatchParams::default(), &Patch::Merge(taint)).await.unwrap();
+    let event: CoreEvent = serde_json::from_value(json!({
+        "metadata": { "name": "node-c.leak", "namespace": "default" },
+        "involvedObject": { "apiVersion": "v1", "kind": "Node", "name": "node-c" },
+        "reason": "LeakedAddressFreed", "message": "freed 10.244.2.9 (sandbox gone, eth0)", "type": "Normal",
+        "count": 2, "firstTimestamp": "2026-12-06T00:00:00Z", "lastTimestamp": "2026-12-06T00:01:00Z",
+        "source": { "component": "carve-agent" },
+    }))
+    .unwrap();
+    Api::<CoreEvent>::namespaced(client.clone(), "default").create(&PostParams::default(), &event).await.unwrap();
+    let (code, out, err) = carvectl(&["status", "--kubeconfig", &kubeconfig], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(row(&out, &["node-a"])[5..], ["available", "0"], "{out}");
+    assert_eq!(row(&out, &["node-b"])[5..], ["none", "free", "(tainted)", "0"], "{out}");
+    assert_eq!(row(&out, &["node-c"])[5..], ["available", "2"], "{out}");
 
     // The same from $KUBECONFIG, as JSON.
     let (code, out, err) = carvectl(&["status", "-o", "json"], Some(cp.kubeconfig()));
@@ -166,7 +185,7 @@ async fn status_shows_pool_usage_and_each_nodes_block() {
     assert_eq!(
         status["nodes"][2],
         json!({"node": "node-c", "pool": "overlay", "blocks": ["10.244.2.0/24"],
-        "nodeIP": "192.168.10.3", "ready": "True", "reason": null})
+        "nodeIP": "192.168.10.3", "ready": "True", "reason": null, "noPodAddresses": false, "leaksFreed": 2})
     );
 }
 

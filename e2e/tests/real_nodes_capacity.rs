@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use carve_e2e::cluster::{Cluster, ClusterOptions};
-use carve_e2e::testkit::{node_images, wait_for};
+use carve_e2e::testkit::{node_images, wait_for, workspace_bin};
 use serde_json::Value;
 
 mod real_nodes_support;
@@ -83,6 +83,24 @@ async fn a_full_node_is_tainted_so_new_pods_go_elsewhere_and_untainted_when_an_a
     })
     .await;
     assert!(tainted(&cluster, &node1.name));
+    let carvectl = workspace_bin("carve-controller", "carvectl").unwrap();
+    let out = std::process::Command::new(carvectl)
+        .args(["status", "-o", "json", "--kubeconfig"])
+        .arg(cp.kubeconfig())
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let flags: Vec<(Value, Value)> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| (n["node"].clone(), n["noPodAddresses"].clone()))
+        .collect();
+    assert_eq!(
+        flags,
+        [(Value::from(node1.name.as_str()), Value::from(true)), (Value::from(node2.name.as_str()), Value::from(false))],
+        "carvectl status: {status}"
+    );
 
     // A Deployment scaled up now lands on node-2 only.
     cp.kubectl_stdin(&["apply", "-f", "-"], EXTRA).unwrap();

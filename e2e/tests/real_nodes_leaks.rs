@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode, Runtime};
-use carve_e2e::testkit::{node_images, wait_for};
+use carve_e2e::testkit::{node_images, wait_for, workspace_bin};
+use serde_json::{Value, json};
 
 mod real_nodes_support;
 use real_nodes_support::{NodeIpam, deploy_carve_with, example, kubectl_json, running_pods, store_ips, workload_on};
@@ -77,15 +78,25 @@ async fn an_address_whose_sandbox_never_existed_is_freed_once_and_handed_to_the_
             }
         })
         .await;
-        let events =
-            kubectl_json(&cluster, &["get", "events", "-A", "--field-selector", "reason=LeakedAddressesFreed"]);
-        assert!(
-            events["items"].as_array().unwrap().iter().any(|e| {
-                e["regarding"]["name"] == node.name.as_str() || e["involvedObject"]["name"] == node.name.as_str()
-            }),
-            "no LeakedAddressesFreed Event on {}: {events}",
-            node.name
-        );
+        let events = kubectl_json(&cluster, &["get", "events", "-A", "--field-selector", "reason=LeakedAddressFreed"]);
+        let on_node: Vec<&Value> = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == node.name.as_str())
+            .collect();
+        assert_eq!(on_node.len(), 1, "one LeakedAddressFreed Event on {}: {events}", node.name);
+        assert!(on_node[0]["message"].as_str().unwrap_or_default().contains(&leaked.to_string()), "{events}");
+        // carvectl status counts it for the node.
+        let carvectl = workspace_bin("carve-controller", "carvectl").unwrap();
+        let out = std::process::Command::new(carvectl)
+            .args(["status", "-o", "json", "--kubeconfig"])
+            .arg(cluster.cp().kubeconfig())
+            .output()
+            .unwrap();
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let row = status["nodes"].as_array().into_iter().flatten().find(|n| n["node"] == node.name.as_str());
+        assert_eq!(row.map(|r| r["leaksFreed"].clone()), Some(json!(1)), "carvectl status: {status}");
 
         // The address is free again: the next pod on the node gets it, and keeps it.
         let name = format!("after-leak-{}", node.name);

@@ -6,6 +6,7 @@
 //! and findings come from the library (`plan`, `check`); this file reads the
 //! API and prints.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,9 +16,10 @@ use carve_controller::check::{self, Finding, NncInfo, NodeInfo, PoolInfo};
 use carve_controller::plan::{self, DEFAULT_SURGE, FamilyPlan, MAX_PODS_PER_NODE, Plan, PlanInput};
 use carve_controller::views::{self, PartialNode};
 use carve_crds::net::{IpFamily, parse_cidr};
-use carve_crds::{NodeNetworkConfig, PodCidr, PoolMode};
+use carve_crds::{LEAKED_ADDRESS_FREED, NO_POD_ADDRESSES_TAINT, NodeNetworkConfig, PodCidr, PoolMode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Event as CoreEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
@@ -290,12 +292,25 @@ where
     }
 }
 
-async fn snapshot(args: &ClusterArgs) -> Result<Snapshot> {
-    let client = client(args).await?;
+/// carve-agent's `LeakedAddressFreed` Events (one per address), counted per
+/// Node; empty when Events cannot be read (they expire after an hour by default).
+async fn leaks_freed(client: &Client) -> BTreeMap<String, u64> {
+    let by_reason = ListParams::default().fields(&format!("reason={LEAKED_ADDRESS_FREED}"));
+    let Ok(events) = Api::<CoreEvent>::all(client.clone()).list(&by_reason).await else { return BTreeMap::new() };
+    let mut out = BTreeMap::new();
+    for e in events.items.iter().filter(|e| e.involved_object.kind.as_deref() == Some("Node")) {
+        let Some(node) = e.involved_object.name.clone() else { continue };
+        let times = e.series.as_ref().and_then(|s| s.count).or(e.count).unwrap_or(1).max(1);
+        *out.entry(node).or_insert(0) += times as u64;
+    }
+    out
+}
+
+async fn snapshot(client: &Client) -> Result<Snapshot> {
     let (pools, nncs, nodes) = tokio::try_join!(
-        list_all::<PodCidr>(&client, "podcidrs.carve.dev"),
-        list_all::<NodeNetworkConfig>(&client, "nodenetworkconfigs.carve.dev"),
-        list_all::<PartialNode>(&client, "nodes"),
+        list_all::<PodCidr>(client, "podcidrs.carve.dev"),
+        list_all::<NodeNetworkConfig>(client, "nodenetworkconfigs.carve.dev"),
+        list_all::<PartialNode>(client, "nodes"),
     )?;
     Ok(Snapshot { pools, nncs, nodes })
 }
@@ -337,6 +352,10 @@ struct NodeStatus {
     /// The NNC's Ready condition: True, False or Unknown; None without an NNC.
     ready: Option<String>,
     reason: Option<String>,
+    /// carve-agent tainted the Node: no pod address free and none to be had.
+    no_pod_addresses: bool,
+    /// Leaked pod addresses carve-agent freed on the node (from its Events).
+    leaks_freed: u64,
 }
 
 #[derive(Serialize)]
@@ -363,7 +382,8 @@ fn pool_state(pool: &PodCidr) -> String {
     if pool.spec.disabled { format!("{state},Disabled") } else { state.to_string() }
 }
 
-fn status_of(snap: &Snapshot) -> Status {
+/// `leaks_freed`: per Node, from [`leaks_freed`].
+fn status_of(snap: &Snapshot, leaks: &BTreeMap<String, u64>) -> Status {
     let pools = snap
         .pools
         .iter()
@@ -407,15 +427,19 @@ fn status_of(snap: &Snapshot) -> Status {
             let nnc = snap.nncs.iter().find(|n| n.name_any() == name);
             let status = nnc.and_then(|n| n.status.as_ref());
             let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-            let node_ip = status
-                .and_then(|s| s.node_ip.clone())
-                .or_else(|| snap.nodes.iter().find(|n| n.name_any() == name).and_then(views::internal_ip));
+            let node = snap.nodes.iter().find(|n| n.name_any() == name);
+            let node_ip = status.and_then(|s| s.node_ip.clone()).or_else(|| node.and_then(views::internal_ip));
+            let no_pod_addresses = node
+                .and_then(|n| n.spec.as_ref()?.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == NO_POD_ADDRESSES_TAINT));
             NodeStatus {
                 pool: status.and_then(|s| s.pool.clone()),
                 blocks: status.map(|s| s.blocks.iter().map(|b| b.cidr.clone()).collect()).unwrap_or_default(),
                 node_ip,
                 ready: nnc.map(|_| ready.map_or_else(|| "Unknown".to_string(), |c| c.status.clone())),
                 reason: ready.filter(|c| c.status != "True").map(|c| c.reason.clone()),
+                no_pod_addresses,
+                leaks_freed: leaks.get(&name).copied().unwrap_or(0),
                 node: name,
             }
         })
@@ -465,7 +489,8 @@ fn render_status(status: &Status) -> String {
     }
     let mut out = if status.pools.is_empty() { "No PodCIDR pools.\n".to_string() } else { columns(&rows) };
     out.push('\n');
-    let mut rows = vec![["NODE", "POOL", "BLOCKS", "NODE IP", "READY"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["NODE", "POOL", "BLOCKS", "NODE IP", "READY", "POD ADDRESSES", "LEAKS FREED"].map(String::from).to_vec()];
     for n in &status.nodes {
         let dash = |v: Option<&String>| v.cloned().unwrap_or_else(|| "-".into());
         let ready = match (&n.ready, &n.reason) {
@@ -474,14 +499,26 @@ fn render_status(status: &Status) -> String {
             (Some(r), _) => r.clone(),
         };
         let blocks = if n.blocks.is_empty() { "-".to_string() } else { n.blocks.join(",") };
-        rows.push(vec![n.node.clone(), dash(n.pool.as_ref()), blocks, dash(n.node_ip.as_ref()), ready]);
+        let addresses = if n.no_pod_addresses { "none free (tainted)" } else { "available" };
+        rows.push(vec![
+            n.node.clone(),
+            dash(n.pool.as_ref()),
+            blocks,
+            dash(n.node_ip.as_ref()),
+            ready,
+            addresses.to_string(),
+            n.leaks_freed.to_string(),
+        ]);
     }
     out.push_str(&if status.nodes.is_empty() { "No Nodes.\n".to_string() } else { columns(&rows) });
     out
 }
 
 async fn run_status(args: &ClusterArgs) -> Result<ExitCode> {
-    let status = status_of(&snapshot(args).await?);
+    let client = client(args).await?;
+    let (snap, leaks) = tokio::join!(snapshot(&client), leaks_freed(&client));
+    let snap = snap?;
+    let status = status_of(&snap, &leaks);
     match args.output {
         Output::Json => print_json(&status)?,
         Output::Table => print!("{}", render_status(&status)),
@@ -509,7 +546,7 @@ struct CheckReport<'a> {
 }
 
 async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
-    let snap = snapshot(args).await?;
+    let snap = snapshot(&client(args).await?).await?;
     let pools: Vec<PoolInfo> = snap
         .pools
         .iter()

@@ -13,7 +13,10 @@
 //! [`verdict`] is pure; [`Agent::enforce_capacity`] writes the taint and an
 //! Event when the verdict changes.
 
-use carve_crds::{AllocationStrategy, IpFamily, NodeNetworkConfig, NodeNetworkConfigSpec, NodeNetworkConfigStatus};
+use carve_crds::{
+    AllocationStrategy, IpFamily, NO_POD_ADDRESSES_TAINT, NodeNetworkConfig, NodeNetworkConfigSpec,
+    NodeNetworkConfigStatus,
+};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Taint};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -23,9 +26,6 @@ use tracing::{info, warn};
 use super::{Agent, blocks, cni};
 use crate::ipam::alloc::Allocations;
 use crate::ipam::store::PodIpStore;
-
-/// The taint's key.
-pub const TAINT_KEY: &str = "carve.dev/no-pod-addresses";
 
 /// Why no new pod can get an address here, or `None` when one can (or the
 /// node has no blocks yet: NetworkUnavailable covers that).
@@ -74,13 +74,13 @@ pub fn verdict(status: &NodeNetworkConfigStatus, spec: &NodeNetworkConfigSpec, s
 
 /// `taints` with carve's taint added (`on`) or removed; `None` when already so.
 pub fn with_taint(taints: &[Taint], on: bool) -> Option<Vec<Taint>> {
-    let has = taints.iter().any(|t| t.key == TAINT_KEY);
+    let has = taints.iter().any(|t| t.key == NO_POD_ADDRESSES_TAINT);
     if has == on {
         return None;
     }
-    let mut out: Vec<Taint> = taints.iter().filter(|t| t.key != TAINT_KEY).cloned().collect();
+    let mut out: Vec<Taint> = taints.iter().filter(|t| t.key != NO_POD_ADDRESSES_TAINT).cloned().collect();
     if on {
-        out.push(Taint { key: TAINT_KEY.into(), effect: "NoSchedule".into(), ..Default::default() });
+        out.push(Taint { key: NO_POD_ADDRESSES_TAINT.into(), effect: "NoSchedule".into(), ..Default::default() });
     }
     Some(out)
 }
@@ -122,10 +122,14 @@ impl Agent {
             });
             nodes.patch(&self.settings.node, &PatchParams::default(), &Patch::Merge(patch)).await?;
             let (type_, reason, note) = match &why {
-                Some(w) => (EventType::Warning, "NoPodAddresses", format!("tainted {TAINT_KEY}:NoSchedule: {w}")),
-                None => (EventType::Normal, "PodAddressesAvailable", format!("removed the {TAINT_KEY} taint")),
+                Some(w) => {
+                    (EventType::Warning, "NoPodAddresses", format!("tainted {NO_POD_ADDRESSES_TAINT}:NoSchedule: {w}"))
+                }
+                None => {
+                    (EventType::Normal, "PodAddressesAvailable", format!("removed the {NO_POD_ADDRESSES_TAINT} taint"))
+                }
             };
-            info!(taint = TAINT_KEY, on, why = ?why, "node taint written");
+            info!(taint = NO_POD_ADDRESSES_TAINT, on, why = ?why, "node taint written");
             let reference = ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
@@ -219,7 +223,7 @@ mod tests {
         let other = Taint { key: "dedicated".into(), effect: "NoSchedule".into(), ..Default::default() };
         let on = with_taint(std::slice::from_ref(&other), true).unwrap();
         assert_eq!(on.len(), 2);
-        assert_eq!(on[1].key, TAINT_KEY);
+        assert_eq!(on[1].key, NO_POD_ADDRESSES_TAINT);
         assert_eq!(with_taint(&on, true), None, "already there");
         assert_eq!(with_taint(&on, false).unwrap(), std::slice::from_ref(&other));
         assert_eq!(with_taint(&[other], false), None);

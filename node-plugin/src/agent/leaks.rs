@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use carve_crds::LEAKED_ADDRESS_FREED;
 use kube::Client;
 use kube::api::ListParams;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -120,29 +121,28 @@ impl Agent {
         }
         self.metrics.leaks_reclaimed.inc_by(freed.len() as u64);
         let grace = self.leak_settings.grace;
-        let list: Vec<String> =
-            freed.iter().map(|(ip, o)| format!("{ip} (sandbox {}, {})", o.container_id, o.ifname)).collect();
-        for (ip, o) in &freed {
-            info!(%ip, container = %o.container_id, ifname = %o.ifname, ?grace, "freed a leaked pod address: no pod on this node has it and its sandbox's interface is gone");
-        }
         let node = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
             name: Some(self.settings.node.clone()),
             ..Default::default()
         };
-        let event = Event {
-            type_: EventType::Normal,
-            reason: "LeakedAddressesFreed".into(),
-            note: Some(format!(
-                "freed {}: no pod on this node had them and their sandboxes' interfaces were gone for {grace:?}",
-                list.join(", ")
-            )),
-            action: "ReclaimLeaks".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &node).await {
-            warn!(error = %e, "could not publish the LeakedAddressesFreed event");
+        // One Event per address, so `carvectl status` counts addresses.
+        for (ip, o) in &freed {
+            info!(%ip, container = %o.container_id, ifname = %o.ifname, ?grace, "freed a leaked pod address: no pod on this node has it and its sandbox's interface is gone");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: LEAKED_ADDRESS_FREED.into(),
+                note: Some(format!(
+                    "freed {ip} (sandbox {}, {}): no pod on this node had it and the sandbox's interface was gone for {grace:?}",
+                    o.container_id, o.ifname
+                )),
+                action: "ReclaimLeaks".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &node).await {
+                warn!(error = %e, "could not publish the {LEAKED_ADDRESS_FREED} event");
+            }
         }
         Ok(freed)
     }
