@@ -20,10 +20,9 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use nix::sys::signal::kill;
@@ -41,47 +40,7 @@ pub fn scratch_root() -> PathBuf {
     std::env::var_os("CARVE_E2E_TMP").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("carve-e2e"))
 }
 
-/// The repository root (the workspace holding this crate).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ lives in the repo root").to_path_buf()
-}
-
-/// The folder with etcd, kube-apiserver, kube-controller-manager, kubectl and
-/// cnitool, built once by `e2e/scripts/control-plane-bins.sh` and cached.
-/// `CARVE_CONTROL_PLANE_BIN` points at a prepared folder instead.
-pub fn control_plane_bins() -> Result<PathBuf> {
-    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BINS.get_or_init(|| bins_script(&[])).clone().map_err(|e| anyhow!(e))
-}
-
-/// [`control_plane_bins`] plus what the upstream sig-network suites need
-/// (`control-plane-bins.sh --conformance`): e2e-network.test, ginkgo,
-/// agnhost and coredns, in the same folder.
-pub fn conformance_bins() -> Result<PathBuf> {
-    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BINS.get_or_init(|| bins_script(&["--conformance"])).clone().map_err(|e| anyhow!(e))
-}
-
-fn bins_script(args: &[&str]) -> std::result::Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let script = repo_root().join("e2e/scripts/control-plane-bins.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} failed ({}); see its output above", script.display(), out.status));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| format!("{} printed no bin dir", script.display()))
-}
+pub use carve_testkit::{conformance_bins, control_plane_bins, repo_root};
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

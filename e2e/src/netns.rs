@@ -1,94 +1,44 @@
-//! Named network namespaces for the dataplane tests and benchmarks: created
-//! with `ip netns add`, deleted on drop (also on panic), and a way to run Rust
-//! code (sockets) inside one ([`within`]: carve's one namespace helper,
-//! `carve_node_plugin::netlink::in_netns`; only the calling thread moves, and
-//! back). A socket stays in the namespace it was created in.
+//! carve-testkit's network namespaces ([`Netns`], re-exported), plus what
+//! needs to enter one from Rust code ([`NetnsExt`], [`within`]: carve's one
+//! namespace helper, `carve_node_plugin::netlink::in_netns`; only the calling
+//! thread moves, and back): sockets inside a namespace, and a TCP forwarder
+//! into one. A socket stays in the namespace it was created in.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 
-/// A named network namespace, deleted when dropped.
-pub struct Netns {
-    pub name: String,
+pub use carve_testkit::netns::{Netns, run};
+
+/// Code and sockets inside a [`Netns`].
+pub trait NetnsExt {
+    /// Runs `f` with the calling thread inside this namespace, then back.
+    fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T>;
+    /// Runs `f` on a new thread inside this namespace.
+    fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T>;
+    /// A TCP listener on `addr` inside this namespace, answering one
+    /// connection: it reads a line, then writes back `from <peer address>`.
+    /// Returns a handle that yields the peer address it saw.
+    fn tcp_echo_peer(&self, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<SocketAddr>>>;
+    /// Connects from this namespace to `addr`, sends a line and returns the answer.
+    fn tcp_exchange(&self, addr: SocketAddr) -> Result<String>;
 }
 
-impl Netns {
-    /// Creates `name` (deleting a leftover of the same name first) with `lo` up.
-    pub fn new(name: &str) -> Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        run("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// A namespace named `t<pid>-<n>-<tag>`: unique to this call, so tests
-    /// running at once never share one.
-    pub fn unique(tag: &str) -> Result<Self> {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self::new(&format!("t{}-{n}-{tag}", std::process::id()))
-    }
-
-    /// `/run/netns/<name>`.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    /// `ip -n <name> <args>`; fails with ip's stderr.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// `ip -n <name> -j <args>`, parsed (an empty answer is `[]`).
-    pub fn ip_json(&self, args: &[&str]) -> Result<Value> {
-        let mut all = vec!["-j"];
-        all.extend_from_slice(args);
-        parse_json(&self.ip(&all)?, "ip", &all)
-    }
-
-    /// `ip netns exec <name> <program> <args>`, its JSON output parsed (an empty answer is `[]`).
-    pub fn exec_json(&self, program: &str, args: &[&str]) -> Result<Value> {
-        parse_json(&self.exec(program, args)?, program, args)
-    }
-
-    /// Runs `f` with the calling thread inside this namespace, then back.
-    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+impl NetnsExt for Netns {
+    fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         within(&self.path(), f)
     }
 
-    /// `ip netns exec <name> <program> <args>`; fails with its stderr.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut all = vec!["netns", "exec", self.name.as_str(), program];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// One `ping -c1 -W1`, retried up to `tries` times.
-    pub fn ping(&self, dst: &str, tries: usize) -> bool {
-        (0..tries).any(|_| self.exec("ping", &["-c", "1", "-W", "1", dst]).is_ok())
-    }
-
-    /// Runs `f` on a new thread inside this namespace.
-    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = self.path();
         std::thread::spawn(move || within(&path, f))
             .join()
             .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 
-    /// A TCP listener on `addr` inside this namespace, answering one
-    /// connection: it reads a line, then writes back `from <peer address>`.
-    /// Returns a handle that yields the peer address it saw.
-    pub fn tcp_echo_peer(&self, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<SocketAddr>>> {
+    fn tcp_echo_peer(&self, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<SocketAddr>>> {
         let path = self.path();
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || -> Result<SocketAddr> {
@@ -131,8 +81,7 @@ impl Netns {
         }
     }
 
-    /// Connects from this namespace to `addr`, sends a line and returns the answer.
-    pub fn tcp_exchange(&self, addr: SocketAddr) -> Result<String> {
+    fn tcp_exchange(&self, addr: SocketAddr) -> Result<String> {
         self.run_in(move || -> Result<String> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -206,31 +155,8 @@ fn splice(a: TcpStream, b: TcpStream) {
     let _ = up.join();
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
-}
-
-/// A tool's JSON answer (an empty one is `[]`).
-fn parse_json(out: &str, program: &str, args: &[&str]) -> Result<Value> {
-    if out.trim().is_empty() {
-        return Ok(Value::Array(vec![]));
-    }
-    serde_json::from_str(out).with_context(|| format!("{program} {} output {out:?}", args.join(" ")))
-}
-
 /// Runs `f` with the calling thread in the network namespace at `path`, then back.
 pub fn within<T>(path: &std::path::Path, f: impl FnOnce() -> T) -> Result<T> {
     let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     carve_node_plugin::netlink::in_netns(&ns, f).with_context(|| format!("entering {}", path.display()))
-}
-
-/// Runs `program args`, returning stdout; fails with stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

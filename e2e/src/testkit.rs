@@ -48,10 +48,7 @@ pub async fn events_for(client: &kube::Client, kind: &str, name: &str) -> Vec<(S
         .collect()
 }
 
-/// A fresh directory `carve-<tag>-…` in the temp dir, removed when dropped (also on panic).
-pub fn temp_dir(tag: &str) -> tempfile::TempDir {
-    tempfile::Builder::new().prefix(&format!("carve-{tag}-")).tempdir().expect("creating a temp dir")
-}
+pub use carve_testkit::temp_dir;
 
 /// Newest modification time of the files under `dir` (recursively).
 fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {

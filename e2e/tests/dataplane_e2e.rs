@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
-use carve_e2e::netns::Netns;
+use carve_e2e::netns::{Netns, NetnsExt};
 use carve_e2e::testkit::{node, node_agent, start_controller, wait_for, workspace_bin};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;

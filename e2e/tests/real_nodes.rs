@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode};
+use carve_e2e::netns::NetnsExt;
 use carve_e2e::testkit::{node_images, wait_for};
 use ipnet::IpNet;
 

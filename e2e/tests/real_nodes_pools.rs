@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use carve_e2e::cluster::{Cluster, ClusterOptions};
 use carve_e2e::image::{CARVE_REPOSITORY, carve_image_name, default_tag};
+use carve_e2e::netns::NetnsExt;
 use carve_e2e::testkit::{node_images, wait_for};
 use ipnet::IpNet;
 use serde_json::Value;

@@ -1,5 +1,5 @@
 //! carve-agent's dataplane on a real kernel: each test makes its own network
-//! namespaces (`carve_e2e::netns::Netns::unique`, deleted on drop even on panic), runs the
+//! namespaces (`carve_testkit::netns::Netns::unique`, deleted on drop even on panic), runs the
 //! planning + netlink/nft apply on a thread that entered the namespace, and
 //! asserts with `ip -j`, `bridge -j` and `nft -j` inside it. Needs root, `ip`,
 //! `bridge`, `nft` and `ping`.
@@ -7,16 +7,18 @@
 use std::net::IpAddr;
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
-use carve_e2e::netns::Netns;
 use carve_node_plugin::dataplane::netlink::Netlink;
 use carve_node_plugin::dataplane::plan::{self, OverlayConfig, Peer, vtep_mac};
 use carve_node_plugin::dataplane::{self, Applied, DataplaneError};
+use carve_node_plugin::netlink::in_netns;
 use carve_node_plugin::state::NodeState;
+use carve_testkit::netns::Netns;
 
 /// Plans and applies the dataplane inside `ns`.
 fn apply(ns: &Netns, state: &NodeState, peers: &[Peer], overlay: &OverlayConfig) -> Result<Applied, DataplaneError> {
     let desired = plan::plan(state, peers, overlay).unwrap();
-    ns.enter(|| {
+    let fd = std::fs::File::open(ns.path()).unwrap();
+    in_netns(&fd, || {
         let mut nl = Netlink::open()?;
         dataplane::apply(&mut nl, &desired, &overlay.device, std::path::Path::new("/proc/sys"))
     })

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use carve_crds::{NodeNetworkConfig, NodeNetworkConfigSpec};
 use carve_e2e::ControlPlane;
 use carve_e2e::bench::{ms, percentile, proc_status_mib};
-use carve_e2e::netns::Netns;
+use carve_e2e::netns::{Netns, NetnsExt};
 use carve_e2e::testkit::{node, node_agent};
 use clap::Parser;
 use k8s_openapi::api::core::v1::Node;

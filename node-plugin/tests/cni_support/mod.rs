@@ -7,8 +7,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
-pub use carve_e2e::netns::Netns;
 use carve_node_plugin::state::{self, NodeState};
+pub use carve_testkit::netns::Netns;
 use serde_json::Value;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -18,7 +18,7 @@ pub fn unique() -> String {
     format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
 }
 
-pub use carve_e2e::testkit::temp_dir;
+pub use carve_testkit::temp_dir;
 pub use tempfile::TempDir;
 
 /// Writes a node state file with one IPv4 block (and its gateway, the first address).
@@ -155,7 +155,7 @@ pub fn addrs(ns: &Netns, dev: &str) -> Vec<String> {
 
 /// The control plane bin dir (cnitool, cnitool-v1.1.2, cni-plugins/), built once and cached.
 pub fn control_plane_bin_dir() -> PathBuf {
-    carve_e2e::controlplane::control_plane_bins().expect("the control plane binaries")
+    carve_testkit::control_plane_bins().expect("the control plane binaries")
 }
 
 /// The current cnitool (libcni >= 1.2: reads a conflist's `cniVersions`, knows CNI 1.1.0).
