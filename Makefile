@@ -18,7 +18,7 @@ help:
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml from the Rust types"
 	@echo "make release       release binaries in target/release/"
-	@echo "make dist          CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
+	@echo "make dist          the kubectl plugin (target/dist/kubectl-carve-linux-<arch>-v<version>.tgz) and the CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
 	@echo "make conformance   Kubernetes' sig-network conformance tests on carve (3 real nodes); PROCS=N ginkgo processes"
 
@@ -38,13 +38,19 @@ release:
 DIST_DIR := target/dist
 dist:
 	$(CARGO) build --release -p carve-node-plugin --bin carve-cni --bin carve-ipam
+	$(CARGO) build --release -p carve-controller --bin carvectl
 	@set -euo pipefail; \
 	version=$$(sed -n '/^\[workspace\.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' Cargo.toml); \
 	[[ -n $$version ]] || { echo "make dist: no [workspace.package] version in Cargo.toml" >&2; exit 1; }; \
 	case $$(uname -m) in x86_64|amd64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; \
 	  *) echo "make dist: unsupported architecture $$(uname -m) (amd64 and arm64 are built)" >&2; exit 1 ;; esac; \
-	name=carve-cni-plugins-linux-$$arch-v$$version.tgz; \
 	mkdir -p $(DIST_DIR); \
+	plugin=kubectl-carve-linux-$$arch-v$$version.tgz; \
+	tar -C target/release --owner=0 --group=0 --numeric-owner --mode=0755 --transform 's/^carvectl$$/kubectl-carve/' \
+	  -czf $(DIST_DIR)/$$plugin.tmp carvectl; \
+	mv -f $(DIST_DIR)/$$plugin.tmp $(DIST_DIR)/$$plugin; \
+	echo $(DIST_DIR)/$$plugin; \
+	name=carve-cni-plugins-linux-$$arch-v$$version.tgz; \
 	tar -C target/release --owner=0 --group=0 --numeric-owner --mode=0755 -czf $(DIST_DIR)/$$name.tmp carve-cni carve-ipam; \
 	mv -f $(DIST_DIR)/$$name.tmp $(DIST_DIR)/$$name; \
 	(cd $(DIST_DIR) && sha256sum $$name > $$name.sha256.tmp && mv -f $$name.sha256.tmp $$name.sha256); \

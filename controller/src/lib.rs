@@ -8,6 +8,7 @@
 
 pub mod allocator;
 pub mod check;
+pub mod connectivity;
 pub mod index;
 pub mod leader;
 pub mod metrics;

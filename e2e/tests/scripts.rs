@@ -354,3 +354,33 @@ fn the_prerequisite_check_passes_here_and_names_cause_and_fix_for_what_it_cannot
     // Not root.
     refused(prereqs(&[], true), "not root", "run as root");
 }
+
+#[tokio::test]
+async fn make_dist_ships_kubectl_carve_which_kubectl_finds_on_path() {
+    let d = dist();
+    let name = format!("kubectl-carve-linux-{}-v{}.tgz", dist_arch(), env!("CARGO_PKG_VERSION"));
+    let plugin = d.tarball.with_file_name(&name);
+    let out = run(Command::new("tar").arg("-tzf").arg(&plugin));
+    assert!(out.status.success(), "{name} from make dist: {:?}", text(&out));
+    assert_eq!(text(&out).0.lines().collect::<Vec<_>>(), ["kubectl-carve"]);
+    let dir = temp_dir("kubectl-plugin");
+    let out = run(Command::new("tar").arg("-xzf").arg(&plugin).arg("-C").arg(dir.path()));
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    // A user's shell: the plugin's folder on PATH, KUBECONFIG set, kubectl finds it.
+    let cp = carve_e2e::ControlPlane::start().await.expect("control plane");
+    cp.install_crds().unwrap();
+    let kubectl = carve_e2e::control_plane_bins().unwrap().join("kubectl");
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    let kubectl =
+        |args: &[&str]| run(Command::new(&kubectl).args(args).env("PATH", &path).env("KUBECONFIG", cp.kubeconfig()));
+    let out = kubectl(&["plugin", "list"]);
+    let (listed, _) = text(&out);
+    assert!(listed.contains(&dir.path().join("kubectl-carve").display().to_string()), "{listed}");
+    let out = kubectl(&["carve", "status"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "kubectl carve status: {stdout}{stderr}");
+    assert!(stdout.contains("No PodCIDR pools.") && stdout.contains("No Nodes."), "{stdout}");
+    let out = kubectl(&["carve", "connectivity", "--help"]);
+    assert!(text(&out).0.contains("--egress"), "{:?}", text(&out));
+}

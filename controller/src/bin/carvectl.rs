@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use carve_controller::check::{self, Finding, NncInfo, NodeInfo, PoolInfo};
+use carve_controller::connectivity;
 use carve_controller::plan::{self, DEFAULT_SURGE, FamilyPlan, MAX_PODS_PER_NODE, Plan, PlanInput};
 use carve_controller::views::{self, PartialNode};
 use carve_crds::net::{IpFamily, parse_cidr};
@@ -44,6 +45,28 @@ enum Command {
     /// without a Node, blocks outside every pool, Node podCIDRs that disagree with their blocks. Exit 1 when
     /// something is wrong.
     Check(ClusterArgs),
+    /// Probe pods on every node check pod -> pod (same node and across nodes), pod -> node, pod ->
+    /// ClusterIP Service and optionally egress; a table, exit 1 when a path fails. Cleans up after
+    /// itself, also on Ctrl-C.
+    Connectivity(ConnectivityArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConnectivityArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Image of the probe pods: busybox's sh, nc and timeout.
+    #[arg(long, default_value = "busybox:1.36")]
+    image: String,
+    /// Probe only the Nodes with these labels (a label selector); default every Node.
+    #[arg(long, default_value = "")]
+    node_selector: String,
+    /// Also check a TCP connect from every probe to this address (IP:PORT) outside the cluster.
+    #[arg(long)]
+    egress: Option<std::net::SocketAddr>,
+    /// How long the probe pods may take to start, and to finish.
+    #[arg(long, default_value = "120s", value_parser = carve_crds::cli::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -545,6 +568,31 @@ struct CheckReport<'a> {
     findings: Vec<Reported<'a>>,
 }
 
+async fn run_connectivity(args: &ConnectivityArgs) -> Result<ExitCode> {
+    let client = client(&args.cluster).await?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let namespace = format!("carve-connectivity-{:x}", stamp % 0xff_ffff_ffff);
+    let opts = connectivity::Options {
+        image: args.image.clone(),
+        node_selector: args.node_selector.clone(),
+        egress: args.egress,
+        timeout: args.timeout,
+    };
+    eprintln!("probing in namespace {namespace} (deleted at the end)");
+    let outcome = tokio::select! {
+        r = connectivity::run(&client, &namespace, &opts) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let cleaned = connectivity::clean_up(&client, &namespace).await;
+    let report = outcome?;
+    cleaned?;
+    match args.cluster.output {
+        Output::Json => print_json(&report)?,
+        Output::Table => print!("{}", report.table()),
+    }
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
     let snap = snapshot(&client(args).await?).await?;
     let pools: Vec<PoolInfo> = snap
@@ -599,6 +647,7 @@ async fn main() -> ExitCode {
         Command::Plan(args) => run_plan(args),
         Command::Status(args) => run_status(args).await,
         Command::Check(args) => run_check(args).await,
+        Command::Connectivity(args) => run_connectivity(args).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
