@@ -43,12 +43,6 @@ pub struct LeakSettings {
 /// The shortest grace accepted: the kubelet reports a new pod's IP within seconds.
 pub const MIN_GRACE: Duration = Duration::from_secs(5);
 
-impl Default for LeakSettings {
-    fn default() -> Self {
-        LeakSettings { period: Duration::from_secs(60), grace: Duration::from_secs(120) }
-    }
-}
-
 /// A pod LIST as the reconciler reads it: only the addresses are decoded
 /// (metadata and spec, managedFields above all, are skipped, not allocated).
 #[derive(serde::Deserialize)]

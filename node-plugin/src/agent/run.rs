@@ -1,10 +1,12 @@
 //! carve-agent's loop: one watch per kind it reads (NodeNetworkConfigs,
-//! PodCIDRs), and on every change (or the resync tick) one `Agent::scale` and
-//! one `Agent::reconcile` and, when readiness changed or once a minute, the
+//! PodCIDRs), and on every change (or the resync tick) one `Agent::scale`
+//! (then the no-pod-addresses taint, [`super::capacity`]) and one
+//! `Agent::reconcile` and, when readiness changed or once a minute, the
 //! Node's NetworkUnavailable condition. Between changes, a light pass every
 //! [`DEMAND_POLL`] looks at the IPAM store and the waiting ADDs and runs only
-//! the scaler when they changed (pods come and go without an API event). The binary parses flags; tests can run this
-//! in-process.
+//! the scaler and the taint when they changed (pods come and go without an
+//! API event). Beside it, the leak reconciler ([`super::leaks`]) on its own
+//! period. The binary parses flags; tests can run this in-process.
 
 use std::time::{Duration, Instant};
 
@@ -77,14 +79,13 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     let recorder = Recorder::new(client.clone(), reporter);
     let reclaim = super::leaks::run(&agent, client.clone(), recorder.clone());
     let nnc_api = Api::<NodeNetworkConfig>::all(client.clone());
-    let taints = recorder;
     let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
-        let (agent, nnc_api, nodes, taints) = (&agent, &nnc_api, &nodes, &taints);
+        let (agent, nnc_api, nodes, recorder) = (&agent, &nnc_api, &nodes, &recorder);
         async move {
             if let Err(e) = agent.scale(nnc_api, own.as_deref()).await {
                 warn!(error = %e, "scaler pass failed; retrying on the next change");
             }
-            if let Err(e) = agent.enforce_capacity(nodes, taints, own.as_deref()).await {
+            if let Err(e) = agent.enforce_capacity(nodes, recorder, own.as_deref()).await {
                 warn!(error = %e, "writing the no-pod-addresses taint failed; retrying on the next change");
             }
         }
