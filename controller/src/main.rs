@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use carve_cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use carve_controller::leader::LeaseConfig;
 use carve_controller::metrics::{self, Metrics};
 use carve_controller::reconcile::Config;
 use carve_controller::run::Settings;
-use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use clap::Parser;
 use tracing::{error, info};
 

@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod cli;
 pub mod net;
 mod schema;
 

@@ -449,7 +449,7 @@ fn kubeconfig_yaml(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) ->
 }
 
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
-    carve_crds::cli::kube_client(Some(path)).await
+    carve_cli::kube_client(Some(path)).await
 }
 
 fn check(out: &Output, what: &str) -> Result<String> {

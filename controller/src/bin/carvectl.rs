@@ -65,7 +65,7 @@ struct ConnectivityArgs {
     #[arg(long)]
     egress: Option<std::net::SocketAddr>,
     /// How long the probe pods may take to start, and to finish.
-    #[arg(long, default_value = "120s", value_parser = carve_crds::cli::parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = carve_cli::parse_duration)]
     timeout: Duration,
 }
 
@@ -287,7 +287,7 @@ fn run_plan(args: &PlanArgs) -> Result<ExitCode> {
 // ---- cluster access ------------------------------------------------------
 
 async fn client(args: &ClusterArgs) -> Result<Client> {
-    let mut config = carve_crds::cli::kube_config(args.kubeconfig.as_deref()).await?;
+    let mut config = carve_cli::kube_config(args.kubeconfig.as_deref()).await?;
     // A CLI should say the cluster is unreachable, not hang.
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));

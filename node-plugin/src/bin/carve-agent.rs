@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use carve_crds::cli::{LogFormat, init_tracing, kube_client, parse_duration};
+use carve_cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use carve_node_plugin::agent::{self, Agent, Settings, cni, leaks, metrics};
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
 use carve_node_plugin::dataplane::worker::Worker;

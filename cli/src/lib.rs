@@ -1,4 +1,5 @@
-//! Small command-line helpers shared by carve's binaries: durations, log
+//! Small command-line helpers shared by carve's binaries (kept out of the CR
+//! types crate, which stays free of CLI plumbing): durations, log
 //! set-up and the API client.
 
 use std::path::Path;
