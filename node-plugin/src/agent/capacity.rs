@@ -17,7 +17,7 @@ use carve_crds::{
     AllocationStrategy, IpFamily, NO_POD_ADDRESSES_TAINT, NodeNetworkConfig, NodeNetworkConfigSpec,
     NodeNetworkConfigStatus,
 };
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Taint};
+use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, ResourceExt};
@@ -130,13 +130,7 @@ impl Agent {
                 }
             };
             info!(taint = NO_POD_ADDRESSES_TAINT, on, why = ?why, "node taint written");
-            let reference = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(self.settings.node.clone()),
-                uid: node.uid(),
-                ..Default::default()
-            };
+            let reference = self.node_reference(node.uid());
             let event =
                 Event { type_, reason: reason.into(), note: Some(note), action: "Taint".into(), secondary: None };
             if let Err(e) = recorder.publish(&event, &reference).await {

@@ -115,12 +115,7 @@ impl Agent {
         }
         self.metrics.leaks_reclaimed.inc_by(freed.len() as u64);
         let grace = self.leak_settings.grace;
-        let node = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.settings.node.clone()),
-            ..Default::default()
-        };
+        let node = self.node_reference(None);
         // One Event per address, so `carvectl status` counts addresses.
         for (ip, o) in &freed {
             info!(%ip, container = %o.container_id, ifname = %o.ifname, ?grace, "freed a leaked pod address: no pod on this node has it and its sandbox's interface is gone");

@@ -315,6 +315,17 @@ impl Agent {
         }
     }
 
+    /// This agent's Node, as its Events name it (`uid` when the caller read the Node).
+    fn node_reference(&self, uid: Option<String>) -> k8s_openapi::api::core::v1::ObjectReference {
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.settings.node.clone()),
+            uid,
+            ..Default::default()
+        }
+    }
+
     /// A scaler pass is due although nothing changed: a recent demand peak
     /// holds back a release that may be allowed once the peak leaves the window.
     pub fn release_held(&self) -> bool {
