@@ -82,7 +82,12 @@ async fn a_full_node_is_tainted_so_new_pods_go_elsewhere_and_untainted_when_an_a
         if running == capacity && count == capacity { Ok(()) } else { Err(format!("{running}/{count}")) }
     })
     .await;
-    assert!(tainted(&cluster, &node1.name));
+    // Full again with the pods that fit. A running pod the scale-down replaced
+    // may have freed its address for a moment, so the taint is awaited.
+    wait_for(&format!("{} tainted while its block is full", node1.name), WAIT, || async {
+        if tainted(&cluster, &node1.name) { Ok(()) } else { Err(format!("store {}", store_ips(node1).len())) }
+    })
+    .await;
     let carvectl = workspace_bin("carve-controller", "carvectl").unwrap();
     let out = std::process::Command::new(carvectl)
         .args(["status", "-o", "json", "--kubeconfig"])
