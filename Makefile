@@ -6,7 +6,7 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help prereqs build release crds bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
+.PHONY: help prereqs build release crds manifests bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
@@ -16,7 +16,8 @@ help:
 	@echo "make prereqs       check root, Go, Rust, kernel and cgroups; install the Debian packages the tests use (demo and test run it first)"
 	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
-	@echo "make crds          regenerate crds/*.yaml from the Rust types"
+	@echo "make crds          regenerate crds/*.yaml and charts/carve/crds/ from the Rust types"
+	@echo "make manifests     regenerate manifests/ from charts/carve (default values)"
 	@echo "make release       release binaries in target/release/"
 	@echo "make dist          the kubectl plugin (target/dist/kubectl-carve-linux-<arch>-v<version>.tgz) and the CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
@@ -65,6 +66,11 @@ image:
 
 crds:
 	$(CARGO) run -q -p carve-crds --bin crdgen
+	$(CARGO) run -q -p carve-crds --bin crdgen -- charts/carve/crds
+
+# manifests/ is the chart rendered with its defaults: edit charts/carve.
+manifests: bins
+	@e2e/scripts/render-manifests.sh $(BINS)/helm manifests
 
 # Builds etcd, kube-apiserver, kube-controller-manager, kubectl and cnitool from
 # Go modules once; later runs find them in ~/.cache/carve.

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub reconcile_errors: Family<Labels, Counter>,
     pub allocation_seconds: Histogram,
+    /// One Node's whole reconcile, API round trips included.
+    pub reconcile_seconds: Histogram,
     pub blocks: Family<Labels, Gauge>,
     pub leader: Gauge,
     /// Blocks nodes gave back (released into quarantine).
@@ -38,6 +40,8 @@ impl Metrics {
         let reconciles = Counter::default();
         let reconcile_errors = Family::<Labels, Counter>::default();
         let allocation_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
+        // 1 ms .. ~16 s: a reconcile is a few API calls.
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let blocks = Family::<Labels, Gauge>::default();
         let leader = Gauge::default();
         let releases = Counter::default();
@@ -49,6 +53,11 @@ impl Metrics {
             "Time to carve a node's blocks in memory",
             allocation_seconds.clone(),
         );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one Node's reconcile took, API calls included",
+            reconcile_seconds.clone(),
+        );
         registry.register("blocks", "Blocks per pool, family and state (allocated, free, quarantined)", blocks.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         registry.register("block_releases", "Blocks nodes gave back (into quarantine)", releases.clone());
@@ -58,6 +67,7 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             allocation_seconds,
+            reconcile_seconds,
             blocks,
             leader,
             releases,

@@ -247,6 +247,13 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
 /// compatibility) its podCIDRs.
 pub async fn reconcile(node: Arc<PartialNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
+    let started = std::time::Instant::now();
+    let result = reconcile_node(node, &ctx).await;
+    ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_node(node: Arc<PartialNode>, ctx: &Arc<Ctx>) -> Result<Action, Error> {
     if node.metadata.deletion_timestamp.is_some() {
         // Held by a finalizer: the node may still run pods, so its blocks stay.
         return Ok(Action::await_change());

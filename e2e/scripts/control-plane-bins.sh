@@ -4,7 +4,7 @@
 # kube-scheduler, kubectl, and for real nodes kubelet and kube-proxy; cnitool
 # (current, and v1.1.2: the libcni containerd 1.6/1.7 embed) and the reference
 # CNI plugins; containerd 2 (daemon, runc shim and ctr) for nodes that run it
-# instead of Debian's 1.6. A second run finds the binaries and returns at once.
+# instead of Debian's 1.6; helm. A second run finds the binaries and returns at once.
 #
 # With --conformance it also builds what the upstream sig-network suites need
 # (see build_conformance): a network-only e2e test binary, ginkgo, agnhost and
@@ -26,6 +26,10 @@ PLUGINS="$CACHE/cni-plugins-$PLUGINS_VERSION"
 CONTAINERD2_VERSION="${CARVE_CONTAINERD2_VERSION:-v2.1.4}"
 CONTAINERD2="$CACHE/containerd-$CONTAINERD2_VERSION"
 
+# helm for the chart's tests and `make manifests`.
+HELM_VERSION="${CARVE_HELM_VERSION:-v4.3.2}"
+# The ServiceMonitor and PrometheusRule CRDs the chart's monitoring renders to.
+PROMETHEUS_OPERATOR_VERSION="${CARVE_PROMETHEUS_OPERATOR_VERSION:-v0.94.0}"
 # CoreDNS as kubeadm v1.35 deploys it.
 COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
 CONFORMANCE=0
@@ -149,6 +153,40 @@ build_cni_plugins() {
   ln -sfn "$PLUGINS" "$BIN/cni-plugins"
 }
 
+build_helm() {
+  need helm || return 0
+  log "building helm $HELM_VERSION"
+  local tmp="$work/helm-$HELM_VERSION"
+  mkdir -p "$tmp"
+  GOBIN="$tmp" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+  mv "$tmp/helm" "$BIN/helm"
+}
+
+# The Prometheus Operator's CRDs (no operator: the API server only has to
+# accept the chart's ServiceMonitors and PrometheusRule).
+fetch_monitoring_crds() {
+  local out="$BIN/monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"
+  if [[ ! -f $out/monitoring.coreos.com_prometheusrules.yaml ]]; then
+    fetch_monitoring_crds_into "$out"
+  fi
+  ln -sfn "$out" "$BIN/monitoring-crds"
+}
+
+fetch_monitoring_crds_into() {
+  local out="$1" kind
+  log "fetching the Prometheus Operator $PROMETHEUS_OPERATOR_VERSION CRDs"
+  local dir
+  dir="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$out.tmp"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$out.tmp/"
+  done
+  rm -rf "$out"
+  mv "$out.tmp" "$out"
+}
+
 # containerd refuses `go install` (its go.mod has exclude directives) and its
 # module zip carries no vendor tree: build its module source as the main module.
 # The runc shim and ctr come from the same source; nodes on containerd 2 point
@@ -240,5 +278,7 @@ build_kubernetes
 build_cnitool
 build_cni_plugins
 build_containerd2
+build_helm
+fetch_monitoring_crds
 ((CONFORMANCE)) && build_conformance
 echo "$BIN"

@@ -437,6 +437,13 @@ impl Cluster {
         }
         let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
         ensure!(out.status.success(), "kubectl apply of the pool: {}", String::from_utf8_lossy(&out.stderr));
+        self.wait_network_ready().await
+    }
+
+    /// Waits until every node is Ready with carve's network
+    /// (NetworkUnavailable=False), however carve was installed.
+    pub async fn wait_network_ready(&self) -> Result<()> {
+        let cp = self.cp();
         let nodes = self.nodes.len();
         crate::testkit::poll("every node Ready with carve's network", Duration::from_secs(180), || async {
             let list = self.kubectl_json(&["get", "nodes"]).map_err(|e| format!("{e:#}"))?;
