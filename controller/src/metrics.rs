@@ -17,6 +17,11 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// Every `reason` of `carve_reconcile_errors_total`
+/// (`reconcile::Error::metric_label`): each series exists from the start at 0,
+/// so a dashboard's rate shows 0 rather than no data.
+pub const RECONCILE_ERROR_REASONS: [&str; 4] = ["conflict", "not_found", "api", "transport"];
+
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Counter,
@@ -39,6 +44,9 @@ impl Metrics {
         let mut registry = Registry::with_prefix("carve");
         let reconciles = Counter::default();
         let reconcile_errors = Family::<Labels, Counter>::default();
+        for reason in RECONCILE_ERROR_REASONS {
+            let _ = reconcile_errors.get_or_create(&vec![("reason".to_string(), reason.to_string())]);
+        }
         let allocation_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
         // 1 ms .. ~16 s: a reconcile is a few API calls.
         let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));

@@ -228,3 +228,28 @@ async fn every_object_the_chart_renders_passes_server_side_dry_run() {
         assert!(said.contains(object), "{object} not applied: {said}");
     }
 }
+
+/// promtool from Debian's prometheus package (`make prereqs` installs it).
+fn promtool(args: &[&str]) -> Output {
+    run(Command::new("promtool").current_dir(repo_root()).args(args))
+}
+
+#[test]
+fn the_alerts_pass_promtool_check_and_their_unit_tests() {
+    let check = promtool(&["check", "rules", "charts/carve/files/carve-alerts.yaml"]);
+    assert!(
+        check.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // An exhausted pool fires CarvePoolExhausted (a standby's stale counts
+    // notwithstanding), a pool under 10% free the warning, no leader its alert.
+    let test = promtool(&["test", "rules", "e2e/monitoring/carve-alerts.test.yaml"]);
+    assert!(
+        test.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+}
