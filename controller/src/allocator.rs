@@ -289,14 +289,14 @@ impl PoolBlocks {
     }
 
     /// Keeps a CIDR that left the spec but still holds `blocks`: they stay
-    /// allocated, no new block comes from it.
-    pub fn retain_retired(&mut self, cidr: IpNet, blocks: &[IpNet]) {
+    /// allocated, no new block comes from it. Returns the blocks it cannot
+    /// count (now reserved, or of another block size), and why.
+    pub fn retain_retired(&mut self, cidr: IpNet, blocks: &[IpNet]) -> Vec<(IpNet, OccupyError)> {
         let mut retired = Self::cidr_blocks(&self.layout, cidr);
         retired.set_accepting(false);
-        for b in blocks {
-            let _ = retired.occupy(b);
-        }
+        let refused = blocks.iter().filter_map(|b| retired.occupy(b).err().map(|e| (*b, e))).collect();
         self.families.entry(IpFamily::of(&cidr)).or_default().push(retired);
+        refused
     }
 
     /// Families served, IPv4 first.

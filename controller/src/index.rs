@@ -123,6 +123,10 @@ pub enum BlockProblem {
     PodCidrConflict { cidr: IpNet, other: String },
     #[error("podCIDR {cidr} does not fit pool {pool}: {reason}; not adopted")]
     PodCidrUnfit { cidr: IpNet, pool: String, reason: OccupyError },
+    /// After a pool's spec changed: the node keeps the block (its pods use
+    /// it), the pool's bitmap does not count it.
+    #[error("node {node} keeps block {block}, which pool {pool} no longer offers: {reason}")]
+    HeldBlockRefused { node: String, block: IpNet, pool: String, reason: OccupyError },
 }
 
 /// Why a node has fewer blocks than its pool's families.
@@ -291,8 +295,10 @@ fn sort_grants(grants: &mut [Grant]) {
 }
 
 impl Index {
-    /// Rebuilds every pool from `views`, keeping every block already held.
-    pub fn set_pools(&mut self, mut views: Vec<PoolView>) {
+    /// Rebuilds every pool from `views`, keeping every block already held;
+    /// returns the held blocks a pool's new spec refuses (now reserved, or of
+    /// another size).
+    pub fn set_pools(&mut self, mut views: Vec<PoolView>) -> Vec<BlockProblem> {
         views.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
         let previous = std::mem::take(&mut self.pools);
         let mut accepted: Vec<(String, IpNet)> = Vec::new();
@@ -325,7 +331,7 @@ impl Index {
             }
             self.pools.insert(view.name.clone(), pool);
         }
-        self.reoccupy(&previous);
+        self.reoccupy(&previous)
     }
 
     /// Every block a holding keeps in its pool: granted and quarantined.
@@ -334,16 +340,23 @@ impl Index {
     }
 
     /// Puts every held block back into its pool's bitmap after a rebuild.
-    fn reoccupy(&mut self, previous: &BTreeMap<String, Pool>) {
+    fn reoccupy(&mut self, previous: &BTreeMap<String, Pool>) -> Vec<BlockProblem> {
+        let mut problems = Vec::new();
+        let refused = |node: &str, block: IpNet, pool: &str, reason: OccupyError| BlockProblem::HeldBlockRefused {
+            node: node.to_string(),
+            block,
+            pool: pool.to_string(),
+            reason,
+        };
         let mut orphans: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
-        for holding in self.holdings.values() {
+        for (node, holding) in &self.holdings {
             let Some(pool) = self.pools.get_mut(&holding.pool) else { continue };
             let Some(blocks) = pool.blocks.as_mut() else { continue };
             for block in Self::held_blocks(holding) {
-                if blocks.holds(&block) {
-                    let _ = blocks.occupy(&block);
-                } else {
+                if !blocks.holds(&block) {
                     orphans.entry(holding.pool.clone()).or_default().push(block);
+                } else if let Err(reason) = blocks.occupy(&block) {
+                    problems.push(refused(node, block, &holding.pool, reason));
                 }
             }
         }
@@ -365,10 +378,14 @@ impl Index {
             }
             let pool_blocks = pool.blocks.as_mut().expect("orphans only come from valid pools");
             for (cidr, held) in by_cidr {
-                pool_blocks.retain_retired(cidr, &held);
+                for (block, reason) in pool_blocks.retain_retired(cidr, &held) {
+                    let node = self.owners.get(&block).map(String::as_str).unwrap_or_default();
+                    problems.push(refused(node, block, &name, reason));
+                }
                 pool.retired.push(cidr);
             }
         }
+        problems
     }
 
     pub fn holding(&self, node: &str) -> Option<&Holding> {
@@ -1162,6 +1179,30 @@ mod tests {
         assert_eq!(h.quarantined[0].id, "q1");
         assert!(index.assign(&node("b"), &Request::default(), 0).0.problem.is_some());
         assert_eq!(index.release("a").len(), 2, "a gone node returns its quarantined blocks too");
+    }
+
+    #[test]
+    fn a_held_block_a_new_exclusion_covers_stays_with_its_node_and_is_reported() {
+        let mut index = Index::new();
+        index.set_pools(vec![pool("overlay", "1", &["10.244.0.0/16"])]);
+        let (a, _) = index.assign(&node("a"), &Request::default(), 0);
+        let block = a.blocks()[0];
+        index.commit("a", &a);
+        let mut excluded = pool("overlay", "1", &["10.244.0.0/16"]);
+        excluded.exclusions = vec![block.to_string()];
+        let problems = index.set_pools(vec![excluded]);
+        assert_eq!(
+            problems,
+            [BlockProblem::HeldBlockRefused {
+                node: "a".into(),
+                block,
+                pool: "overlay".into(),
+                reason: OccupyError::Reserved { block }
+            }]
+        );
+        assert_eq!(index.holding("a").unwrap().grants[0].block, block, "the node keeps it");
+        let (b, _) = index.assign(&node("b"), &Request::default(), 0);
+        assert_ne!(b.blocks()[0], block, "nobody else gets it");
     }
 
     #[test]

@@ -82,13 +82,21 @@ struct State {
     /// NNCs this replica created that the cache may not show yet: creating
     /// again would only earn a 409 and a GET.
     created: HashMap<String, Arc<NodeNetworkConfig>>,
+    /// Failed reconciles in a row per Node, for the retry backoff.
+    failures: HashMap<String, u32>,
 }
 
 impl State {
     fn set_pools(&mut self, mut views: Vec<PoolView>) {
         views.sort_by(|a, b| a.name.cmp(&b.name));
         if self.pool_views != views {
-            self.index.set_pools(views.clone());
+            for problem in self.index.set_pools(views.clone()) {
+                warn!(%problem, "pool spec change");
+                if let BlockProblem::HeldBlockRefused { node, .. } = &problem {
+                    // Reported on the node's next reconcile, as a rebuild's problems are.
+                    self.stash.entry(node.clone()).or_default().push(problem);
+                }
+            }
             self.pool_views = views;
         }
     }
@@ -248,8 +256,12 @@ pub async fn rebuild(ctx: &Ctx) -> Result<(), Error> {
 pub async fn reconcile(node: Arc<PartialNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
     let started = std::time::Instant::now();
+    let name = node.name_any();
     let result = reconcile_node(node, &ctx).await;
     ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.state().failures.remove(&name);
+    }
     result
 }
 
@@ -460,10 +472,24 @@ async fn write_pod_cidrs(ctx: &Ctx, node: &PartialNode, assignment: &Assignment)
     Ok(())
 }
 
-pub fn error_policy(_node: Arc<PartialNode>, error: &Error, ctx: Arc<Ctx>) -> Action {
+/// Retries a failed Node after 1 s, doubling with each failure in a row up
+/// to a minute, so a node the API server keeps refusing does not spin.
+pub fn error_policy(node: Arc<PartialNode>, error: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&vec![("reason".to_string(), error.metric_label().to_string())]).inc();
-    warn!(%error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+    let name = node.name_any();
+    let failures = {
+        let mut state = ctx.state();
+        let n = state.failures.entry(name.clone()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(failures);
+    warn!(node = %name, %error, failures, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// Releases blocks only when the Node is really gone: absent from the cache
@@ -530,4 +556,15 @@ pub async fn pool_status(ctx: &Ctx) -> Result<(), Error> {
         api.patch_status(&name, &apply(), &apply_body::<PodCidr>(&name, json!({ "status": desired }))).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_a_second_to_a_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 }
