@@ -8,6 +8,7 @@ mod cni_support;
 use std::path::Path;
 
 use carve_node_plugin::agent::cni::{self as agent_cni, VersionReason};
+use cni_support::node::{NODE_IP, Node};
 use cni_support::*;
 use serde_json::{Value, json};
 
@@ -15,47 +16,8 @@ const CNI: &str = env!("CARGO_BIN_EXE_carve-cni");
 const IPAM: &str = env!("CARGO_BIN_EXE_carve-ipam");
 const AGENT: &str = env!("CARGO_BIN_EXE_carve-agent");
 
-/// A node namespace with a CNI setup: state file, bin and conf dirs, a conflist.
-struct Node {
-    dirs: CniDirs,
-    ns: Netns,
-    net: String,
-    state: std::path::PathBuf,
-    data: std::path::PathBuf,
-}
-
-/// The node's own address (on lo of the node namespace).
-const NODE_IP: &str = "192.168.251.1";
-
+/// carve-agent's side of a [`Node`]: its install step and conflist.
 impl Node {
-    /// The node namespace, state file and CNI dirs; no conflist yet.
-    fn bare(cidr: &str, gateway: &str, net: String) -> Self {
-        assert!(is_root(), "carve-cni tests need root (network namespaces)");
-        let dirs = CniDirs::new();
-        let state = dirs.root.path().join("run/node-state.json");
-        let data = dirs.root.path().join("ipam");
-        write_state(&state, cidr, gateway, 1400);
-        let ns = Netns::unique("node").unwrap();
-        ns.exec("ip", &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).unwrap();
-        Node { dirs, ns, net, state, data }
-    }
-
-    fn new(cidr: &str, gateway: &str, version: &str, with_portmap: bool) -> Self {
-        let node = Self::bare(cidr, gateway, format!("cnit-cni-{}", unique()));
-        let mut plugins = vec![json!({
-            "type": "carve-cni",
-            "logLevel": "debug",
-            "logFile": node.dirs.root.path().join("carve-cni.log"),
-            "stateFile": node.state,
-            "ipam": { "type": "carve-ipam", "stateFile": node.state, "dataDir": node.data },
-        })];
-        if with_portmap {
-            plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
-        }
-        node.dirs.write_conflist(&node.net, version, Value::Array(plugins));
-        node
-    }
-
     /// The node as carve-agent sets it up: `carve-agent install-cni` (the image's
     /// portmap, containernetworking-plugins', replaces the node's Debian one when
     /// that cannot speak the conflist's highest version), then the conflist
@@ -91,14 +53,6 @@ impl Node {
         serde_json::from_slice(&std::fs::read(self.dirs.conf().join(agent_cni::DEFAULT_CONFLIST)).unwrap()).unwrap()
     }
 
-    fn cnitool(&self, cmd: &str, pod: &Netns) -> (bool, String, String) {
-        self.cnitool_with(&cnitool(), cmd, pod)
-    }
-
-    fn cnitool_with(&self, tool: &Path, cmd: &str, pod: &Netns) -> (bool, String, String) {
-        self.dirs.run_cnitool(tool, &self.ns, cmd, &self.net, pod.path().to_str().unwrap(), "eth0")
-    }
-
     /// ADD through `tool`, asserting it succeeds; the result.
     fn add_with(&self, tool: &Path, pod: &Netns) -> Value {
         let (ok, out, err) = self.cnitool_with(tool, "add", pod);
@@ -114,43 +68,6 @@ impl Node {
         }
         assert!(stored(&self.data).is_empty(), "address left: {:?}", stored(&self.data));
         assert!(pod.exec("ip", &["link", "show", "eth0"]).is_err(), "eth0 still in the pod");
-    }
-
-    fn add(&self, pod: &Netns) -> Value {
-        let (ok, out, err) = self.cnitool("add", pod);
-        assert!(ok, "cnitool add failed: {out} {err}\nlog: {}", self.log());
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dirs.root.path().join("carve-cni.log")).unwrap_or_default()
-    }
-
-    /// Runs carve-cni directly (in the node namespace) with `conf` as the single plugin config.
-    fn direct(&self, command: &str, container: &str, netns: &str, conf: &Value) -> (i32, Value) {
-        use std::io::Write;
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns.name, CNI])
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_NETNS", netns)
-            .env("CNI_PATH", self.dirs.bin())
-            .env_remove("CARVE_STATE_FILE")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-        parse_output(&child.wait_with_output().unwrap())
-    }
-
-    fn plugin_conf(&self, version: &str) -> Value {
-        json!({
-            "cniVersion": version, "name": self.net, "type": "carve-cni", "stateFile": self.state,
-            "ipam": { "type": "carve-ipam", "stateFile": self.state, "dataDir": self.data },
-        })
     }
 }
 

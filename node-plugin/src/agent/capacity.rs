@@ -13,6 +13,8 @@
 //! [`verdict`] is pure; [`Agent::enforce_capacity`] writes the taint and an
 //! Event when the verdict changes.
 
+use std::collections::BTreeMap;
+
 use carve_crds::{
     AllocationStrategy, IpFamily, NO_POD_ADDRESSES_TAINT, NodeNetworkConfig, NodeNetworkConfigSpec,
     NodeNetworkConfigStatus,
@@ -23,9 +25,70 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
+use super::metrics::AddressCount;
 use super::{Agent, blocks, cni};
 use crate::ipam::alloc::Allocations;
 use crate::ipam::store::PodIpStore;
+
+/// One family's active (not releasing) blocks and how many of their addresses are in use.
+struct FamilyUse {
+    cidrs: Vec<ipnet::IpNet>,
+    usable: u64,
+    used: u64,
+}
+
+/// [`FamilyUse`] of each family status has blocks of (all releasing: none usable).
+fn family_use(
+    status: &NodeNetworkConfigStatus,
+    spec: &NodeNetworkConfigSpec,
+    store: &Allocations,
+) -> BTreeMap<IpFamily, FamilyUse> {
+    let releasing = blocks::releasing(status, spec, &store.releasing);
+    let mut out = BTreeMap::new();
+    for (net, usable) in blocks::usable(status) {
+        let family = out.entry(IpFamily::of(&net)).or_insert(FamilyUse { cidrs: vec![], usable: 0, used: 0 });
+        if !releasing.contains(&net) {
+            family.cidrs.push(net);
+            family.usable += usable;
+            family.used += store.count_in(&net) as u64;
+        }
+    }
+    out
+}
+
+/// Pod addresses per family: allocated in the store (anywhere), free in the active blocks.
+pub fn address_counts(
+    status: &NodeNetworkConfigStatus,
+    spec: &NodeNetworkConfigSpec,
+    store: &Allocations,
+) -> BTreeMap<IpFamily, AddressCount> {
+    let mut out = allocated(store)
+        .into_iter()
+        .map(|(f, allocated)| (f, AddressCount { allocated, free: 0 }))
+        .collect::<BTreeMap<_, _>>();
+    for (family, u) in family_use(status, spec, store) {
+        out.entry(family).or_default().free = u.usable.saturating_sub(u.used);
+    }
+    out
+}
+
+/// Allocations in the store per family.
+pub fn allocated(store: &Allocations) -> BTreeMap<IpFamily, u64> {
+    let mut out = BTreeMap::new();
+    for ip in store.by_ip.keys() {
+        *out.entry(IpFamily::of_addr(ip)).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Blocks in status per family.
+pub fn block_counts(status: &NodeNetworkConfigStatus) -> BTreeMap<IpFamily, u64> {
+    let mut out = BTreeMap::new();
+    for b in &status.blocks {
+        *out.entry(b.family).or_insert(0) += 1;
+    }
+    out
+}
 
 /// Why no new pod can get an address here, or `None` when one can (or the
 /// node has no blocks yet: NetworkUnavailable covers that).
@@ -33,22 +96,12 @@ pub fn verdict(status: &NodeNetworkConfigStatus, spec: &NodeNetworkConfigSpec, s
     if status.blocks.is_empty() {
         return None;
     }
-    let releasing = blocks::releasing(status, spec, &store.releasing);
-    let sizes = blocks::usable(status);
-    let full: Vec<String> = [IpFamily::IPv4, IpFamily::IPv6]
+    let full: Vec<String> = family_use(status, spec, store)
         .into_iter()
-        .filter_map(|family| {
-            let active: Vec<_> =
-                sizes.iter().filter(|(n, _)| IpFamily::of(n) == family && !releasing.contains(n)).collect();
-            if sizes.iter().all(|(n, _)| IpFamily::of(n) != family) {
-                return None;
-            }
-            let usable: u64 = active.iter().map(|(_, u)| *u).sum();
-            let used: u64 = active.iter().map(|(n, _)| store.count_in(n) as u64).sum();
-            (used >= usable).then(|| {
-                let cidrs: Vec<String> = active.iter().map(|(n, _)| n.to_string()).collect();
-                format!("no free {family} address ({used} of {usable} in use in {})", cidrs.join(", "))
-            })
+        .filter(|(_, u)| u.used >= u.usable)
+        .map(|(family, u)| {
+            let cidrs: Vec<String> = u.cidrs.iter().map(|n| n.to_string()).collect();
+            format!("no free {family} address ({} of {} in use in {})", u.used, u.usable, cidrs.join(", "))
         })
         .collect();
     if full.is_empty() {
@@ -86,6 +139,19 @@ pub fn with_taint(taints: &[Taint], on: bool) -> Option<Vec<Taint>> {
 }
 
 impl Agent {
+    /// `carve_agent_blocks` and `carve_agent_pod_addresses` from a look at the
+    /// store (no status: no blocks, nothing free).
+    pub(crate) fn observe_addresses(
+        &self,
+        status: Option<&NodeNetworkConfigStatus>,
+        spec: &NodeNetworkConfigSpec,
+        store: &Allocations,
+    ) {
+        let empty = NodeNetworkConfigStatus::default();
+        let status = status.unwrap_or(&empty);
+        self.metrics.set_node(&block_counts(status), &address_counts(status, spec, store));
+    }
+
     /// Taints or untaints the Node when the verdict changed since the last
     /// write (or the setting is off and the taint is there).
     pub async fn enforce_capacity(
@@ -102,6 +168,7 @@ impl Agent {
                 None
             } else {
                 let allocations = store.lock_within(cni::STORE_LOCK_TIMEOUT)?.load()?;
+                self.observe_addresses(Some(status), &own.spec, &allocations);
                 verdict(status, &own.spec, &allocations)
             }
         } else {
@@ -210,6 +277,23 @@ mod tests {
     fn a_node_without_blocks_is_left_to_network_unavailable() {
         let st = status(AllocationStrategy::Static, &[]);
         assert_eq!(verdict(&st, &NodeNetworkConfigSpec::default(), &Allocations::default()), None);
+    }
+
+    #[test]
+    fn addresses_count_the_whole_store_and_free_only_in_active_blocks() {
+        let mut st = status(AllocationStrategy::Dynamic, &["10.1.0.16/29", "10.1.0.24/29"]);
+        st.reserved_ips = vec!["10.1.0.17".into()];
+        let mut store = filled(3);
+        store.by_ip.insert("fd00::5".parse().unwrap(), Owner::new("c6", "eth0"));
+        let spec = NodeNetworkConfigSpec::default();
+        let counts = address_counts(&st, &spec, &store);
+        // 8 + 8 less one reserved, 3 in use (one on the reserved address: the store is what it is).
+        assert_eq!(counts[&IpFamily::IPv4], AddressCount { allocated: 3, free: 12 });
+        assert_eq!(counts[&IpFamily::IPv6], AddressCount { allocated: 1, free: 0 }, "no IPv6 block");
+        store.releasing.insert("10.1.0.24/29".parse().unwrap());
+        assert_eq!(address_counts(&st, &spec, &store)[&IpFamily::IPv4].free, 4, "a releasing block is not free");
+        assert_eq!(block_counts(&st), [(IpFamily::IPv4, 2)].into(), "a releasing block is still held");
+        assert_eq!(allocated(&store), [(IpFamily::IPv4, 3), (IpFamily::IPv6, 1)].into());
     }
 
     #[test]

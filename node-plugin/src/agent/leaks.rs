@@ -107,6 +107,7 @@ impl Agent {
             }
             suspects.forget(&freed);
             self.metrics.leak_suspects.set(suspects.len() as i64);
+            self.metrics.set_allocated(&super::capacity::allocated(&allocations));
             freed
         };
         self.metrics.leak_passes.inc();

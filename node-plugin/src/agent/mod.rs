@@ -17,6 +17,7 @@
 pub mod blocks;
 pub mod capacity;
 pub mod cni;
+pub mod cni_calls;
 pub mod leaks;
 pub mod metrics;
 mod run;
@@ -43,6 +44,7 @@ use crate::dataplane::worker::Worker;
 use crate::ipam::store::{PodIpStore, StoreError};
 use crate::ipam::waiting;
 use crate::state::{self, NodeState, StateError};
+use metrics::stage;
 
 /// Node condition the agent owns.
 pub const CONDITION: &str = "NetworkUnavailable";
@@ -246,13 +248,13 @@ pub struct DemandSignature {
     pub waiting: bool,
 }
 
-/// The release marks in carve-ipam's store in `dir` (none when it was never written).
-fn store_marks(dir: &std::path::Path) -> Result<BTreeSet<IpNet>, StoreError> {
+/// carve-ipam's store in `dir` (empty when it was never written).
+fn store_allocations(dir: &std::path::Path) -> Result<crate::ipam::alloc::Allocations, StoreError> {
     let store = PodIpStore::new(dir);
     if !store.file().exists() {
-        return Ok(BTreeSet::new());
+        return Ok(Default::default());
     }
-    Ok(store.lock_within(cni::STORE_LOCK_TIMEOUT)?.load()?.releasing)
+    store.lock_within(cni::STORE_LOCK_TIMEOUT)?.load()
 }
 
 /// The node side state machine: files and dataplane, in order.
@@ -382,6 +384,7 @@ impl Agent {
             let locked = store.lock_within(cni::STORE_LOCK_TIMEOUT)?;
             let mut allocations = locked.load()?;
             let now = std::time::Instant::now();
+            self.observe_addresses(Some(status), &own.spec, &allocations);
             let mut history = self.demand_history.lock().unwrap_or_else(|e| e.into_inner());
             let d = blocks::plan(status, &own.spec, &allocations, &waiting, &history.peaks(now));
             history.0.push_back((now, d.demand.clone()));
@@ -503,17 +506,29 @@ impl Agent {
         pools: &[Arc<PodCidr>],
     ) -> Readiness {
         let s = &self.settings;
+        // Counted under `stage` (metrics::stage), then the Node condition's reason.
+        let failed = |stage: &'static str, reason: &'static str, e: &dyn std::fmt::Display| {
+            self.metrics.reconcile_error(stage);
+            Readiness::not(reason, e.to_string())
+        };
         let underlay = self.underlay_mtu(own).await;
-        let releasing = match own.and_then(|o| o.status.as_ref()) {
-            Some(status) => match store_marks(&s.ipam_store_dir()) {
-                Ok(marks) => blocks::releasing(status, &own.map(|o| o.spec.clone()).unwrap_or_default(), &marks),
-                Err(e) => return Readiness::not("IPAMStoreFailed", e.to_string()),
-            },
-            None => BTreeSet::new(),
+        let status = own.and_then(|o| o.status.as_ref());
+        let spec = own.map(|o| o.spec.clone()).unwrap_or_default();
+        let releasing = match store_allocations(&s.ipam_store_dir()) {
+            Ok(allocations) => {
+                self.observe_addresses(status, &spec, &allocations);
+                status.map(|st| blocks::releasing(st, &spec, &allocations.releasing)).unwrap_or_default()
+            }
+            // Without a status there is nothing to serve yet; the store matters once there is.
+            Err(e) if status.is_some() => return failed(stage::IPAM_STORE, "IPAMStoreFailed", &e),
+            Err(_) => BTreeSet::new(),
         };
         let node_state = match node_state(s, own, pools, underlay, &releasing) {
             Ok(n) => n,
             Err(not_ready) => {
+                if matches!(not_ready, Readiness::NotReady { reason: "InvalidNodeNetworkConfig", .. }) {
+                    self.metrics.reconcile_error(stage::NNC);
+                }
                 match cni::remove_conflist(&s.cni_conf_dir, &s.conflist_name) {
                     Ok(true) => info!(conflist = %s.conflist_name, "removed the CNI conflist: no blocks"),
                     Ok(false) => {}
@@ -525,7 +540,7 @@ impl Agent {
 
         if state::read(&s.state_file).ok().as_ref() != Some(&node_state) {
             if let Err(e) = state::write(&s.state_file, &node_state) {
-                return Readiness::not("StateFileFailed", e.to_string());
+                return failed(stage::STATE_FILE, "StateFileFailed", &e);
             }
             info!(path = %s.state_file.display(), blocks = ?node_state.blocks.iter().map(|b| &b.cidr).collect::<Vec<_>>(), "wrote the node state file");
         }
@@ -535,13 +550,13 @@ impl Agent {
                 info!(?installed, dir = %s.cni_bin_dir.display(), "installed CNI plugins")
             }
             Ok(_) => {}
-            Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
+            Err(e) => return failed(stage::CNI_BINARIES, "CNIInstallFailed", &e),
         }
 
         let peers = peers(nncs, &s.node);
         let desired = match plan::plan(&node_state, &peers, &self.overlay(node_state.mtu)) {
             Ok(d) => d,
-            Err(e) => return Readiness::not("InvalidNodeNetworkConfig", e.to_string()),
+            Err(e) => return failed(stage::NNC, "InvalidNodeNetworkConfig", &e),
         };
         match self.worker.apply(desired, &s.vxlan_device).await {
             Ok(applied) if !applied.is_noop() => info!(
@@ -556,7 +571,7 @@ impl Agent {
                 "dataplane updated"
             ),
             Ok(_) => debug!(peers = peers.len(), "dataplane unchanged"),
-            Err(e) => return Readiness::not("DataplaneFailed", e.to_string()),
+            Err(e) => return failed(stage::DATAPLANE, "DataplaneFailed", &e),
         }
 
         let written = cni::write_conflist(
@@ -579,7 +594,7 @@ impl Agent {
                     )
                 }
             }
-            Err(e) => return Readiness::not("CNIInstallFailed", e.to_string()),
+            Err(e) => return failed(stage::CONFLIST, "CNIInstallFailed", &e),
         }
         Readiness::Ready
     }

@@ -6,7 +6,9 @@
 //! [`DEMAND_POLL`] looks at the IPAM store and the waiting ADDs and runs only
 //! the scaler and the taint when they changed (pods come and go without an
 //! API event). Beside it, the leak reconciler ([`super::leaks`]) on its own
-//! period. The binary parses flags; tests can run this in-process.
+//! period. Each pass counts in `carve_agent_reconciles_total`, its failed
+//! steps in `carve_agent_reconcile_errors_total{stage}`, and sets
+//! `carve_agent_ready`. The binary parses flags; tests can run this in-process.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
+use super::metrics::stage;
 use super::{Agent, Readiness, set_network_unavailable};
 
 /// How often the agent re-reads its Node's NetworkUnavailable condition
@@ -79,14 +82,21 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
     let recorder = Recorder::new(client.clone(), reporter);
     let reclaim = super::leaks::run(&agent, client.clone(), recorder.clone());
     let nnc_api = Api::<NodeNetworkConfig>::all(client.clone());
-    let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>| {
+    // `full`: part of a reconcile pass, whose failures carve_agent_reconcile_errors_total counts.
+    let scale = |own: Option<std::sync::Arc<NodeNetworkConfig>>, full: bool| {
         let (agent, nnc_api, nodes, recorder) = (&agent, &nnc_api, &nodes, &recorder);
         async move {
             if let Err(e) = agent.scale(nnc_api, own.as_deref()).await {
                 warn!(error = %e, "scaler pass failed; retrying on the next change");
+                if full {
+                    agent.metrics.reconcile_error(stage::SCALER);
+                }
             }
             if let Err(e) = agent.enforce_capacity(nodes, recorder, own.as_deref()).await {
                 warn!(error = %e, "writing the no-pod-addresses taint failed; retrying on the next change");
+                if full {
+                    agent.metrics.reconcile_error(stage::TAINT);
+                }
             }
         }
     };
@@ -109,7 +119,8 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
         let mut checked = Instant::now();
         loop {
             let own = nncs.get(&own_ref);
-            scale(own.clone()).await;
+            agent.metrics.reconciles.inc();
+            scale(own.clone(), true).await;
             let readiness = agent.reconcile(own.as_deref(), &nncs.state(), &pools.state()).await;
             if last.as_ref() != Some(&readiness) {
                 match &readiness {
@@ -125,10 +136,13 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
                     Ok(_) => last = Some(readiness),
                     Err(e) => {
                         warn!(error = %e, node = %node, "writing the NetworkUnavailable condition failed; retrying");
+                        agent.metrics.reconcile_error(stage::STATUS);
                         last = None;
                     }
                 }
             }
+            // `last` is this pass's readiness once the Node says so too (what the scheduler goes by).
+            agent.metrics.ready.set(i64::from(last == Some(Readiness::Ready)));
             // Wait for a change (or the resync tick), then take every change
             // already queued; meanwhile follow the demand.
             let mut demand = agent.demand_signature();
@@ -138,7 +152,7 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
                     _ = tokio::time::sleep(DEMAND_POLL) => {
                         let now = agent.demand_signature();
                         if now != demand || now.waiting || agent.release_held() {
-                            scale(nncs.get(&own_ref)).await;
+                            scale(nncs.get(&own_ref), false).await;
                             demand = agent.demand_signature();
                         }
                     }

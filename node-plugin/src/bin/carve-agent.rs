@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use carve_cli::{LogFormat, init_tracing, kube_client, parse_duration};
 use carve_node_plugin::agent::{self, Agent, Settings, cni, leaks, metrics};
+use carve_node_plugin::cni::report::socket_path;
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
 use carve_node_plugin::dataplane::worker::Worker;
 use carve_node_plugin::state::DEFAULT_STATE_FILE;
@@ -218,6 +219,8 @@ async fn main() -> Result<()> {
     let agent = Agent::new(settings, worker, leak_settings);
     if let Some(addr) = args.metrics_addr {
         metrics::serve(addr, agent.metrics.clone()).await?;
+        // carve-cni and carve-ipam report each call beside the state file they read.
+        agent::cni_calls::listen(&socket_path(&args.state_file), agent.metrics.clone());
     }
     agent::run(client, agent, args.resync_interval).await
 }

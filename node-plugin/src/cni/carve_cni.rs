@@ -35,7 +35,7 @@ use serde_json::Value;
 
 use super::{CniError, CniResult, Command, Interface, IpConfig, Plugin, Request, Route, code};
 use super::{attachment, delegate};
-use crate::ipam::{CarveIpam, read_state, state_file_path};
+use crate::ipam::{CarveIpam, read_state};
 use crate::podnet::{self, Delete, GATEWAY_V4, GATEWAY_V6, PodNetSpec};
 
 pub struct CarveCni;
@@ -142,17 +142,6 @@ fn ipam_type(req: &Request) -> Result<String, CniError> {
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "network configuration has no ipam.type"))
 }
 
-fn state_file(req: &Request) -> PathBuf {
-    let configured = req
-        .conf
-        .other
-        .get("stateFile")
-        .or_else(|| req.conf.ipam_field("stateFile"))
-        .and_then(Value::as_str)
-        .map(PathBuf::from);
-    state_file_path(configured)
-}
-
 fn run_dir(req: &Request) -> PathBuf {
     req.conf
         .other
@@ -191,7 +180,7 @@ impl Plugin for CarveCni {
         }
         let mtu = match req.conf.other.get("mtu").and_then(Value::as_u64) {
             Some(m) => m as u32,
-            None => read_state(&state_file(req), code::TRY_AGAIN_LATER)?.mtu,
+            None => read_state(&req.conf.state_file(), code::TRY_AGAIN_LATER)?.mtu,
         };
         if !(576..=65535).contains(&mtu) {
             return Err(CniError::new(code::INVALID_CONFIG, format!("MTU {mtu} is out of range 576..65535")));
@@ -285,7 +274,7 @@ impl Plugin for CarveCni {
     }
 
     fn status(&self, req: &Request) -> Result<(), CniError> {
-        read_state(&state_file(req), code::NOT_AVAILABLE)?;
+        read_state(&req.conf.state_file(), code::NOT_AVAILABLE)?;
         let ipam = Ipam::of(req).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
         ipam.run(Command::Status, req)
     }

@@ -8,11 +8,12 @@
 //! ```
 //!
 //! Pure: nothing here touches the network or the disk except [`run`], which
-//! reads stdin and writes stdout.
+//! reads stdin, writes stdout and reports the call to carve-agent ([`report`]).
 
 pub mod attachment;
 pub mod carve_cni;
 pub mod delegate;
+pub mod report;
 pub mod result;
 
 use std::collections::BTreeMap;
@@ -102,6 +103,9 @@ pub enum Command {
 }
 
 impl Command {
+    pub const ALL: [Command; 6] =
+        [Command::Add, Command::Del, Command::Check, Command::Status, Command::Gc, Command::Version];
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "ADD" => Command::Add,
@@ -272,6 +276,13 @@ impl NetConf {
     pub fn ipam_field(&self, key: &str) -> Option<&Value> {
         self.ipam.as_ref().and_then(|i| i.get(key))
     }
+
+    /// The node state file: `CARVE_STATE_FILE`, else `stateFile`, else
+    /// `ipam.stateFile`, else [`crate::state::DEFAULT_STATE_FILE`].
+    pub fn state_file(&self) -> PathBuf {
+        let configured = self.other.get("stateFile").or_else(|| self.ipam_field("stateFile"));
+        crate::ipam::state_file_path(configured.and_then(Value::as_str).map(PathBuf::from))
+    }
 }
 
 /// What one invocation hands a plugin.
@@ -392,9 +403,10 @@ fn init_logging(stdin: &[u8]) {
     };
 }
 
-/// The whole life of a plugin process: `--version`, then one CNI invocation.
-/// Returns the exit code.
+/// The whole life of a plugin process: `--version`, then one CNI invocation,
+/// reported to carve-agent once its answer is out. Returns the exit code.
 pub fn run<P: Plugin>(plugin: &P) -> i32 {
+    let started = std::time::Instant::now();
     if std::env::args().nth(1).is_some_and(|a| a == "--version" || a == "version") {
         println!(
             "{} {} (CNI spec {SPEC_VERSION}; supported versions: {})",
@@ -415,7 +427,19 @@ pub fn run<P: Plugin>(plugin: &P) -> i32 {
     }
     init_logging(&stdin);
     let out = dispatch(plugin, command.as_deref(), |k| std::env::var(k).ok(), &stdin);
-    print(&out)
+    let duration = started.elapsed();
+    let exit_code = print(&out);
+    // Only calls with a known command and plugin: label values stay bounded.
+    if let (Some(plugin), Some(command)) =
+        (report::PluginName::parse(P::NAME), command.as_deref().and_then(Command::parse))
+    {
+        // A config that does not parse still reports, beside the default state file.
+        let state_file = serde_json::from_slice::<NetConf>(&stdin)
+            .map_or_else(|_| crate::ipam::state_file_path(None), |c| c.state_file());
+        let r = report::Report { plugin, command, success: exit_code == 0, duration };
+        report::send(&report::socket_path(&state_file), &r);
+    }
+    exit_code
 }
 
 fn print(out: &Outcome) -> i32 {

@@ -11,6 +11,8 @@ use carve_node_plugin::state::{self, NodeState};
 pub use carve_testkit::netns::Netns;
 use serde_json::Value;
 
+pub mod node;
+
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique suffix for this process and call.
