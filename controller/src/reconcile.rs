@@ -271,22 +271,22 @@ async fn reconcile_node(node: Arc<PartialNode>, ctx: &Arc<Ctx>) -> Result<Action
         return Ok(Action::await_change());
     }
     ctx.refresh_pools();
-    let existing = current_nnc(&ctx, &node).await?;
+    let existing = current_nnc(ctx, &node).await?;
     let request = views::request(existing.as_deref());
     let now = Time(Timestamp::now());
-    let (assignment, problems) = assign(&ctx, &node, existing.as_deref(), &request, now.0.as_second());
+    let (assignment, problems) = assign(ctx, &node, existing.as_deref(), &request, now.0.as_second());
     let nnc = match existing {
         Some(n) => n,
-        None => create_nnc(&ctx, &node).await?,
+        None => create_nnc(ctx, &node).await?,
     };
-    let previous = known_status(&ctx, &nnc);
+    let previous = known_status(ctx, &nnc);
     let desired =
         status::nnc_status(&assignment, &problems, views::internal_ip(&node), nnc.metadata.generation, &previous, &now);
     let conflicts = status::new_conflicts(&previous, &desired);
     if desired != previous {
         // A release is honoured only against the spec that carried it.
         let fence = (!assignment.released.is_empty()).then(|| nnc.resource_version()).flatten();
-        write_nnc_status(&ctx, &nnc, desired, fence).await?;
+        write_nnc_status(ctx, &nnc, desired, fence).await?;
     }
     ctx.state().index.commit(&node.name_any(), &assignment);
     ctx.metrics.releases.inc_by(assignment.released.len() as u64);
@@ -296,7 +296,7 @@ async fn reconcile_node(node: Arc<PartialNode>, ctx: &Arc<Ctx>) -> Result<Action
     for conflict in &conflicts {
         ctx.announce_conflict(&node, &nnc, conflict).await;
     }
-    write_pod_cidrs(&ctx, &node, &assignment).await?;
+    write_pod_cidrs(ctx, &node, &assignment).await?;
     for holder in &assignment.holders_of_my_ips {
         let _ = ctx.nudge.unbounded_send(ObjectRef::new(holder));
     }
