@@ -4,7 +4,7 @@
 # kube-scheduler, kubectl, and for real nodes kubelet and kube-proxy; cnitool
 # (current, and v1.1.2: the libcni containerd 1.6/1.7 embed) and the reference
 # CNI plugins; containerd 2 (daemon, runc shim and ctr) for nodes that run it
-# instead of Debian's 1.6; helm. A second run finds the binaries and returns at once.
+# instead of Debian's 1.6; helm and Prometheus. A second run finds the binaries and returns at once.
 #
 # With --conformance it also builds what the upstream sig-network suites need
 # (see build_conformance): a network-only e2e test binary, ginkgo, agnhost and
@@ -30,6 +30,9 @@ CONTAINERD2="$CACHE/containerd-$CONTAINERD2_VERSION"
 HELM_VERSION="${CARVE_HELM_VERSION:-v4.3.2}"
 # The ServiceMonitor and PrometheusRule CRDs the chart's monitoring renders to.
 PROMETHEUS_OPERATOR_VERSION="${CARVE_PROMETHEUS_OPERATOR_VERSION:-v0.94.0}"
+# Prometheus 3.16 for the monitoring test (Debian's 2.42 is built without
+# Kubernetes service discovery).
+PROMETHEUS_VERSION="${CARVE_PROMETHEUS_VERSION:-v0.316.0}"
 # CoreDNS as kubeadm v1.35 deploys it.
 COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
 CONFORMANCE=0
@@ -163,6 +166,20 @@ build_helm() {
   mv "$tmp/helm" "$BIN/helm"
 }
 
+# Only Kubernetes service discovery is compiled in (Prometheus's own build
+# tags); the API and rule engine are whole, the web UI's assets are not.
+build_prometheus() {
+  need prometheus || return 0
+  log "building prometheus $PROMETHEUS_VERSION"
+  # Module v0.3XY.Z is Prometheus 3.XY.Z.
+  local tmp="$work/prometheus-$PROMETHEUS_VERSION" v="${PROMETHEUS_VERSION#v0.3}"
+  mkdir -p "$tmp"
+  GOBIN="$tmp" go install -trimpath -tags "remove_all_sd enable_kubernetes_sd" \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=3.$v" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  mv "$tmp/prometheus" "$BIN/prometheus"
+}
+
 # The Prometheus Operator's CRDs (no operator: the API server only has to
 # accept the chart's ServiceMonitors and PrometheusRule).
 fetch_monitoring_crds() {
@@ -279,6 +296,7 @@ build_cnitool
 build_cni_plugins
 build_containerd2
 build_helm
+build_prometheus
 fetch_monitoring_crds
 ((CONFORMANCE)) && build_conformance
 echo "$BIN"

@@ -15,8 +15,8 @@ set -uo pipefail
 # the scripts' linter (shellcheck); for the real nodes containerd + runc, and
 # for their images busybox-static, a static libc and gcc (the pause binary),
 # binutils (strip); nsenter/unshare (util-linux) and mount; for the upstream
-# e2e images (agnhost, jessie-dnsutils) bash, dig, OpenBSD nc and ss; Prometheus
-# and promtool for the chart's alerts and dashboard.
+# e2e images (agnhost, jessie-dnsutils) bash, dig, OpenBSD nc and ss; promtool
+# (Debian's prometheus package) for the chart's alert rules.
 PACKAGES=(iproute2 iputils-ping nftables containernetworking-plugins procps curl shellcheck
   containerd runc busybox-static gcc libc6-dev binutils util-linux mount
   bash bind9-dnsutils netcat-openbsd prometheus)

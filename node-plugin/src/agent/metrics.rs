@@ -185,12 +185,15 @@ impl AgentMetrics {
             cni_request_duration,
         };
         metrics.set_node(&BTreeMap::new(), &BTreeMap::new());
-        // Counters at 0 from the start: an alert on increase() sees the first error too.
+        // Counters and histograms at 0 from the start: an alert on increase()
+        // sees the first error too, and a rate() over the first calls is not
+        // lost to a series that appeared with them.
         for stage in stage::ALL {
             let _ = metrics.reconcile_errors.get_or_create(&StageLabels { stage });
         }
         for plugin in PluginName::ALL.map(PluginName::as_str) {
             for command in Command::ALL.map(Command::as_str) {
+                let _ = metrics.cni_request_duration.get_or_create(&CniCommandLabels { plugin, command });
                 for result in ["success", "error"] {
                     let _ = metrics.cni_requests.get_or_create(&CniCallLabels { plugin, command, result });
                 }
@@ -321,7 +324,11 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
-        assert_eq!(lines(&m, "carve_cni_request_duration_seconds_bucket{").len(), 2 * 17, "16 buckets and +Inf each");
+        assert_eq!(
+            lines(&m, "carve_cni_request_duration_seconds_bucket{").len(),
+            2 * 6 * 17,
+            "16 buckets and +Inf for every plugin and command"
+        );
     }
 
     #[test]
@@ -367,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn every_cni_call_counter_starts_at_zero_and_no_histogram_before_a_call() {
+    fn every_cni_call_counter_and_histogram_starts_at_zero() {
         let m = AgentMetrics::new();
         let calls = lines(&m, "carve_cni_requests_total{");
         assert_eq!(calls.len(), 2 * 6 * 2, "{calls:?}");
@@ -375,6 +382,8 @@ mod tests {
         assert!(calls.contains(
             &r#"carve_cni_requests_total{plugin="carve-ipam",command="VERSION",result="error"} 0"#.to_string()
         ));
-        assert!(lines(&m, "carve_cni_request_duration_seconds").is_empty());
+        let counts = lines(&m, "carve_cni_request_duration_seconds_count{");
+        assert_eq!(counts.len(), 2 * 6, "{counts:?}");
+        assert!(counts.iter().all(|l| l.ends_with("} 0")), "{counts:?}");
     }
 }
