@@ -77,7 +77,6 @@ fn manifests_are_the_chart_rendered_with_its_default_values() {
             "manifests/{name} is not what charts/carve renders: edit the chart and run `make manifests`"
         );
     }
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
