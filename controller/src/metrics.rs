@@ -35,6 +35,8 @@ pub struct Metrics {
     pub releases: Counter,
     /// Nodes per pool whose blocks do not cover what they need.
     pub unmet: Family<Labels, Gauge>,
+    /// Housekeeping passes done (deleted Nodes swept, pool status written).
+    pub sweeps: Counter,
     /// The CRDs are served: a standby is ready to take over, a leader serves.
     pub ready: AtomicBool,
 }
@@ -54,6 +56,7 @@ impl Metrics {
         let leader = Gauge::default();
         let releases = Counter::default();
         let unmet = Family::<Labels, Gauge>::default();
+        let sweeps = Counter::default();
         registry.register("reconciles", "Node reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by reason", reconcile_errors.clone());
         registry.register(
@@ -70,6 +73,7 @@ impl Metrics {
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         registry.register("block_releases", "Blocks nodes gave back (into quarantine)", releases.clone());
         registry.register("unmet_requests", "Nodes per pool whose blocks do not cover what they need", unmet.clone());
+        registry.register("sweeps", "Housekeeping passes: deleted Nodes swept, pool status written", sweeps.clone());
         Metrics {
             registry,
             reconciles,
@@ -80,6 +84,7 @@ impl Metrics {
             leader,
             releases,
             unmet,
+            sweeps,
             ready: AtomicBool::new(false),
         }
     }

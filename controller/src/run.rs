@@ -175,7 +175,7 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
         settings.reconcile.clone(),
         stores,
         Recorder::new(client.clone(), reporter),
-        metrics,
+        metrics.clone(),
         nudge,
     ));
     pools.wait_until_ready().await?;
@@ -198,6 +198,7 @@ async fn lead(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Res
             if let Err(e) = reconcile::pool_status(&ctx).await {
                 warn!(error = %e, "writing pool status failed");
             }
+            metrics.sweeps.inc();
             tokio::time::sleep(settings.sweep_interval).await;
         }
     };

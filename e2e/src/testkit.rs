@@ -143,6 +143,24 @@ where
     }
 }
 
+/// The sum of `metric`'s samples on the /metrics page a carve process serves at `addr`.
+pub async fn metric_sum(addr: &str, metric: &str) -> Result<f64> {
+    let all = crate::bench::metrics::parse(&crate::bench::metrics::http_get(addr, "/metrics").await?)?;
+    Ok(crate::bench::metrics::samples(&all, metric).iter().map(|(_, v)| v).sum())
+}
+
+/// Waits until the counter `metric` at `addr` has grown by `passes` from now:
+/// that many more passes of the loop it counts ran. What a "nothing changed"
+/// assertion waits on instead of a sleep.
+pub async fn wait_for_passes(what: &str, addr: &str, metric: &str, passes: f64) {
+    let from = metric_sum(addr, metric).await.unwrap_or_else(|e| panic!("{metric} at {addr}: {e:#}"));
+    wait_for(what, Duration::from_secs(60), || async {
+        let now = metric_sum(addr, metric).await.map_err(|e| format!("{e:#}"))?;
+        if now >= from + passes { Ok(()) } else { Err(format!("{metric} {from} -> {now}")) }
+    })
+    .await
+}
+
 /// A Node object as a kubelet would register it, with an InternalIP.
 pub fn node(name: &str, internal_ip: &str) -> Node {
     Node {

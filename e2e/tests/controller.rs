@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use carve_e2e::ControlPlane;
-use carve_e2e::testkit::{events_for, metrics_addr, nnc_where, node, start_controller, wait_for};
+use carve_e2e::testkit::{events_for, metrics_addr, nnc_where, node, start_controller, wait_for, wait_for_passes};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -391,7 +391,8 @@ async fn blocks_return_only_when_the_node_is_really_gone() {
     nodes.create(&PostParams::default(), &held).await.unwrap();
     let held_block = blocks(&nnc_ready(&client, "held").await);
     nodes.delete("held", &DeleteParams::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await; // several sweeps
+    let addr = metrics_addr(&cp, "ctrl").await;
+    wait_for_passes("three sweeps after the delete", &addr, "carve_sweeps_total", 3.0).await;
     assert_eq!(blocks(&nncs.get("held").await.unwrap()), held_block, "a terminating node keeps its block");
     create_node(&client, "other", "192.168.30.2").await;
     let other = blocks(&nnc_ready(&client, "other").await);
@@ -491,7 +492,7 @@ async fn exhaustion_is_reported_and_growth_serves_waiting_nodes() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for_passes("two sweeps after the refusal", &metrics_addr(&cp, "ctrl").await, "carve_sweeps_total", 2.0).await;
     assert_eq!(blocks(&nncs.get(&waiting).await.unwrap()), ["10.245.0.0/24"]);
 
     // disabled: existing blocks stay, a new node gets none.
@@ -510,7 +511,8 @@ async fn exhaustion_is_reported_and_growth_serves_waiting_nodes() {
 async fn bad_objects_become_conditions_and_events_not_crashes() {
     let (cp, client) = cluster().await;
     apply_pool(&cp, "first", "  mode: Overlay\n  cidrs: [10.244.0.0/16]\n");
-    std::thread::sleep(Duration::from_millis(1100)); // creationTimestamp has 1 s resolution
+    // creationTimestamp has 1 s resolution: the second pool must be younger.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     apply_pool(
         &cp,
         "second",

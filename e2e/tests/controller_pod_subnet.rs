@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
-use carve_e2e::testkit::{events_for, nnc_where, node, start_controller, wait_for};
+use carve_e2e::testkit::{events_for, metrics_addr, nnc_where, node, start_controller, wait_for, wait_for_passes};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -153,8 +153,13 @@ async fn a_dynamic_node_grows_to_its_request_and_gives_back_only_what_it_names()
         nnc_where(&client, "b", "holds the released block", WAIT, |n| grants(n).iter().any(|(g, _)| *g == tail)).await;
     let regrant = grants(&b).into_iter().find(|(g, _)| *g == tail).unwrap();
     assert_ne!(regrant.1, tail_id, "a new grant, a new allocation ID");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let b_now = Api::<NodeNetworkConfig>::all(client.clone()).get("b").await.unwrap();
+    // Any change to a's NNC reconciles a, which reads its stale release again.
+    let nncs = Api::<NodeNetworkConfig>::all(client.clone());
+    let addr = metrics_addr(&cp, "ctrl").await;
+    let touch = json!({ "metadata": { "labels": { "carve.test/touched": "1" } } });
+    nncs.patch("a", &PatchParams::default(), &Patch::Merge(touch)).await.unwrap();
+    wait_for_passes("a reconciled after the touch", &addr, "carve_reconciles_total", 1.0).await;
+    let b_now = nncs.get("b").await.unwrap();
     assert!(grants(&b_now).contains(&regrant), "a's old release cannot touch b's grant");
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
 use carve_e2e::netns::{Netns, NetnsExt};
-use carve_e2e::testkit::{node, node_agent, start_controller, wait_for, workspace_bin};
+use carve_e2e::testkit::{metrics_addr, node, node_agent, start_controller, wait_for, wait_for_passes, workspace_bin};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, PostParams};
@@ -194,6 +194,8 @@ impl Cluster {
         let n = &self.nodes[i];
         let mut cmd = node_agent(&self.agent, self.cp.kubeconfig(), &n.name, &n.ns.path(), &n.dir, &self.source);
         cmd.arg("--ipam-data-dir").arg(n.dir.join("ipam")).args(["--resync-interval", "1s"]);
+        // Its pass counter is what "after a few resyncs" waits on.
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
         self.cp.spawn(process, cmd).unwrap();
     }
 
@@ -303,7 +305,8 @@ impl Cluster {
         })
         .await;
         // A few resyncs (1s) after the caches are ready.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let addr = metrics_addr(&self.cp, new).await;
+        wait_for_passes(&format!("{new}: three passes"), &addr, "carve_agent_reconciles_total", 3.0).await;
         let after = n.ns.ip(&["-4", "-j", "route", "show", "table", "all"]).unwrap();
         let parse = |s: &str| -> Value { serde_json::from_str(s).unwrap() };
         assert_eq!(parse(&before), parse(&after), "routes of {} unchanged by the agent restart", n.name);

@@ -286,8 +286,15 @@ fn a_full_dynamic_node_waits_for_a_grant_then_answers_try_again_later() {
     let waiting = net.data().join("waiting");
     let started = std::time::Instant::now();
     let child = spawn_plugin(IPAM, "ADD", "full", "eth0", "/x", &net.conf("1.1.0"));
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 1, "the waiting ADD is visible to the agent");
+    // The waiting ADD is visible to the agent.
+    let markers = |want: usize| {
+        let dir = waiting.clone();
+        move || match std::fs::read_dir(&dir).map(|d| d.count()) {
+            Ok(n) if n == want => Ok(()),
+            other => Err(format!("{other:?} markers")),
+        }
+    };
+    carve_testkit::wait_until("the full ADD's waiting marker", Duration::from_secs(2), markers(1));
     let (code, out) = parse_output(&child.wait_with_output().unwrap());
     assert!(started.elapsed() >= Duration::from_millis(2900), "answered before the bounded wait: {out}");
     assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
@@ -298,7 +305,7 @@ fn a_full_dynamic_node_waits_for_a_grant_then_answers_try_again_later() {
 
     // A block granted while the ADD waits: it gets an address from it.
     let child = spawn_plugin(IPAM, "ADD", "grown", "eth0", "/x", &net.conf("1.1.0"));
-    std::thread::sleep(Duration::from_millis(500));
+    carve_testkit::wait_until("the ADD waiting", Duration::from_secs(2), markers(1));
     st.blocks.push(block("10.79.0.48/30"));
     state::write(&state_file, &st).unwrap();
     let (code, out) = parse_output(&child.wait_with_output().unwrap());

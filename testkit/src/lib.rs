@@ -58,3 +58,19 @@ fn bins_script(args: &[&str]) -> std::result::Result<PathBuf, String> {
         .map(|l| PathBuf::from(l.trim()))
         .ok_or_else(|| format!("{} printed no bin dir", script.display()))
 }
+
+/// Checks `check` every 10 ms until it returns `Ok`, or panics after
+/// `timeout` with `what` and the last state seen: the synchronous tests'
+/// wait on an observable event instead of a sleep.
+pub fn wait_until<T>(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if std::time::Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
