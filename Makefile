@@ -6,13 +6,14 @@ CLUSTER := target/debug/carve-cluster
 BINS = $(shell e2e/scripts/control-plane-bins.sh)
 KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 
-.PHONY: help prereqs build release crds manifests bins cluster-up cluster-down demo test lint unit bench bench-cni clean dist image conformance
+.PHONY: help prereqs build release crds manifests bins cluster-up cluster-down demo test lint unit bench bench-cni bench-datapath clean dist image conformance
 
 help:
 	@echo "make demo          start the local control plane, install carve, show the result"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures (nodes, CNI, pod start, Pod Subnet bursts)"
 	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
+	@echo "make bench-datapath  pod traffic: throughput, latency, CPU per Gbit on every path, against node-to-node"
 	@echo "make prereqs       check root, Go, Rust, kernel and cgroups; install the Debian packages the tests use (demo and test run it first)"
 	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
 	@echo "make cluster-down  stop it"
@@ -125,6 +126,7 @@ bench: bins
 	@$(MAKE) --no-print-directory bench-cni
 	$(CARGO) build -q --release -p carve-controller -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-podsubnet
 	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-leaks
+	@$(MAKE) --no-print-directory bench-datapath
 
 # The CNI plugins alone: ADD/DEL against bridge + host-local, syscall counts
 # (with strace), 200 concurrent IPAM calls, sizes, then pod create -> Running
@@ -132,6 +134,12 @@ bench: bins
 bench-cni: bins
 	$(CARGO) build -q --release -p carve-node-plugin && $(CARGO) run -q --release -p carve-e2e --bin carve-bench-cni
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-pods
+
+# Pod traffic on real nodes (iperf3, sockperf from Debian): every path against
+# node-to-node in the same run, Overlay and VNet pools, 50 peers for scaling.
+bench-datapath: bins
+	$(CARGO) build -q --release -p carve-controller -p carve-node-plugin
+	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-datapath
 
 # Kubernetes' sig-network conformance suites (e2e-network.test under ginkgo)
 # on a fresh 3-node cluster running carve's overlay pool, kube-proxy and

@@ -137,6 +137,11 @@ pub struct RealNode {
 }
 
 impl RealNode {
+    /// The pid whose namespaces are the node's (`nsenter -t <holder> -m -n`).
+    pub fn holder(&self) -> u32 {
+        self.holder
+    }
+
     /// The node's network namespace (`/run/netns/<name>`), e.g. for `ip -n`.
     pub fn netns(&self) -> &Netns {
         self.netns.as_ref().expect("node netns lives as long as the node")

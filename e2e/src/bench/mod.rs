@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+pub mod datapath;
 pub mod metrics;
 pub mod nodes;
 pub mod pods;
