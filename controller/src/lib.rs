@@ -1,8 +1,16 @@
-//! carve's cluster controller.
+//! carve's cluster controller, and carvectl's commands.
 //!
-//! Pure parts (`allocator`, `index`, `selector`) know nothing of Kubernetes;
-//! `views` translates objects, `reconcile` does the API I/O, `leader` holds
-//! the Lease and `metrics` serves /metrics.
+//! - Pure, no Kubernetes: `allocator` (a bitmap per pool CIDR), `index` (who
+//!   holds which block), `selector` (pool node selectors), `plan` (capacity
+//!   planning for `carvectl plan`), `check` (what is inconsistent between
+//!   pools, NNCs and Nodes: `carvectl check`), `status` (pool and NNC status
+//!   and their Events).
+//! - `views`: the slices of Nodes, pools and NNCs the pure parts read.
+//! - The edge: `reconcile` (the API I/O of one Node, the sweep, pool status),
+//!   `run` (watches, caches and the loop), `leader` (the Lease), `metrics`
+//!   (/metrics, /healthz, /readyz).
+//! - `connectivity`: `carvectl connectivity`'s probe pods on every node.
+//! - Tests only: `release_model` (a model of the release handshake).
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 

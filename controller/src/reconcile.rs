@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Only the Lease holder runs any of this. Before the first reconcile,
-//! `rebuild` occupies every block the API records (invariant 1). Every
+//! `rebuild` occupies every block the API records (invariant 1, README "Invariants"). Every
 //! write is a server-side apply under one field manager, `carve-controller`.
 
 use std::collections::{BTreeMap, HashMap};

@@ -7,6 +7,11 @@
 //! - [`process`]: child processes that die with the harness, whatever ends it.
 //! - [`pki`]: the throwaway certificates the control plane needs.
 //! - [`testkit`]: polling, builders and the workspace's binaries for tests.
+//! - [`netns`]: entering a network namespace from Rust (sockets, a TCP forwarder).
+//! - [`image`]: the nodes' images as OCI archives, built from files.
+//! - [`conformance`]: the upstream sig-network suites on real nodes.
+//! - [`bench`]: what the benchmark binaries share (figures from /proc and
+//!   /metrics, pod starts, the Node benchmark, data path tools).
 
 pub mod bench;
 pub mod cluster;

@@ -1,4 +1,4 @@
-//! Whole-file replacement that a reader never sees half done (invariant 6):
+//! Whole-file replacement that a reader never sees half done (invariant 6, README "Invariants"):
 //! write a temporary file beside the target, then rename it over.
 
 use std::fs::{self, File};
