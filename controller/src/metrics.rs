@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use carve_crds::net::IpFamily;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,7 +16,25 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(String, String)>;
+/// `carve_reconcile_errors_total`'s label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// `carve_unmet_requests`' label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+/// `carve_blocks`' labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockLabels {
+    pub pool: String,
+    pub family: String,
+    pub state: &'static str,
+}
 
 /// Every `reason` of `carve_reconcile_errors_total`
 /// (`reconcile::Error::metric_label`): each series exists from the start at 0,
@@ -25,16 +44,16 @@ pub const RECONCILE_ERROR_REASONS: [&str; 4] = ["conflict", "not_found", "api", 
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Counter,
-    pub reconcile_errors: Family<Labels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub allocation_seconds: Histogram,
     /// One Node's whole reconcile, API round trips included.
     pub reconcile_seconds: Histogram,
-    pub blocks: Family<Labels, Gauge>,
+    pub blocks: Family<BlockLabels, Gauge>,
     pub leader: Gauge,
     /// Blocks nodes gave back (released into quarantine).
     pub releases: Counter,
     /// Nodes per pool whose blocks do not cover what they need.
-    pub unmet: Family<Labels, Gauge>,
+    pub unmet: Family<PoolLabels, Gauge>,
     /// Housekeeping passes done (deleted Nodes swept, pool status written).
     pub sweeps: Counter,
     /// The CRDs are served: a standby is ready to take over, a leader serves.
@@ -45,17 +64,17 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("carve");
         let reconciles = Counter::default();
-        let reconcile_errors = Family::<Labels, Counter>::default();
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
         for reason in RECONCILE_ERROR_REASONS {
-            let _ = reconcile_errors.get_or_create(&vec![("reason".to_string(), reason.to_string())]);
+            let _ = reconcile_errors.get_or_create(&ReasonLabels { reason });
         }
         let allocation_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 12));
         // 1 ms .. ~16 s: a reconcile is a few API calls.
         let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        let blocks = Family::<Labels, Gauge>::default();
+        let blocks = Family::<BlockLabels, Gauge>::default();
         let leader = Gauge::default();
         let releases = Counter::default();
-        let unmet = Family::<Labels, Gauge>::default();
+        let unmet = Family::<PoolLabels, Gauge>::default();
         let sweeps = Counter::default();
         registry.register("reconciles", "Node reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by reason", reconcile_errors.clone());
@@ -91,11 +110,7 @@ impl Metrics {
 
     pub fn set_blocks(&self, pool: &str, family: IpFamily, allocated: i64, free: i64, quarantined: i64) {
         for (state, v) in [("allocated", allocated), ("free", free), ("quarantined", quarantined)] {
-            let labels = vec![
-                ("pool".to_string(), pool.to_string()),
-                ("family".to_string(), family.to_string()),
-                ("state".to_string(), state.to_string()),
-            ];
+            let labels = BlockLabels { pool: pool.to_string(), family: family.to_string(), state };
             self.blocks.get_or_create(&labels).set(v);
         }
     }

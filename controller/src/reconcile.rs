@@ -33,7 +33,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::index::{Assignment, BlockProblem, Index, PoolView, Request};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PoolLabels, ReasonLabels};
 use crate::status::{self, Notice, Subject};
 use crate::views::{self, PartialNode};
 use carve_crds::AddressConflict;
@@ -475,7 +475,7 @@ async fn write_pod_cidrs(ctx: &Ctx, node: &PartialNode, assignment: &Assignment)
 /// Retries a failed Node after 1 s, doubling with each failure in a row up
 /// to a minute, so a node the API server keeps refusing does not spin.
 pub fn error_policy(node: Arc<PartialNode>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics.reconcile_errors.get_or_create(&vec![("reason".to_string(), error.metric_label().to_string())]).inc();
+    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabels { reason: error.metric_label() }).inc();
     let name = node.name_any();
     let failures = {
         let mut state = ctx.state();
@@ -545,7 +545,7 @@ pub async fn pool_status(ctx: &Ctx) -> Result<(), Error> {
         for f in &desired.families {
             ctx.metrics.set_blocks(&name, f.family, f.allocated, f.free, f.quarantined);
         }
-        ctx.metrics.unmet.get_or_create(&vec![("pool".to_string(), name.clone())]).set(desired.unmet_requests);
+        ctx.metrics.unmet.get_or_create(&PoolLabels { pool: name.clone() }).set(desired.unmet_requests);
         let previous = pool.status.clone().unwrap_or_default();
         if desired == previous {
             continue;
