@@ -410,13 +410,9 @@ impl Agent {
         }
         // resourceVersion: never creates the NNC, and a take-back only lands
         // if the controller has not removed the block since this view.
-        let body = serde_json::json!({
-            "apiVersion": "carve.dev/v1alpha1",
-            "kind": "NodeNetworkConfig",
-            "metadata": { "name": own.name_any(), "resourceVersion": rv },
-            "spec": decision.spec,
-        });
-        match nnc_api.patch(&own.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await {
+        let mut body = NodeNetworkConfig::new(&own.name_any(), decision.spec.clone());
+        body.metadata.resource_version = Some(rv.clone());
+        match nnc_api.patch(&own.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
             Ok(_) => {
                 info!(requested = ?decision.spec.requested_ips, releases = ?decision.spec.releases.iter().map(|r| &r.cidr).collect::<Vec<_>>(), taken_back = ?decision.take_back, "wrote the NodeNetworkConfig spec");
                 *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((rv, decision.spec.clone()));
