@@ -14,6 +14,7 @@ pub mod atomic;
 pub mod cni;
 pub mod dataplane;
 pub mod ipam;
+pub mod mac;
 pub mod netlink;
 pub mod podnet;
 pub mod state;

@@ -21,11 +21,13 @@ use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessa
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::sched::CloneFlags;
+
+pub use crate::mac::Mac;
 
 pub const ENODEV: i32 = nix::libc::ENODEV;
 pub const EEXIST: i32 = nix::libc::EEXIST;
@@ -291,7 +293,7 @@ impl Netlink {
     }
 
     /// Sets a permanent neighbour entry `ip` → `mac` on link `index` (replacing one there).
-    pub fn set_neighbour(&mut self, index: u32, ip: IpAddr, mac: &[u8]) -> Result<(), NetlinkError> {
+    pub fn set_neighbour(&mut self, index: u32, ip: IpAddr, mac: Mac) -> Result<(), NetlinkError> {
         let msg = neighbour(index, ip, mac);
         self.ack(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_CREATE | NLM_F_REPLACE, || {
             format!("adding neighbour {ip}")
@@ -377,17 +379,9 @@ pub fn neighbour_ip(a: &NeighbourAddress) -> Option<IpAddr> {
     }
 }
 
-/// The MAC address a link reports.
-pub fn mac_of(link: &LinkMessage) -> Vec<u8> {
-    link.attributes
-        .iter()
-        .find_map(|a| if let LinkAttribute::Address(m) = a { Some(m.clone()) } else { None })
-        .unwrap_or_default()
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+/// The MAC address a link reports (none for a link without a six-byte one).
+pub fn mac_of(link: &LinkMessage) -> Option<Mac> {
+    link.attributes.iter().find_map(|a| if let LinkAttribute::Address(m) = a { Mac::from_bytes(m) } else { None })
 }
 
 /// A veth pair `name` ↔ `peer` with `mtu`, `name` up, the peer created
@@ -464,18 +458,39 @@ pub fn route(dst: IpAddr, len: u8, gw: Option<IpAddr>, index: u32) -> RouteMessa
     msg
 }
 
-/// What a route says: destination (unspecified for a default route), prefix length, gateway, output link.
-pub fn route_parts(r: &RouteMessage) -> (Option<IpAddr>, u8, Option<IpAddr>, Option<u32>) {
-    let (mut dst, mut gw, mut oif) = (None, None, None);
+/// What a route says, read once for every caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteParts {
+    /// `None` for a default route.
+    pub destination: Option<IpAddr>,
+    pub prefix_len: u8,
+    pub gateway: Option<IpAddr>,
+    /// The output link.
+    pub oif: Option<u32>,
+    /// The table attribute when present (tables above 255), else the header's.
+    pub table: u32,
+    pub onlink: bool,
+}
+
+pub fn route_parts(r: &RouteMessage) -> RouteParts {
+    let mut parts = RouteParts {
+        destination: None,
+        prefix_len: r.header.destination_prefix_length,
+        gateway: None,
+        oif: None,
+        table: u32::from(r.header.table),
+        onlink: r.header.flags.contains(RouteFlags::Onlink),
+    };
     for a in &r.attributes {
         match a {
-            RouteAttribute::Destination(d) => dst = route_ip(d),
-            RouteAttribute::Gateway(g) => gw = route_ip(g),
-            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(d) => parts.destination = route_ip(d),
+            RouteAttribute::Gateway(g) => parts.gateway = route_ip(g),
+            RouteAttribute::Oif(i) => parts.oif = Some(*i),
+            RouteAttribute::Table(t) => parts.table = *t,
             _ => {}
         }
     }
-    (dst, r.header.destination_prefix_length, gw, oif)
+    parts
 }
 
 /// `ip` as a neighbour or FDB attribute's address.
@@ -487,14 +502,14 @@ pub fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
 }
 
 /// A permanent neighbour entry `ip` → `mac` on link `index`.
-pub fn neighbour(index: u32, ip: IpAddr, mac: &[u8]) -> NeighbourMessage {
+pub fn neighbour(index: u32, ip: IpAddr, mac: Mac) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
     msg.header.family = family(ip);
     msg.header.ifindex = index;
     msg.header.state = NeighbourState::Permanent;
     msg.header.kind = RouteType::Unicast;
     msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(ip)));
-    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
     msg
 }
 
@@ -525,14 +540,17 @@ mod tests {
     #[test]
     fn routes_read_back_as_built() {
         let r = route("10.0.0.5".parse().unwrap(), 32, None, 7);
-        assert_eq!(route_parts(&r), (Some("10.0.0.5".parse().unwrap()), 32, None, Some(7)));
+        let parts = route_parts(&r);
+        assert_eq!(
+            (parts.destination, parts.prefix_len, parts.gateway, parts.oif),
+            (Some("10.0.0.5".parse().unwrap()), 32, None, Some(7))
+        );
+        assert_eq!((parts.table, parts.onlink), (254, false));
         assert_eq!(r.header.scope, RouteScope::Link);
-        let d = route("::".parse().unwrap(), 0, Some("fe80::1".parse().unwrap()), 3);
-        assert_eq!(route_parts(&d), (None, 0, Some("fe80::1".parse().unwrap()), Some(3)));
-    }
-
-    #[test]
-    fn macs_format_as_ip_prints_them() {
-        assert_eq!(format_mac(&[0xee, 1, 2, 3, 4, 0xff]), "ee:01:02:03:04:ff");
+        let d = route_parts(&route("::".parse().unwrap(), 0, Some("fe80::1".parse().unwrap()), 3));
+        assert_eq!(
+            (d.destination, d.prefix_len, d.gateway, d.oif),
+            (None, 0, Some("fe80::1".parse().unwrap()), Some(3))
+        );
     }
 }

@@ -37,7 +37,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::LinkFlags;
 use nix::sys::wait::{WaitPidFlag, waitpid};
 
-use crate::netlink::{self, Netlink, NetlinkError, format_mac, mac_of, route, route_parts};
+use crate::netlink::{self, Netlink, NetlinkError, mac_of, route, route_parts};
 
 /// The pod's IPv4 next hop, answered by the host veth.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -133,8 +133,9 @@ fn configure(host: &mut Netlink, pod: &mut Netlink, spec: &PodNetSpec) -> Result
     let host_link =
         host.link_by_name(host_ifname)?.ok_or_else(|| PodNetError::Check(format!("veth {host_ifname} vanished")))?;
     let pod_link = pod.link_by_name(ifname)?.ok_or_else(|| PodNetError::Check(format!("veth {ifname} vanished")))?;
-    let (host_index, host_mac) = (host_link.header.index, mac_of(&host_link));
-    let (pod_index, pod_mac) = (pod_link.header.index, mac_of(&pod_link));
+    let no_mac = |name: &str| PodNetError::Check(format!("veth {name} reports no MAC address"));
+    let (host_index, host_mac) = (host_link.header.index, mac_of(&host_link).ok_or_else(|| no_mac(host_ifname))?);
+    let (pod_index, pod_mac) = (pod_link.header.index, mac_of(&pod_link).ok_or_else(|| no_mac(ifname))?);
     pod.set_up(pod_index, ifname)?;
     for ip in &spec.ips {
         pod.add_address(pod_index, *ip, host_len(ip))?;
@@ -149,15 +150,15 @@ fn configure(host: &mut Netlink, pod: &mut Netlink, spec: &PodNetSpec) -> Result
         if gw.is_ipv4() {
             pod.add_route(route(gw, 32, None, pod_index), &format!("{gw}/32 dev {ifname}"))?;
         }
-        pod.set_neighbour(pod_index, gw, &host_mac)?;
+        pod.set_neighbour(pod_index, gw, host_mac)?;
         pod.add_route(route(unspecified(gw.is_ipv4()), 0, Some(gw), pod_index), &format!("default via {gw}"))?;
     }
     for ip in &spec.ips {
         let len = host_len(ip);
         host.add_route(route(*ip, len, None, host_index), &format!("{ip}/{len} dev {host_ifname}"))?;
-        host.set_neighbour(host_index, *ip, &pod_mac)?;
+        host.set_neighbour(host_index, *ip, pod_mac)?;
     }
-    Ok(PodNetInfo { host_mac: format_mac(&host_mac), pod_mac: format_mac(&pod_mac) })
+    Ok(PodNetInfo { host_mac: host_mac.to_string(), pod_mac: pod_mac.to_string() })
 }
 
 /// How [`delete_host_veth`] deletes.
@@ -208,7 +209,7 @@ fn gone(nl: &mut Netlink, index: u32) -> Result<bool, PodNetError> {
         return Ok(false);
     }
     for v4 in [true, false] {
-        if nl.routes(v4)?.iter().any(|r| route_parts(r).3 == Some(index)) {
+        if nl.routes(v4)?.iter().any(|r| route_parts(r).oif == Some(index)) {
             return Ok(false);
         }
     }
@@ -233,8 +234,11 @@ pub fn check(spec: &PodNetSpec) -> Result<(), PodNetError> {
         }
         let gw = gateway(ip);
         let default = |r: &_| {
-            let (dst, len, g, oif) = route_parts(r);
-            dst.is_none_or(|d| d.is_unspecified()) && len == 0 && g == Some(gw) && oif == Some(index)
+            let r = route_parts(r);
+            r.destination.is_none_or(|d| d.is_unspecified())
+                && r.prefix_len == 0
+                && r.gateway == Some(gw)
+                && r.oif == Some(index)
         };
         if !pod.routes(ip.is_ipv4())?.iter().any(default) {
             return Err(PodNetError::Check(format!("default route via {gw} dev {ifname} missing")));
@@ -248,7 +252,10 @@ pub fn check(spec: &PodNetSpec) -> Result<(), PodNetError> {
     }
     for ip in &spec.ips {
         let len = host_len(ip);
-        let host_route = |r: &_| route_parts(r) == (Some(*ip), len, None, Some(link.header.index));
+        let host_route = |r: &_| {
+            let r = route_parts(r);
+            (r.destination, r.prefix_len, r.gateway, r.oif) == (Some(*ip), len, None, Some(link.header.index))
+        };
         if !host.routes(ip.is_ipv4())?.iter().any(host_route) {
             return Err(PodNetError::Check(format!("host route {ip}/{len} dev {name} missing")));
         }

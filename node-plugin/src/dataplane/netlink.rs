@@ -19,7 +19,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::DataplaneError;
 use super::plan::{FdbEntry, Mac, Neighbour, ROUTE_PROTOCOL, Route, VxlanDevice};
-use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_address, neighbour_ip, route_address, route_ip};
+use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_address, neighbour_ip, route_address, route_parts};
 
 pub use crate::netlink::Netlink;
 
@@ -28,10 +28,6 @@ const RT_TABLE_MAIN: u32 = 254;
 /// NUD_PERMANENT is a bit: `bridge fdb add … permanent` reports it with NUD_NOARP (0xc0).
 fn is_permanent(state: NeighbourState) -> bool {
     u16::from(state) & u16::from(NeighbourState::Permanent) != 0
-}
-
-fn as_mac(bytes: &[u8]) -> Option<Mac> {
-    <[u8; 6]>::try_from(bytes).ok().map(Mac)
 }
 
 /// What a VXLAN link reports about itself.
@@ -51,7 +47,7 @@ fn vxlan_info(link: &LinkMessage) -> VxlanInfo {
     let mut info = VxlanInfo { up: link.header.flags.contains(LinkFlags::Up), ..Default::default() };
     for attr in &link.attributes {
         match attr {
-            LinkAttribute::Address(a) => info.mac = as_mac(a),
+            LinkAttribute::Address(a) => info.mac = Mac::from_bytes(a),
             LinkAttribute::Mtu(m) => info.mtu = Some(*m),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -264,33 +260,22 @@ impl Netlink {
                 if u8::from(msg.header.protocol) != ROUTE_PROTOCOL {
                     continue;
                 }
-                let mut table = u32::from(msg.header.table);
-                let (mut dest, mut gateway, mut oif) = (None, None, None);
-                for attr in &msg.attributes {
-                    match attr {
-                        RouteAttribute::Destination(a) => dest = route_ip(a),
-                        RouteAttribute::Gateway(a) => gateway = route_ip(a),
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        RouteAttribute::Table(t) => table = *t,
-                        _ => {}
-                    }
-                }
-                if table != RT_TABLE_MAIN {
+                let parts = route_parts(&msg);
+                if parts.table != RT_TABLE_MAIN {
                     continue;
                 }
-                let (Some(dest), Some(gateway)) = (dest, gateway) else {
+                let (Some(dest), Some(gateway)) = (parts.destination, parts.gateway) else {
                     // Not a shape carve makes (no destination or gateway): stale.
                     out.push((None, msg));
                     continue;
                 };
-                let Ok(destination) = ipnet::IpNet::new(dest, msg.header.destination_prefix_length) else {
+                let Ok(destination) = ipnet::IpNet::new(dest, parts.prefix_len) else {
                     out.push((None, msg));
                     continue;
                 };
-                let onlink = msg.header.flags.contains(RouteFlags::Onlink);
                 let onlink_device = match vxlan {
-                    Some((name, index)) if oif == Some(index) && onlink => Some(name.to_string()),
-                    Some(_) if onlink => Some(format!("if{}", oif.unwrap_or_default())),
+                    Some((name, index)) if parts.oif == Some(index) && parts.onlink => Some(name.to_string()),
+                    Some(_) if parts.onlink => Some(format!("if{}", parts.oif.unwrap_or_default())),
                     _ => None,
                 };
                 out.push((Some(Route { destination, gateway, onlink_device }), msg));
@@ -358,7 +343,7 @@ impl Netlink {
                 _ => None,
             });
             let mac = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(l) => as_mac(l),
+                NeighbourAttribute::LinkLayerAddress(l) => Mac::from_bytes(l),
                 _ => None,
             });
             if let (Some(ip), Some(mac)) = (ip, mac) {
@@ -389,7 +374,7 @@ impl Netlink {
     }
 
     pub fn add_neighbour(&mut self, dev: &str, index: u32, n: &Neighbour) -> Result<(), DataplaneError> {
-        self.set_neighbour(index, n.ip, &n.mac.0).map_err(|mut e| {
+        self.set_neighbour(index, n.ip, n.mac).map_err(|mut e| {
             e.action = format!("adding neighbour {} lladdr {} on {dev}", n.ip, n.mac);
             e.into()
         })

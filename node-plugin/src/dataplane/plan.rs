@@ -33,6 +33,8 @@ use std::net::IpAddr;
 use carve_crds::PoolMode;
 use ipnet::IpNet;
 
+pub use crate::mac::Mac;
+
 use crate::state::NodeState;
 
 /// Route protocol number marking routes carve installed (`ip route show proto 202`).
@@ -70,17 +72,6 @@ pub struct Peer {
     pub node: String,
     pub node_ip: IpAddr,
     pub blocks: Vec<IpNet>,
-}
-
-/// A MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Mac(pub [u8; 6]);
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
 }
 
 /// The VXLAN MAC of the node with `node_ip`: locally administered unicast,
