@@ -136,8 +136,10 @@ bench-cni: bins
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-pods
 
 # Pod traffic on real nodes (iperf3, sockperf from Debian): every path against
-# node-to-node in the same run, Overlay and VNet pools, 50 peers for scaling.
+# node-to-node in the same run, Overlay and VNet pools, 50 peers for scaling,
+# and Flannel's VXLAN on the same paths.
 bench-datapath: bins
+	@e2e/scripts/control-plane-bins.sh --flannel >/dev/null
 	$(CARGO) build -q --release -p carve-controller -p carve-node-plugin
 	$(CARGO) run -q --release -p carve-e2e --bin carve-bench-datapath
 

@@ -33,10 +33,23 @@ PROMETHEUS_OPERATOR_VERSION="${CARVE_PROMETHEUS_OPERATOR_VERSION:-v0.94.0}"
 # Prometheus 3.16 for the monitoring test (Debian's 2.42 is built without
 # Kubernetes service discovery).
 PROMETHEUS_VERSION="${CARVE_PROMETHEUS_VERSION:-v0.316.0}"
+# Flannel (flanneld's VXLAN backend and its CNI plugin) for the data path
+# benchmark's peer: --flannel.
+FLANNEL_VERSION="${CARVE_FLANNEL_VERSION:-v0.28.10}"
+# The last reference-plugins release that still carried the flannel CNI plugin
+# (flannel-io/cni-plugin is not served by the module proxy).
+FLANNEL_CNI_VERSION="${CARVE_FLANNEL_CNI_VERSION:-v0.9.1}"
+FLANNEL="$CACHE/flannel-$FLANNEL_VERSION"
 # CoreDNS as kubeadm v1.35 deploys it.
 COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
-CONFORMANCE=0
-[[ ${1:-} == --conformance ]] && CONFORMANCE=1
+CONFORMANCE=0 WITH_FLANNEL=0
+for arg in "$@"; do
+  case $arg in
+    --conformance) CONFORMANCE=1 ;;
+    --flannel) WITH_FLANNEL=1 ;;
+    *) echo "control-plane-bins: unknown option $arg (--conformance, --flannel)" >&2; exit 2 ;;
+  esac
+done
 
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 
@@ -180,6 +193,32 @@ build_prometheus() {
   mv "$tmp/prometheus" "$BIN/prometheus"
 }
 
+# flanneld from its module source as the main module, with only the vxlan,
+# host-gw and alloc backends linked: the others pull cloud SDK modules the
+# proxy does not serve (tencentcloud). Nothing of it is kept in the repo.
+build_flannel() {
+  if [[ ! -x $FLANNEL/flanneld ]]; then
+    local src="$work/flannel-$FLANNEL_VERSION" dir
+    dir="$(go mod download -json "github.com/flannel-io/flannel@$FLANNEL_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+    rm -rf "$src"
+    cp -r "$dir" "$src"
+    chmod -R u+w "$src"
+    rm -rf "$src/vendor"
+    sed -i -E '/pkg\/backend\/(tencentvpc|ipsec|wireguard|extension|udp|ipip)"/d' "$src/main.go"
+    log "building flanneld $FLANNEL_VERSION (vxlan, host-gw)"
+    mkdir -p "$FLANNEL"
+    (cd "$src" && go build -mod=mod -trimpath \
+      -ldflags "-s -w -X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" -o "$FLANNEL/flanneld.tmp" .)
+    mv "$FLANNEL/flanneld.tmp" "$FLANNEL/flanneld"
+  fi
+  if [[ ! -x $FLANNEL/flannel ]]; then
+    log "building the flannel CNI plugin $FLANNEL_CNI_VERSION"
+    GOBIN="$FLANNEL" go install -trimpath -ldflags "-s -w" \
+      "github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_CNI_VERSION"
+  fi
+  ln -sfn "$FLANNEL" "$BIN/flannel"
+}
+
 # The Prometheus Operator's CRDs (no operator: the API server only has to
 # accept the chart's ServiceMonitors and PrometheusRule).
 fetch_monitoring_crds() {
@@ -299,4 +338,5 @@ build_helm
 build_prometheus
 fetch_monitoring_crds
 ((CONFORMANCE)) && build_conformance
+((WITH_FLANNEL)) && build_flannel
 echo "$BIN"

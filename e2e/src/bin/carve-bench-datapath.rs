@@ -13,6 +13,9 @@
 //!       far → srv                  pod to pod across nodes
 //!       node-1 → srv               node to pod
 //!       far → ClusterIP → srv      kube-proxy (nftables) DNAT
+//!   the same paths on Flannel's VXLAN (flanneld + its CNI plugin, built from the
+//!   Go module proxy by control-plane-bins.sh --flannel) on a third cluster,
+//!   on the Node podCIDRs carve's controller writes (carve as IPAM only)
 //!   Overlay only: far → srv again with 50 peers programmed (fake Nodes whose
 //!   routes point at unreachable underlay addresses): the per-packet cost must
 //!   not grow with the peers
@@ -27,9 +30,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use carve_e2e::bench::datapath::{IPERF_PORT, Place, SOCKPERF_PORT, pod_pid};
 use carve_e2e::bench::median;
-use carve_e2e::cluster::{Cluster, ClusterOptions};
-use carve_e2e::repo_root;
+use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions};
 use carve_e2e::testkit::{node, node_images, wait_for};
+use carve_e2e::{control_plane_bins, repo_root};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::Api;
@@ -48,6 +51,9 @@ struct Args {
     /// Peers programmed for the scaling figure (Overlay); 0 skips it.
     #[arg(long, default_value_t = 50)]
     peers: usize,
+    /// Only Flannel's cluster (to check the peer's set-up alone).
+    #[arg(long)]
+    flannel_only: bool,
 }
 
 const VNET_POOL: &str = "apiVersion: carve.dev/v1alpha1
@@ -127,11 +133,84 @@ async fn running(pods: &Api<Pod>, name: &str) -> (String, String) {
     .await
 }
 
+/// The dataplane under test.
+enum Dataplane<'a> {
+    /// carve from its manifests, with this pool.
+    Carve(&'a str),
+    /// Flannel's VXLAN backend on the Node podCIDRs carve's controller
+    /// writes for an Overlay pool (carve as the IPAM only, no carve-agent).
+    Flannel(&'a str),
+}
+
+/// flanneld on every node (spawned into the node's namespaces, supervised
+/// with the control plane) and the flannel CNI plugin as the node's network.
+async fn deploy_flannel(cluster: &Cluster, pool: &str) -> Result<()> {
+    let cp = cluster.cp();
+    cp.install_crds()?;
+    for file in ["00-namespace.yaml", "10-controller-rbac.yaml", "20-controller.yaml"] {
+        cp.kubectl_ok(&["apply", "-f", &format!("manifests/{file}")])?;
+    }
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
+    anyhow::ensure!(out.status.success(), "the pool: {}", String::from_utf8_lossy(&out.stderr));
+    let client = cp.client().await?;
+    let nodes = Api::<Node>::all(client);
+    wait_for("every Node's podCIDR from carve-controller", Duration::from_secs(120), || async {
+        let list = nodes.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        let missing: Vec<_> = list
+            .items
+            .iter()
+            .filter(|n| n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none())
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("without podCIDR: {missing:?}")) }
+    })
+    .await;
+    let flannel = control_plane_bins()?.join("flannel");
+    let kubeconfig =
+        cp.write_kubeconfig("flannel", &format!("https://{CONTROL_PLANE_IP}:6443"), "flannel", Some("system:masters"))?;
+    // /tmp is shared with the nodes' mount namespaces; /run/flannel is each node's own.
+    let net_conf = cluster.dir().join("flannel-net-conf.json");
+    std::fs::write(
+        &net_conf,
+        json!({"Network": "10.244.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}).to_string(),
+    )?;
+    let conflist = json!({
+        "name": "cbr0", "cniVersion": "0.3.1",
+        "plugins": [
+            {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    for node in cluster.nodes() {
+        std::fs::copy(flannel.join("flannel"), node.host_path("/opt/cni/bin/flannel")).context("flannel CNI plugin")?;
+        let mut cmd = node.command(flannel.join("flanneld").to_str().unwrap());
+        cmd.args(["--kube-subnet-mgr", "--iface=eth0"])
+            .arg(format!("--kubeconfig-file={}", kubeconfig.display()))
+            .arg(format!("--net-config-path={}", net_conf.display()))
+            .env("NODE_NAME", &node.name);
+        cp.spawn(&format!("flanneld-{}", node.name), cmd)?;
+        // Through the node's own /etc (an overlay): copied in, then renamed, as containerd watches.
+        let tmp = node.dir().join("flannel.conflist");
+        std::fs::write(&tmp, conflist.to_string())?;
+        node.run("mkdir", &["-p", "/etc/cni/net.d"])?;
+        node.run("cp", &[&tmp.display().to_string(), "/etc/cni/net.d/.flannel.tmp"])?;
+        node.run("mv", &["/etc/cni/net.d/.flannel.tmp", "/etc/cni/net.d/10-flannel.conflist"])?;
+    }
+    cluster.wait_network_ready().await
+}
+
 /// The paths of one cluster, measured `rounds` times interleaved.
-async fn measure_cluster(pool: &str, label: &str, args: &Args) -> Result<(Vec<(String, Figures)>, Option<Figures>)> {
+async fn measure_cluster(
+    dataplane: Dataplane<'_>,
+    label: &str,
+    args: &Args,
+) -> Result<(Vec<(String, Figures)>, Option<Figures>)> {
     let images = node_images()?;
     let cluster = Cluster::start(ClusterOptions { nodes: 3, images, ..Default::default() }).await?;
-    cluster.deploy_carve(pool).await?;
+    match dataplane {
+        Dataplane::Carve(pool) => cluster.deploy_carve(pool).await?,
+        Dataplane::Flannel(pool) => deploy_flannel(&cluster, pool).await?,
+    }
     let client = cluster.cp().client().await?;
     let pods = Api::<Pod>::namespaced(client.clone(), "default");
     let (n1, n2) = (&cluster.nodes()[0], &cluster.nodes()[1]);
@@ -238,8 +317,14 @@ fn print_table(label: &str, figures: &[(String, Figures)]) -> f64 {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let overlay_pool = std::fs::read_to_string(repo_root().join("examples/overlay.yaml"))?;
-    let (overlay, scaled) = measure_cluster(&overlay_pool, "overlay", &args).await?;
-    let (vnet, _) = measure_cluster(VNET_POOL, "vnet", &args).await?;
+    if args.flannel_only {
+        let (flannel, _) = measure_cluster(Dataplane::Flannel(&overlay_pool), "flannel", &args).await?;
+        print_table("Flannel VXLAN (peer)", &flannel);
+        return Ok(());
+    }
+    let (overlay, scaled) = measure_cluster(Dataplane::Carve(&overlay_pool), "overlay", &args).await?;
+    let (vnet, _) = measure_cluster(Dataplane::Carve(VNET_POOL), "vnet", &args).await?;
+    let (flannel, _) = measure_cluster(Dataplane::Flannel(&overlay_pool), "flannel", &args).await?;
     let r_overlay = print_table("Overlay (VXLAN)", &overlay);
     if let Some(s) = scaled {
         let three = &overlay.iter().find(|(n, _)| n == "pod -> pod, across nodes").unwrap().1;
@@ -252,6 +337,25 @@ async fn main() -> Result<()> {
         );
     }
     let r_vnet = print_table("VNet (routed)", &vnet);
-    println!("datapath: overlay {r_overlay:.2}x, vnet {r_vnet:.2}x of node-to-node (1 stream)");
+    let r_flannel = print_table("Flannel VXLAN (peer)", &flannel);
+    println!(
+        "\ncarve Overlay against Flannel's VXLAN, same paths (carve / Flannel, each against its own cluster's node -> node)"
+    );
+    for ((name, c), (_, f)) in overlay.iter().zip(&flannel).skip(1) {
+        let (cb, fb) = (&overlay[0].1, &flannel[0].1);
+        println!(
+            "{:<28} 1 stream {:.2}x / {:.2}x   4 streams {:.2}x / {:.2}x   p50 {:.2}x / {:.2}x",
+            name,
+            c.gbps_1 / cb.gbps_1,
+            f.gbps_1 / fb.gbps_1,
+            c.gbps_4 / cb.gbps_4,
+            f.gbps_4 / fb.gbps_4,
+            c.p50_us / cb.p50_us,
+            f.p50_us / fb.p50_us
+        );
+    }
+    println!(
+        "datapath: overlay {r_overlay:.2}x, vnet {r_vnet:.2}x of node-to-node (1 stream); flannel vxlan {r_flannel:.2}x"
+    );
     Ok(())
 }
