@@ -143,6 +143,17 @@ where
     }
 }
 
+/// A VNet pool on a subnet of its own (the real nodes are on 10.224.0.0/24),
+/// in /26 blocks: pods routed natively, no overlay.
+pub const VNET_POD_POOL: &str = "apiVersion: carve.dev/v1alpha1
+kind: PodCIDR
+metadata: {name: vnet-pods}
+spec:
+  mode: VNet
+  cidrs: [10.10.0.0/16]
+  blockSize: {ipv4: 26}
+";
+
 /// The sum of `metric`'s samples on the /metrics page a carve process serves at `addr`.
 pub async fn metric_sum(addr: &str, metric: &str) -> Result<f64> {
     let all = crate::bench::metrics::parse(&crate::bench::metrics::http_get(addr, "/metrics").await?)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use carve_e2e::cluster::{Cluster, ClusterOptions};
 use carve_e2e::image::{CARVE_REPOSITORY, carve_image_name, default_tag};
 use carve_e2e::netns::NetnsExt;
-use carve_e2e::testkit::{node_images, wait_for};
+use carve_e2e::testkit::{VNET_POD_POOL, node_images, wait_for};
 use ipnet::IpNet;
 use serde_json::Value;
 
@@ -19,16 +19,6 @@ use real_nodes_support::{
     EXTERNAL_IP, HOSTNAME_PORT, Pod, arrives_from, cached_results, deploy_carve, example, exec, external_host,
     kubectl_json, node_blocks, run_workload, running_pods, store_ips, wait_released,
 };
-
-/// VNet pool on a subnet of its own (the nodes are on 10.224.0.0/24).
-const VNET_POOL: &str = "apiVersion: carve.dev/v1alpha1
-kind: PodCIDR
-metadata: {name: vnet-pods}
-spec:
-  mode: VNet
-  cidrs: [10.10.0.0/16]
-  blockSize: {ipv4: 26}
-";
 
 /// Every pod address inside its node's blocks, in its node's store, none a
 /// node's address, none twice.
@@ -68,7 +58,7 @@ fn assert_connected(cluster: &Cluster, from: &Pod, to: &Pod, to_ip: IpAddr) {
 async fn a_vnet_pool_routes_pods_natively_without_an_overlay() {
     let images = node_images().expect("build the node images");
     let cluster = Cluster::start(ClusterOptions { nodes: 2, images, ..Default::default() }).await.unwrap();
-    deploy_carve(&cluster, VNET_POOL).await;
+    deploy_carve(&cluster, VNET_POD_POOL).await;
 
     let pods = run_workload(&cluster, "flat", 4).await;
     assert_addresses(&cluster, &pods, 1);

@@ -31,7 +31,7 @@ use anyhow::{Context, Result};
 use carve_e2e::bench::datapath::{IPERF_PORT, Place, SOCKPERF_PORT, pod_pid};
 use carve_e2e::bench::median;
 use carve_e2e::cluster::{CONTROL_PLANE_IP, Cluster, ClusterOptions};
-use carve_e2e::testkit::{node, node_images, wait_for};
+use carve_e2e::testkit::{VNET_POD_POOL, node, node_images, wait_for};
 use carve_e2e::{control_plane_bins, repo_root};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -55,15 +55,6 @@ struct Args {
     #[arg(long)]
     flannel_only: bool,
 }
-
-const VNET_POOL: &str = "apiVersion: carve.dev/v1alpha1
-kind: PodCIDR
-metadata: {name: vnet-pods}
-spec:
-  mode: VNet
-  cidrs: [10.10.0.0/16]
-  blockSize: {ipv4: 26}
-";
 
 /// One path's medians.
 #[derive(Debug, Default, Clone)]
@@ -323,7 +314,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let (overlay, scaled) = measure_cluster(Dataplane::Carve(&overlay_pool), "overlay", &args).await?;
-    let (vnet, _) = measure_cluster(Dataplane::Carve(VNET_POOL), "vnet", &args).await?;
+    let (vnet, _) = measure_cluster(Dataplane::Carve(VNET_POD_POOL), "vnet", &args).await?;
     let (flannel, _) = measure_cluster(Dataplane::Flannel(&overlay_pool), "flannel", &args).await?;
     let r_overlay = print_table("Overlay (VXLAN)", &overlay);
     if let Some(s) = scaled {
