@@ -15,7 +15,7 @@ help:
 	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
 	@echo "make bench-datapath  pod traffic: throughput, latency, CPU per Gbit on every path, against node-to-node"
 	@echo "make prereqs       check root, Go, Rust, kernel and cgroups; install the Debian packages the tests use (demo and test run it first)"
-	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd"
+	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd; POLICY=npm adds a NetworkPolicy engine"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml and charts/carve/crds/ from the Rust types"
 	@echo "make manifests     regenerate manifests/ from charts/carve (default values)"
@@ -89,8 +89,10 @@ FORCE:
 NODES ?= 0
 # Each node's containerd, in node order: containerd1.6 (default) or containerd2.
 RUNTIMES ?=
+# POLICY=npm: a NetworkPolicy engine (Azure NPM) on the nodes (README, NetworkPolicy).
+POLICY ?=
 cluster-up: $(CLUSTER) $(if $(filter-out 0,$(NODES)),image)
-	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) up
+	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) $(if $(POLICY),--policy $(POLICY)) up
 
 cluster-down: $(CLUSTER)
 	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; rm -f target/e2e/controller.pid; fi
@@ -149,7 +151,7 @@ bench-datapath: bins
 PROCS ?= 3
 conformance: prereqs image
 	@e2e/scripts/control-plane-bins.sh --conformance >/dev/null
-	$(CARGO) run -q --release -p carve-e2e --bin carve-conformance -- --procs $(PROCS)
+	$(CARGO) run -q --release -p carve-e2e --bin carve-conformance -- --procs $(PROCS) $(if $(POLICY),--policy $(POLICY))
 
 clean:
 	$(CARGO) clean

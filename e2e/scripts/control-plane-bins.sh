@@ -40,14 +40,19 @@ FLANNEL_VERSION="${CARVE_FLANNEL_VERSION:-v0.28.10}"
 # (flannel-io/cni-plugin is not served by the module proxy).
 FLANNEL_CNI_VERSION="${CARVE_FLANNEL_CNI_VERSION:-v0.9.1}"
 FLANNEL="$CACHE/flannel-$FLANNEL_VERSION"
+# Azure Network Policy Manager, the policy engine AKS runs beside Azure CNI
+# (--network-policy azure): --policy. v1.7.0 is the release the proxy serves.
+AZURE_NPM_VERSION="${CARVE_AZURE_NPM_VERSION:-v1.7.0}"
+AZURE_NPM="$CACHE/azure-npm-$AZURE_NPM_VERSION"
 # CoreDNS as kubeadm v1.35 deploys it.
 COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
-CONFORMANCE=0 WITH_FLANNEL=0
+CONFORMANCE=0 WITH_FLANNEL=0 WITH_POLICY=0
 for arg in "$@"; do
   case $arg in
     --conformance) CONFORMANCE=1 ;;
     --flannel) WITH_FLANNEL=1 ;;
-    *) echo "control-plane-bins: unknown option $arg (--conformance, --flannel)" >&2; exit 2 ;;
+    --policy) WITH_POLICY=1 ;;
+    *) echo "control-plane-bins: unknown option $arg (--conformance, --flannel, --policy)" >&2; exit 2 ;;
   esac
 done
 
@@ -219,6 +224,31 @@ build_flannel() {
   ln -sfn "$FLANNEL" "$BIN/flannel"
 }
 
+# azure-npm from the azure-container-networking module's source as the main
+# module (its go.mod replaces ginkgo and gomega, so `go install` refuses it).
+# One constant changes: Microsoft's builds carry an Application Insights key
+# (-X aiMetadata); without one NPM retries the telemetry init 3 times a
+# minute apart before it starts. Here the retries do not wait (no telemetry
+# is sent either way).
+build_azure_npm() {
+  if [[ ! -x $AZURE_NPM/azure-npm ]]; then
+    local src="$work/acn-$AZURE_NPM_VERSION" dir
+    dir="$(go mod download -json "github.com/Azure/azure-container-networking@$AZURE_NPM_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+    rm -rf "$src"
+    cp -r "$dir" "$src"
+    chmod -R u+w "$src"
+    sed -i -E 's/(AiInitializeRetryInMin +int = )1/\10/' "$src/npm/util/const.go"
+    grep -qE 'AiInitializeRetryInMin +int = 0' "$src/npm/util/const.go"
+    log "building azure-npm $AZURE_NPM_VERSION"
+    mkdir -p "$AZURE_NPM"
+    (cd "$src" && go build -mod=mod -trimpath -ldflags "-s -w -X main.version=$AZURE_NPM_VERSION" \
+      -o "$AZURE_NPM/azure-npm.tmp" ./npm/cmd)
+    mv "$AZURE_NPM/azure-npm.tmp" "$AZURE_NPM/azure-npm"
+    rm -rf "$src"
+  fi
+  ln -sfn "$AZURE_NPM" "$BIN/azure-npm"
+}
+
 # The Prometheus Operator's CRDs (no operator: the API server only has to
 # accept the chart's ServiceMonitors and PrometheusRule).
 fetch_monitoring_crds() {
@@ -339,4 +369,5 @@ build_prometheus
 fetch_monitoring_crds
 ((CONFORMANCE)) && build_conformance
 ((WITH_FLANNEL)) && build_flannel
+((WITH_POLICY)) && build_azure_npm
 echo "$BIN"

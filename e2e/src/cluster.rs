@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options, scratch_root};
 use crate::netns::{Netns, run};
+use crate::policy::PolicyEngine;
 use crate::process::ProcessKeeper;
 
 /// The underlay subnet; the control plane holds its `.1`.
@@ -62,6 +63,9 @@ pub struct ClusterOptions {
     /// past the end of the list (all of them, by default) run Debian's
     /// containerd 1.6.
     pub runtimes: Vec<Runtime>,
+    /// A NetworkPolicy engine installed once the nodes have registered (its
+    /// image is built and imported with the others).
+    pub policy: Option<PolicyEngine>,
 }
 
 /// A node's container runtime; runc (Debian's) under either.
@@ -275,8 +279,12 @@ impl Cluster {
             let node = cluster.create_node(i, &bins, runtime)?;
             cluster.nodes.push(node);
         }
+        let mut images = opts.images.clone();
+        if let Some(engine) = opts.policy {
+            images.extend(engine.images(&cluster.dir.join("images"))?);
+        }
         // Nodes boot in parallel: containerd and the image imports take the time.
-        let images = &opts.images;
+        let images = &images;
         let booted: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = cluster.nodes.iter().map(|n| s.spawn(|| boot_node(n, &bins, images))).collect();
             handles
@@ -289,6 +297,9 @@ impl Cluster {
         }
         cluster.wait_nodes_registered().await?;
         cluster.wait_default_service_account().await?;
+        if let Some(engine) = opts.policy {
+            engine.install(cluster.cp())?;
+        }
         Ok(cluster)
     }
 

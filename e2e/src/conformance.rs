@@ -43,17 +43,59 @@ pub const CONFORMANCE_FOCUS: &str = r"\[sig-network\].*\[Conformance\]";
 /// `make test`'s share: the pod Granular Checks and one Service test.
 pub const CI_FOCUS: [&str; 5] = [NAMED[0], NAMED[1], NAMED[2], NAMED[3], NAMED[4]];
 
-/// Upstream tests left out, as (regex on the full name, reason).
+/// The upstream NetworkPolicy suite (every spec but the two API ones is
+/// tagged `[Feature:NetworkPolicy]`): run when a policy engine is installed.
+pub const NETPOL_FOCUS: &str = r"\[sig-network\] Netpol";
+
+/// `make test`'s share of [`NETPOL_FOCUS`] with an engine: ingress, egress,
+/// a namespaceSelector, an ipBlock with except, ports, named ports, UDP, an
+/// updated policy, stacked policies and the API spec with endPort.
+pub const NETPOL_CI_FOCUS: [&str; 10] = [
+    r"Netpol NetworkPolicy between server and client should support a 'default-deny-ingress' policy",
+    r"Netpol NetworkPolicy between server and client should deny egress from pods based on PodSelector",
+    r"Netpol NetworkPolicy between server and client should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
+    r"Netpol NetworkPolicy between server and client should enforce except clause while egress access to server in CIDR block",
+    r"Netpol NetworkPolicy between server and client should enforce policy based on Ports",
+    r"Netpol NetworkPolicy between server and client should allow ingress access on one named port",
+    r"Netpol \[LinuxOnly\] NetworkPolicy between server and client using UDP should support a 'default-deny-ingress' policy",
+    r"Netpol NetworkPolicy between server and client should enforce updated policy",
+    r"Netpol NetworkPolicy between server and client should enforce multiple, stacked policies with overlapping podSelectors",
+    r"Netpol API should support creating NetworkPolicy API with endport field",
+];
+
+/// Upstream tests left out on carve alone, as (regex on the full name, reason).
 pub const SKIPS: [(&str, &str); 5] = [
     (
         r"NetworkPolicy|\[sig-network\] Netpol",
-        "carve enforces no NetworkPolicy: policy is delegated to a policy engine (README, Conformance)",
+        "carve enforces no NetworkPolicy: policy is delegated to a policy engine (README, NetworkPolicy)",
     ),
     (r"LoadBalancer", "the local cluster has no cloud load balancer"),
     (r"\[Serial\]|\[Disruptive\]", "needs the whole cluster to itself or breaks nodes; not part of a parallel run"),
     (r"\[Feature:|\[FeatureGate:|\[Alpha\]|\[Beta\]", "an optional or gated feature, not conformance"),
     (r"\[Slow\]", "left out for time: each takes minutes"),
 ];
+
+/// Upstream tests left out with a policy engine: [`SKIPS`] without the
+/// NetworkPolicy one, and of the features only `[Feature:NetworkPolicy]`
+/// kept (the focus, conformance plus [`NETPOL_FOCUS`], selects no other).
+pub const POLICY_SKIPS: [(&str, &str); 5] = [
+    (r"LoadBalancer", SKIPS[1].1),
+    (r"\[Serial\]|\[Disruptive\]", SKIPS[2].1),
+    (r"\[Feature:SCTPConnectivity\]", "SCTP: this kernel has no sctp protocol and loads no modules"),
+    (r"\[FeatureGate:|\[Alpha\]|\[Beta\]", SKIPS[3].1),
+    (r"\[Slow\]", SKIPS[4].1),
+];
+
+/// The skips of a run: [`POLICY_SKIPS`] with a policy engine, else [`SKIPS`].
+pub fn skips(policy: bool) -> &'static [(&'static str, &'static str)] {
+    if policy { &POLICY_SKIPS } else { &SKIPS }
+}
+
+/// The specs a report names when skipped: conformance, and the NetworkPolicy
+/// suite when an engine enforces it.
+fn reported(policy: bool) -> String {
+    if policy { format!("{CONFORMANCE_FOCUS}|{NETPOL_FOCUS}") } else { CONFORMANCE_FOCUS.to_string() }
+}
 
 /// Applies CoreDNS and waits until it answers, then routes the pod blocks
 /// from the control plane ([`Cluster::route_pod_blocks`]).
@@ -86,6 +128,8 @@ pub struct Run {
     pub out_dir: PathBuf,
     /// Ginkgo's whole-suite timeout.
     pub timeout: Duration,
+    /// A policy engine runs: [`POLICY_SKIPS`] instead of [`SKIPS`].
+    pub policy: bool,
 }
 
 /// Runs e2e-network.test under ginkgo against `cluster` and reads its
@@ -95,7 +139,7 @@ pub fn run(cluster: &Cluster, bins: &Path, run: &Run) -> Result<Report> {
     std::fs::create_dir_all(&run.out_dir)?;
     let report = run.out_dir.join("report.json");
     let _ = std::fs::remove_file(&report);
-    let skip = SKIPS.iter().map(|(re, _)| *re).collect::<Vec<_>>().join("|");
+    let skip = skips(run.policy).iter().map(|(re, _)| *re).collect::<Vec<_>>().join("|");
     let mut cmd = Command::new(bins.join("ginkgo"));
     cmd.arg(format!("--procs={}", run.procs))
         .arg(format!("--focus={}", run.focus.join("|")))
@@ -115,7 +159,7 @@ pub fn run(cluster: &Cluster, bins: &Path, run: &Run) -> Result<Report> {
     let status = cmd.status().with_context(|| format!("running {}", bins.join("ginkgo").display()))?;
     let body =
         std::fs::read(&report).with_context(|| format!("ginkgo exited {status} and wrote no {}", report.display()))?;
-    Report::parse(&body)
+    Report::parse(&body, run.policy)
 }
 
 /// One spec's outcome.
@@ -178,22 +222,39 @@ struct Failure {
     message: String,
 }
 
-/// Why `name` is skipped by [`SKIPS`], if it is.
-pub fn skip_reason(name: &str) -> Option<&'static str> {
-    // Compiled once: a report has a row for each of the binary's ~900 specs.
-    static SKIP_RES: std::sync::LazyLock<Vec<(regex::Regex, &str)>> = std::sync::LazyLock::new(|| {
-        SKIPS.iter().map(|(re, why)| (regex::Regex::new(re).expect("SKIPS are valid regexes"), *why)).collect()
-    });
-    SKIP_RES.iter().find(|(re, _)| re.is_match(name)).map(|(_, why)| *why)
+/// The skips of a run, compiled once per report (a report has a row for
+/// each of the binary's ~900 specs).
+struct SkipReasons(Vec<(regex::Regex, &'static str)>);
+
+impl SkipReasons {
+    fn new(policy: bool) -> Self {
+        SkipReasons(
+            skips(policy)
+                .iter()
+                .map(|(re, why)| (regex::Regex::new(re).expect("skips are valid regexes"), *why))
+                .collect(),
+        )
+    }
+
+    fn reason(&self, name: &str) -> Option<&'static str> {
+        self.0.iter().find(|(re, _)| re.is_match(name)).map(|(_, why)| *why)
+    }
+}
+
+/// Why `name` is skipped by [`skips`]`(policy)`, if it is.
+pub fn skip_reason(name: &str, policy: bool) -> Option<&'static str> {
+    SkipReasons::new(policy).reason(name)
 }
 
 impl Report {
     /// Reads ginkgo's `--json-report`. Specs filtered out by focus are left
-    /// out; those filtered out by [`SKIPS`] that the conformance focus
-    /// selects are kept as skipped, with the reason.
-    pub fn parse(json: &[u8]) -> Result<Report> {
+    /// out; those filtered out by [`skips`] that the conformance focus (and
+    /// the NetworkPolicy suite's, with an engine) selects are kept as
+    /// skipped, with the reason.
+    pub fn parse(json: &[u8], policy: bool) -> Result<Report> {
         let suites: Vec<SuiteReport> = serde_json::from_slice(json).context("ginkgo's JSON report")?;
-        let focus = regex::Regex::new(CONFORMANCE_FOCUS).expect("valid regex");
+        let focus = regex::Regex::new(&reported(policy)).expect("valid regex");
+        let reasons = SkipReasons::new(policy);
         let mut specs = Vec::new();
         let mut not_run = BTreeMap::new();
         for spec in suites.into_iter().flat_map(|s| s.spec_reports.unwrap_or_default()) {
@@ -217,7 +278,7 @@ impl Report {
             let seconds = spec.run_time as f64 / 1e9;
             match (state, message.is_empty()) {
                 // Not selected: skipped by SKIPS (named when conformance), or outside the focus.
-                (State::Skipped, true) => match skip_reason(&name) {
+                (State::Skipped, true) => match reasons.reason(&name) {
                     Some(why) if focus.is_match(&name) => {
                         specs.push(SpecResult { name, state, seconds, message: why.into() })
                     }
@@ -299,7 +360,7 @@ mod tests {
             spec(&["[sig-network] Netpol"], "NetworkPolicy between server and client should enforce policy", "skipped", None),
             {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
         ]}]);
-        let report = Report::parse(json.to_string().as_bytes()).unwrap();
+        let report = Report::parse(json.to_string().as_bytes(), false).unwrap();
         let names: Vec<(&str, State)> = report.specs.iter().map(|s| (s.name.as_str(), s.state)).collect();
         assert_eq!(names.len(), 4, "{names:?}");
         assert_eq!(report.summary(), "conformance: 1 passed, 1 failed, 2 skipped");
@@ -318,17 +379,37 @@ mod tests {
     #[test]
     fn a_failed_suite_setup_counts_as_a_failure() {
         let json = r#"[{"SpecReports": [{"LeafNodeType": "SynchronizedBeforeSuite", "State": "failed", "Failure": {"Message": "nodes not schedulable"}}]}]"#;
-        let report = Report::parse(json.as_bytes()).unwrap();
+        let report = Report::parse(json.as_bytes(), false).unwrap();
         assert_eq!(report.summary(), "conformance: 0 passed, 1 failed, 0 skipped");
         assert_eq!(report.failures().get("[SynchronizedBeforeSuite]"), Some(&"nodes not schedulable"));
     }
 
     #[test]
     fn every_named_test_is_conformance_or_named_on_purpose() {
-        for re in SKIPS.iter().map(|(re, _)| re).chain(NAMED.iter()) {
+        for re in SKIPS.iter().chain(&POLICY_SKIPS).map(|(re, _)| re).chain(NAMED.iter()).chain(NETPOL_CI_FOCUS.iter())
+        {
             regex::Regex::new(re).unwrap();
         }
-        assert_eq!(skip_reason("[sig-network] Netpol NetworkPolicy between server and client"), Some(SKIPS[0].1));
-        assert_eq!(skip_reason("[sig-network] HostPort validates that there is no conflict [Conformance]"), None);
+        let netpol = "[sig-network] Netpol NetworkPolicy between server and client should support a 'default-deny-ingress' policy [Feature:NetworkPolicy]";
+        assert_eq!(skip_reason(netpol, false), Some(SKIPS[0].1));
+        assert_eq!(
+            skip_reason("[sig-network] HostPort validates that there is no conflict [Conformance]", false),
+            None
+        );
+        assert_eq!(skip_reason(netpol, true), None, "an engine runs the NetworkPolicy suite");
+        let sctp = "[sig-network] Netpol [Feature:SCTPConnectivity] [LinuxOnly] NetworkPolicy between server and client using SCTP should enforce policy based on Ports [Feature:NetworkPolicy]";
+        assert_eq!(skip_reason(sctp, true), Some(POLICY_SKIPS[2].1));
+    }
+
+    #[test]
+    fn with_an_engine_a_report_names_why_netpol_specs_were_skipped() {
+        let json = serde_json::json!([{ "SpecReports": [
+            spec(&["[sig-network] Netpol", "NetworkPolicy between server and client"], "should support a 'default-deny-ingress' policy [Feature:NetworkPolicy]", "passed", None),
+            spec(&["[sig-network] Netpol [Feature:SCTPConnectivity] [LinuxOnly]", "NetworkPolicy between server and client using SCTP"], "should enforce policy based on Ports [Feature:NetworkPolicy]", "skipped", None),
+        ]}]);
+        let report = Report::parse(json.to_string().as_bytes(), true).unwrap();
+        assert_eq!(report.summary(), "conformance: 1 passed, 0 failed, 1 skipped");
+        let sctp = report.specs.iter().find(|s| s.name.contains("SCTP")).unwrap();
+        assert_eq!(sctp.message, POLICY_SKIPS[2].1);
     }
 }

@@ -40,7 +40,7 @@ pub fn scratch_root() -> PathBuf {
     std::env::var_os("CARVE_E2E_TMP").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("carve-e2e"))
 }
 
-pub use carve_testkit::{conformance_bins, control_plane_bins, repo_root};
+pub use carve_testkit::{conformance_bins, control_plane_bins, policy_bins, repo_root};
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

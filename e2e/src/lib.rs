@@ -10,6 +10,7 @@
 //! - [`netns`]: entering a network namespace from Rust (sockets, a TCP forwarder).
 //! - [`image`]: the nodes' images as OCI archives, built from files.
 //! - [`conformance`]: the upstream sig-network suites on real nodes.
+//! - [`policy`]: NetworkPolicy engines beside carve (Azure NPM).
 //! - [`bench`]: what the benchmark binaries share (figures from /proc and
 //!   /metrics, pod starts, the Node benchmark, data path tools).
 
@@ -20,6 +21,7 @@ pub mod controlplane;
 pub mod image;
 pub mod netns;
 pub mod pki;
+pub mod policy;
 pub mod process;
 pub mod testkit;
 

@@ -31,6 +31,7 @@ async fn upstream_granular_checks_and_a_service_test_pass_on_carve() {
         procs: 2,
         out_dir,
         timeout: Duration::from_secs(900),
+        policy: false,
     };
     let report = conformance::run(&cluster, &bins, &run).unwrap();
     println!("{}\n{}", report.table(), report.summary());

@@ -52,8 +52,9 @@ async fn passes_after(node: &RealNode, from: Counters, n: u64) -> Counters {
 
 async fn cluster(runtimes: Vec<Runtime>) -> Cluster {
     let images = node_images().expect("build the node images");
-    let cluster =
-        Cluster::start(ClusterOptions { nodes: runtimes.len(), images, runtimes }).await.expect("real-node cluster");
+    let cluster = Cluster::start(ClusterOptions { nodes: runtimes.len(), images, runtimes, ..Default::default() })
+        .await
+        .expect("real-node cluster");
     deploy_carve_with(&cluster, &example("overlay.yaml"), AGENT_ENV).await;
     cluster
 }

@@ -36,7 +36,12 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_conflist_serves_containerd_1_6_at_cni_1_0_and_containerd_2_at_1_1() {
     let images = node_images().expect("build the node images");
-    let opts = ClusterOptions { nodes: 2, images, runtimes: vec![Runtime::Containerd16, Runtime::Containerd2] };
+    let opts = ClusterOptions {
+        nodes: 2,
+        images,
+        runtimes: vec![Runtime::Containerd16, Runtime::Containerd2],
+        ..Default::default()
+    };
     let cluster = Cluster::start(opts).await.expect("cluster with a containerd 1.6 and a containerd 2 node");
     let cp = cluster.cp();
     assert_eq!(cluster.node("node-1").runtime, Runtime::Containerd16);

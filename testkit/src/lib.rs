@@ -38,6 +38,13 @@ pub fn conformance_bins() -> Result<PathBuf> {
     BINS.get_or_init(|| bins_script(&["--conformance"])).clone().map_err(|e| anyhow!(e))
 }
 
+/// [`control_plane_bins`] plus the policy engines
+/// (`control-plane-bins.sh --policy`): azure-npm, linked in the same folder.
+pub fn policy_bins() -> Result<PathBuf> {
+    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BINS.get_or_init(|| bins_script(&["--policy"])).clone().map_err(|e| anyhow!(e))
+}
+
 fn bins_script(args: &[&str]) -> std::result::Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
         return Ok(PathBuf::from(dir));

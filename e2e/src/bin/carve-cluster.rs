@@ -8,7 +8,8 @@
 //! kube-scheduler and N kubelet + kube-proxy + containerd nodes on an
 //! isolated underlay (see `carve_e2e::cluster`), importing the OCI archives
 //! in `--images` (what `make image` writes) into every node. `--runtimes`
-//! picks each node's containerd (Debian's 1.6 by default, or 2).
+//! picks each node's containerd (Debian's 1.6 by default, or 2); `--policy
+//! npm` installs a NetworkPolicy engine (see `carve_e2e::policy`).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use carve_e2e::ControlPlane;
 use carve_e2e::cluster::{Cluster, ClusterOptions, Runtime};
+use carve_e2e::policy::PolicyEngine;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -39,6 +41,9 @@ struct Cli {
     /// `containerd1.6` (Debian's, for nodes past the list) or `containerd2`.
     #[arg(long, global = true, value_delimiter = ',')]
     runtimes: Vec<Runtime>,
+    /// A NetworkPolicy engine on the nodes: `npm` (Azure Network Policy Manager).
+    #[arg(long, global = true)]
+    policy: Option<PolicyEngine>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -53,13 +58,25 @@ enum Cmd {
     Run,
 }
 
-/// `--runtimes` as `up` passes it on to `run`.
-fn runtime_args(runtimes: &[Runtime]) -> Vec<String> {
-    if runtimes.is_empty() {
-        return Vec::new();
+/// What the nodes run, as `up` passes it on to `run`.
+#[derive(Clone, Debug, Default)]
+struct NodeSpec {
+    runtimes: Vec<Runtime>,
+    policy: Option<PolicyEngine>,
+}
+
+impl NodeSpec {
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if !self.runtimes.is_empty() {
+            let names: Vec<String> = self.runtimes.iter().map(Runtime::to_string).collect();
+            args.extend(["--runtimes".into(), names.join(",")]);
+        }
+        if let Some(engine) = self.policy {
+            args.extend(["--policy".into(), engine.to_string()]);
+        }
+        args
     }
-    let names: Vec<String> = runtimes.iter().map(Runtime::to_string).collect();
-    vec!["--runtimes".into(), names.join(",")]
 }
 
 fn pid_file(kubeconfig: &Path) -> PathBuf {
@@ -90,19 +107,20 @@ impl Running {
     }
 }
 
-async fn start(nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<Running> {
+async fn start(nodes: usize, images: &Path, spec: &NodeSpec) -> Result<Running> {
     if nodes == 0 {
         return Ok(Running::ControlPlane(ControlPlane::start().await?));
     }
     let images = carve_e2e::image::archives_in(images)?;
-    Ok(Running::Cluster(Cluster::start(ClusterOptions { nodes, images, runtimes: runtimes.to_vec() }).await?))
+    let opts = ClusterOptions { nodes, images, runtimes: spec.runtimes.clone(), policy: spec.policy };
+    Ok(Running::Cluster(Cluster::start(opts).await?))
 }
 
-async fn run(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<()> {
+async fn run(kubeconfig: &Path, nodes: usize, images: &Path, spec: &NodeSpec) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let running = tokio::select! {
-        r = start(nodes, images, runtimes) => r?,
+        r = start(nodes, images, spec) => r?,
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     };
@@ -130,7 +148,7 @@ async fn run(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime
     Ok(())
 }
 
-fn up(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime]) -> Result<()> {
+fn up(kubeconfig: &Path, nodes: usize, images: &Path, spec: &NodeSpec) -> Result<()> {
     if let Some(pid) = running_pid(kubeconfig) {
         println!("already running (pid {pid}); kubeconfig at {}", kubeconfig.display());
         return Ok(());
@@ -148,7 +166,7 @@ fn up(kubeconfig: &Path, nodes: usize, images: &Path, runtimes: &[Runtime]) -> R
         .arg(nodes.to_string())
         .arg("--images")
         .arg(images)
-        .args(runtime_args(runtimes))
+        .args(spec.args())
         .arg("run")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -205,14 +223,15 @@ fn down(kubeconfig: &Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let spec = NodeSpec { runtimes: cli.runtimes, policy: cli.policy };
     match cli.cmd {
-        Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images, &cli.runtimes),
+        Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images, &spec),
         Cmd::Down => down(&cli.kubeconfig),
         Cmd::Run => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(
             &cli.kubeconfig,
             cli.nodes,
             &cli.images,
-            &cli.runtimes,
+            &spec,
         )),
     }
 }

@@ -5,15 +5,19 @@
 //! control plane's routes to the pods, runs e2e-network.test under ginkgo,
 //! then prints a table (result, seconds, test) and
 //! `conformance: <n> passed, <n> failed, <n> skipped`. Exits 1 on a failure.
+//!
+//! `--policy npm` (`make conformance POLICY=npm`) installs a NetworkPolicy
+//! engine and adds the upstream NetworkPolicy suite to the default focus.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use carve_e2e::cluster::{Cluster, ClusterOptions};
-use carve_e2e::conformance::{self, CONFORMANCE_FOCUS, Run, State};
+use carve_e2e::conformance::{self, CONFORMANCE_FOCUS, NETPOL_FOCUS, Run, State};
 use carve_e2e::controlplane::conformance_bins;
 use carve_e2e::image;
+use carve_e2e::policy::PolicyEngine;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -37,11 +41,17 @@ struct Cli {
     /// The pool carve runs.
     #[arg(long, default_value = "examples/overlay.yaml")]
     pool: PathBuf,
+    /// A NetworkPolicy engine beside carve (`npm`); the NetworkPolicy suite runs too.
+    #[arg(long)]
+    policy: Option<PolicyEngine>,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.policy.is_some() && cli.focus == [CONFORMANCE_FOCUS] {
+        cli.focus.push(NETPOL_FOCUS.into());
+    }
     let started = Instant::now();
     let bins = conformance_bins()?;
     let out_dir = std::path::absolute(&cli.out_dir)?;
@@ -49,13 +59,19 @@ async fn main() -> Result<()> {
     images.extend(image::build_conformance(&out_dir.join("images"), &bins)?.into_iter().map(|b| b.archive));
     let pool = std::fs::read_to_string(&cli.pool).with_context(|| format!("reading {}", cli.pool.display()))?;
 
-    let cluster = Cluster::start(ClusterOptions { nodes: cli.nodes, images, ..Default::default() }).await?;
+    let cluster =
+        Cluster::start(ClusterOptions { nodes: cli.nodes, images, policy: cli.policy, ..Default::default() }).await?;
     cluster.deploy_carve(&pool).await?;
     conformance::prepare(&cluster).await?;
     eprintln!("conformance: cluster ready after {:.0?}; running the suites", started.elapsed());
 
-    let run =
-        Run { focus: cli.focus, procs: cli.procs, out_dir: out_dir.join("run"), timeout: Duration::from_secs(3600) };
+    let run = Run {
+        focus: cli.focus,
+        procs: cli.procs,
+        out_dir: out_dir.join("run"),
+        timeout: Duration::from_secs(3600),
+        policy: cli.policy.is_some(),
+    };
     let report = conformance::run(&cluster, &bins, &run)?;
     println!("\n{}", report.table());
     println!("{}", report.summary());

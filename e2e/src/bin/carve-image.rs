@@ -6,6 +6,9 @@
 //!   <out-dir>/busybox.tar   carve.local/busybox:v1          Debian's busybox-static
 //! ```
 //!
+//! With `--policy` it also writes `<out-dir>/policy/azure-npm.tar`
+//! (Azure NPM, built by `control-plane-bins.sh --policy`).
+//!
 //! `carve-image --out-dir target/images [--tag v0.1.0]`; `make image` builds
 //! the release binaries first. Each archive imports with
 //! `ctr -n k8s.io images import <archive>`.
@@ -13,7 +16,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use carve_e2e::image::{Compression, Inputs, build_all, default_tag};
+use carve_e2e::image::{BuiltImage, Compression, Inputs, build_all, build_policy, default_tag};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -34,6 +37,9 @@ struct Args {
     /// gzip the layers (smaller archives, slower to write and import).
     #[arg(long)]
     gzip: bool,
+    /// Also the policy engines' images, in `<out-dir>/policy/`.
+    #[arg(long)]
+    policy: bool,
 }
 
 fn main() -> Result<()> {
@@ -54,7 +60,11 @@ fn main() -> Result<()> {
         inputs.compression = Compression::Gzip;
     }
     let images = build_all(&args.out_dir, &inputs)?;
-    for image in images.all() {
+    let mut all: Vec<BuiltImage> = images.all().into_iter().cloned().collect();
+    if args.policy {
+        all.extend(build_policy(&args.out_dir.join("policy"), &carve_e2e::controlplane::policy_bins()?)?);
+    }
+    for image in &all {
         println!(
             "{:<32} {}  {:>7.1} MiB  {}",
             image.name,

@@ -1,5 +1,6 @@
 //! The images carve's nodes and the upstream e2e suites run: carve's own,
-//! pause, busybox, and agnhost, jessie-dnsutils and CoreDNS for conformance.
+//! pause, busybox, and agnhost, jessie-dnsutils and CoreDNS for conformance;
+//! Azure NPM for the policy engine tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -206,6 +207,9 @@ pub const E2E_BUSYBOX_IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.3
 /// busybox httpd does that (there is no nginx build from Go or Debian files
 /// that is worth its weight for it).
 pub const E2E_NGINX_IMAGE: &str = "registry.k8s.io/e2e-test-images/nginx:1.14-4";
+/// Azure NPM under the name Microsoft publishes it by (its manifest's
+/// `image:`); here built from the module proxy ([`azure_npm_image`]).
+pub const AZURE_NPM_IMAGE: &str = "mcr.microsoft.com/containernetworking/azure-npm:v1.7.0";
 /// CoreDNS as kubeadm v1.35 deploys it.
 pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.13.1";
 
@@ -325,6 +329,60 @@ pub fn build_conformance(out_dir: &Path, bins: &Path) -> Result<Vec<BuiltImage>>
         ("e2e-nginx", nginx),
     ];
     specs.iter().map(|(file, spec)| write_archive(spec, &out_dir.join(format!("{file}.tar")))).collect()
+}
+
+/// Azure NPM's image as its Dockerfile (npm/linux.Dockerfile) lays it out:
+/// `bins/azure-npm/azure-npm` at /usr/bin/azure-npm, entrypoint
+/// `azure-npm start`, with the userland it runs: iptables (nft and legacy,
+/// under the names NPM calls: `iptables-nft*` and `iptables*` for legacy),
+/// every xtables match and target module (loaded at run time, so `ldd`
+/// cannot see them), ipset, and the grep and bash its pipelines use.
+pub fn azure_npm_image(bins: &Path) -> Result<ImageSpec> {
+    const XTABLES_MODULES: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+    for tool in ["/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi", "/usr/sbin/ipset"] {
+        ensure!(Path::new(tool).is_file(), "{tool} is missing: install Debian's iptables and ipset");
+    }
+    let mut layer = base_layer()?;
+    layer.executable(&bins.join("azure-npm/azure-npm"), "/usr/bin/azure-npm")?;
+    layer.executable(Path::new("/usr/bin/bash"), "/usr/bin/bash")?;
+    layer.symlink("/bin", "usr/bin")?;
+    layer.symlink("/usr/bin/sh", "bash")?;
+    layer.executable(Path::new("/usr/bin/grep"), "/usr/bin/grep")?;
+    layer.executable(Path::new("/usr/sbin/ipset"), "/usr/sbin/ipset")?;
+    for multi in ["xtables-nft-multi", "xtables-legacy-multi"] {
+        layer.executable(&Path::new("/usr/sbin").join(multi), &format!("/usr/sbin/{multi}"))?;
+    }
+    for family in ["iptables", "ip6tables"] {
+        for suffix in ["", "-save", "-restore"] {
+            layer.symlink(&format!("/usr/sbin/{family}-nft{suffix}"), "xtables-nft-multi")?;
+            layer.symlink(&format!("/usr/sbin/{family}-legacy{suffix}"), "xtables-legacy-multi")?;
+            layer.symlink(&format!("/usr/sbin/{family}{suffix}"), "xtables-legacy-multi")?;
+        }
+    }
+    let mut modules: Vec<PathBuf> = std::fs::read_dir(XTABLES_MODULES)
+        .with_context(|| format!("reading {XTABLES_MODULES} (install Debian's iptables)"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "so"))
+        .collect();
+    modules.sort();
+    for module in modules {
+        let name = module.file_name().expect("read_dir names files").to_string_lossy().into_owned();
+        layer.executable(&module, &format!("{XTABLES_MODULES}/{name}"))?;
+    }
+    for d in ["/var/log", "/run", "/etc/azure-npm"] {
+        layer.dir(d, 0o755)?;
+    }
+    add_users(&mut layer, &[("root", 0, "/root", "/usr/sbin/nologin")])?;
+    let mut spec = ImageSpec::new(AZURE_NPM_IMAGE, layer);
+    spec.entrypoint = Some(vec!["/usr/bin/azure-npm".into(), "start".into()]);
+    Ok(spec)
+}
+
+/// The policy engines' images, as `out_dir/<engine>.tar`; `bins` is the
+/// control plane's bin dir after `control-plane-bins.sh --policy`.
+pub fn build_policy(out_dir: &Path, bins: &Path) -> Result<Vec<BuiltImage>> {
+    Ok(vec![write_archive(&azure_npm_image(bins)?, &out_dir.join("azure-npm.tar"))?])
 }
 
 /// The OCI archives (`*.tar`) in `dir`, sorted; what `make image` wrote.
