@@ -22,7 +22,7 @@
 //! certificate, so the Node authorizer and NodeRestriction apply; kube-proxy
 //! (nftables mode) makes the `kubernetes` Service reach the API server.
 //!
-//! Teardown (drop, or [`sweep_stale_clusters`] after the harness was killed)
+//! Teardown (drop, or [`crate::scratch::sweep_stale_clusters`] after the harness was killed)
 //! kills every process in each node's cgroups — containerd shims re-parent and
 //! would outlive their node otherwise — removes the cgroups and the network
 //! namespaces; mounts die with the mount namespaces. The host keeps nothing:
@@ -33,12 +33,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde::{Deserialize, Serialize};
 
-use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options, scratch_root};
-use crate::netns::{Netns, run};
+use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options};
+use crate::netns::Netns;
 use crate::policy::PolicyEngine;
 use crate::process::ProcessKeeper;
+use crate::scratch::{Record, make_cgroup, reap_cgroup, scratch_root, sweep_stale_clusters};
+use crate::wait::poll;
 
 /// The underlay subnet; the control plane holds its `.1`.
 pub const UNDERLAY_CIDR: &str = "10.224.0.0/24";
@@ -117,13 +118,6 @@ impl Runtime {
             Runtime::Containerd2 => containerd2_config(&bins.join("containerd2/containerd-shim-runc-v2")),
         }
     }
-}
-
-/// What a cluster created, for cleanup by a later process when this one is killed.
-#[derive(Serialize, Deserialize, Default)]
-struct Record {
-    netns: Vec<String>,
-    cgroups: Vec<String>,
 }
 
 /// One real node; see the module docs.
@@ -394,7 +388,7 @@ impl Cluster {
     /// Until kube-controller-manager has made namespace default's
     /// ServiceAccount: before it, admission refuses every bare Pod there.
     async fn wait_default_service_account(&self) -> Result<()> {
-        crate::testkit::poll("the default ServiceAccount", Duration::from_secs(60), || async {
+        poll("the default ServiceAccount", Duration::from_secs(60), || async {
             self.cp().kubectl_ok(&["get", "serviceaccount", "default"]).map(|_| ()).map_err(|e| format!("{e:#}"))
         })
         .await
@@ -461,7 +455,7 @@ impl Cluster {
     pub async fn wait_network_ready(&self) -> Result<()> {
         let cp = self.cp();
         let nodes = self.nodes.len();
-        crate::testkit::poll("every node Ready with carve's network", Duration::from_secs(180), || async {
+        poll("every node Ready with carve's network", Duration::from_secs(180), || async {
             let list = self.kubectl_json(&["get", "nodes"]).map_err(|e| format!("{e:#}"))?;
             let items = list["items"].as_array().cloned().unwrap_or_default();
             let ready = items.len() == nodes
@@ -676,140 +670,4 @@ healthzBindAddress: 127.0.0.1:10256
 "#,
         kubeconfig = kubeconfig.display()
     )
-}
-
-/// The cgroup hierarchies mounted here: the v1 ones, plus the unified (v2)
-/// one when `unified` (nodes join only v1, but runc also makes cgroups in
-/// the unified hierarchy, which teardown must remove).
-fn hierarchies(unified: bool) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else { return Vec::new() };
-    let mut all: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("cgroup.procs").exists() && (unified || !p.ends_with("unified")))
-        .collect();
-    all.sort();
-    all
-}
-
-/// `/<cgroup>/node` in every hierarchy; cpuset needs its cpus and mems set
-/// before a process may join.
-fn make_cgroup(cgroup: &str) -> Result<()> {
-    for h in hierarchies(false) {
-        let node = h.join(cgroup).join("node");
-        std::fs::create_dir_all(&node).with_context(|| format!("create cgroup {}", node.display()))?;
-        if h.ends_with("cpuset") {
-            for dir in [h.join(cgroup), node] {
-                for f in ["cpuset.cpus", "cpuset.mems"] {
-                    let v = std::fs::read_to_string(h.join(f))?;
-                    std::fs::write(dir.join(f), v.trim())?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Every pid in `dir` and its descendants.
-fn cgroup_pids(dir: &Path, out: &mut Vec<i32>) {
-    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                cgroup_pids(&e.path(), out);
-            }
-        }
-    }
-}
-
-fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    for e in std::fs::read_dir(dir)?.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup_tree(&e.path())?;
-        }
-    }
-    std::fs::remove_dir(dir)
-}
-
-/// Kills every process in `cgroup` (any hierarchy), then removes it.
-fn reap_cgroup(cgroup: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut pids = Vec::new();
-        for h in hierarchies(true) {
-            cgroup_pids(&h.join(cgroup), &mut pids);
-        }
-        if pids.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("processes {pids:?} in cgroup {cgroup} survived SIGKILL for 20s");
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut last = Ok(());
-    for h in hierarchies(true) {
-        // A cgroup whose last task just died can answer EBUSY for a moment.
-        for attempt in 0..50 {
-            match remove_cgroup_tree(&h.join(cgroup)) {
-                Ok(()) => break,
-                Err(e) if attempt == 49 => {
-                    last = Err(e).with_context(|| format!("remove cgroup {cgroup} in {}", h.display()))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-    last
-}
-
-/// Cleans up after clusters whose harness died without tearing down (kill -9,
-/// a crashed `carve-cluster run`): their processes, cgroups and namespaces.
-pub fn sweep_stale_clusters() {
-    let Ok(entries) = std::fs::read_dir(scratch_root()) else { return };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if !dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cl-")) || owner_alive(&dir) {
-            continue;
-        }
-        reap_cluster_dir(&dir);
-    }
-}
-
-/// Whether the process that made `dir` is still running.
-pub(crate) fn owner_alive(dir: &Path) -> bool {
-    let pid = std::fs::read_to_string(dir.join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
-    match pid {
-        Some(pid) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(),
-        // Being created right now, unless it is old.
-        None => dir
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
-            .unwrap_or(false),
-    }
-}
-
-/// Everything a dead cluster recorded: cgroups (and their processes), network
-/// namespaces, then its directory.
-pub(crate) fn reap_cluster_dir(dir: &Path) {
-    let record: Record =
-        std::fs::read(dir.join("cluster.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    for cg in &record.cgroups {
-        if let Err(e) = reap_cgroup(cg) {
-            eprintln!("carve-e2e: sweeping {}: {e:#}", dir.display());
-        }
-    }
-    for ns in &record.netns {
-        let _ = run("ip", &["netns", "del", ns]);
-    }
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::cluster::Cluster;
-use crate::testkit::poll;
+use crate::wait::poll;
 
 /// The tests the issue names, each a ginkgo focus regex.
 pub const NAMED: [&str; 8] = [

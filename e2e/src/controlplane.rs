@@ -25,54 +25,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use nix::sys::signal::kill;
-use nix::unistd::Pid;
 
 use crate::pki::Pki;
 use crate::process::ProcessKeeper;
+use crate::scratch::{scratch_root, sweep_stale_dirs};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Service range of the local cluster; pod pools in tests stay clear of it.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
-/// Where the harness puts its per-run directories.
-pub fn scratch_root() -> PathBuf {
-    std::env::var_os("CARVE_E2E_TMP").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("carve-e2e"))
-}
-
 pub use carve_testkit::{conformance_bins, control_plane_bins, policy_bins, repo_root};
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn pid_alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
-}
-
-/// Removes run directories left by harness processes that died without
-/// cleaning up (kill -9, Ctrl-C). Their children already died with them.
-pub fn sweep_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(scratch_root()) else { return };
-    for entry in entries.flatten() {
-        let owner =
-            std::fs::read_to_string(entry.path().join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
-        match owner {
-            Some(pid) if pid_alive(pid) => {}
-            // No pid file yet means another process is creating it right now,
-            // unless the directory is old.
-            None if entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
-                .unwrap_or(true) => {}
-            // A real-node cluster leaves processes, cgroups and namespaces too.
-            _ if entry.path().join("cluster.json").exists() => crate::cluster::reap_cluster_dir(&entry.path()),
-            _ => {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
 }
 
 /// Extra knobs for a control plane.

@@ -5,6 +5,9 @@
 //! - [`cluster`]: real nodes (kubelet, kube-proxy, containerd + runc) on an
 //!   isolated underlay, around that control plane.
 //! - [`process`]: child processes that die with the harness, whatever ends it.
+//! - [`scratch`]: the per-run directories, and cleaning up after a harness
+//!   that died (its cgroups and namespaces).
+//! - [`wait`]: polling an observable state until it holds.
 //! - [`pki`]: the throwaway certificates the control plane needs.
 //! - [`testkit`]: polling, builders and the workspace's binaries for tests.
 //! - [`netns`]: entering a network namespace from Rust (sockets, a TCP forwarder).
@@ -23,6 +26,8 @@ pub mod netns;
 pub mod pki;
 pub mod policy;
 pub mod process;
+pub mod scratch;
 pub mod testkit;
+pub mod wait;
 
 pub use controlplane::{ControlPlane, Options, control_plane_bins, repo_root};

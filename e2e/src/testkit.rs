@@ -3,11 +3,10 @@
 //! small object builders; network namespaces are in [`crate::netns`].
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
@@ -49,6 +48,8 @@ pub async fn events_for(client: &kube::Client, kind: &str, name: &str) -> Vec<(S
 }
 
 pub use carve_testkit::temp_dir;
+
+pub use crate::wait::{poll, wait_for};
 
 /// Newest modification time of the files under `dir` (recursively).
 fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
@@ -113,34 +114,6 @@ pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
         built.insert(name.to_string());
     }
     Ok(bin)
-}
-
-/// Polls `check` every 100 ms until it returns `Ok`, or panics after
-/// `timeout` with `what` and the last state seen.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<T, String>>,
-{
-    poll(what, timeout, check).await.unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// [`wait_for`] as an error instead of a panic, for the harness's binaries.
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(v) => return Ok(v),
-            Err(last) if Instant::now() > deadline => {
-                bail!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// A VNet pool on a subnet of its own (the real nodes are on 10.224.0.0/24),

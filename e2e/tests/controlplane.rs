@@ -96,7 +96,7 @@ fn a_killed_test_process_leaves_no_process_and_its_directory_is_swept() {
     wait_until_no_process_uses(&dir);
     // The directory outlives a SIGKILL; the next harness start sweeps it.
     assert!(dir.exists());
-    carve_e2e::controlplane::sweep_stale_dirs();
+    carve_e2e::scratch::sweep_stale_dirs();
     assert!(!dir.exists(), "{} should be swept", dir.display());
 }
 

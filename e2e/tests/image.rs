@@ -16,13 +16,13 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use carve_e2e::controlplane::scratch_root;
 use carve_e2e::image::{
     self, BUSYBOX_APPLETS, BuiltImage, CARVE_BINARIES, Compression, DEFAULT_PATH, Images, Inputs, LayerEntry, NFT_PATH,
     OciArchive, PORTMAP_PATH,
 };
 use carve_e2e::netns::{Netns, run};
 use carve_e2e::process::ProcessKeeper;
+use carve_e2e::scratch::scratch_root;
 use carve_e2e::testkit::workspace_bin;
 use carve_e2e::{control_plane_bins, repo_root};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};

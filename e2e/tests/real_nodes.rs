@@ -428,6 +428,6 @@ fn a_killed_or_panicking_cluster_leaves_nothing_on_the_host() {
         survivors.iter().any(|p| p.contains("containerd-shim")),
         "a pod's shim outlives a killed harness: {survivors:?}"
     );
-    carve_e2e::cluster::sweep_stale_clusters();
+    carve_e2e::scratch::sweep_stale_clusters();
     wait_clean(&id, &before);
 }

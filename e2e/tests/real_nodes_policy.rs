@@ -38,7 +38,11 @@ async fn upstream_networkpolicy_specs_pass_on_an_overlay_pool_with_azure_npm() {
     let started = Instant::now();
     let report = conformance::run(&cluster, &bins, &run).unwrap();
     println!("{}\n{} (azure-npm, overlay, {:.0?})", report.table(), report.summary(), started.elapsed());
-    assert!(report.failures().is_empty(), "upstream NetworkPolicy specs failed on carve + Azure NPM:\n{}", report.table());
+    assert!(
+        report.failures().is_empty(),
+        "upstream NetworkPolicy specs failed on carve + Azure NPM:\n{}",
+        report.table()
+    );
     assert_eq!(report.count(State::Passed), focus.len(), "every focused spec ran and passed:\n{}", report.table());
 }
 
@@ -118,7 +122,10 @@ async fn a_deny_all_policy_blocks_routed_vnet_pods_across_nodes_and_holds_throug
     let out = ping.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", text.lines().rev().take(2).collect::<Vec<_>>().join("\n"));
-    assert!(text.contains("150 packets transmitted, 150 packets received"), "pings lost across the NPM restart:\n{text}");
+    assert!(
+        text.contains("150 packets transmitted, 150 packets received"),
+        "pings lost across the NPM restart:\n{text}"
+    );
 
     cp.kubectl_ok(&["delete", "networkpolicy", "deny-all-web"]).unwrap();
     wait_for("traffic back once the policy is deleted", Duration::from_secs(60), || async {

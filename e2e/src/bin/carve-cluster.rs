@@ -210,7 +210,7 @@ fn down(kubeconfig: &Path) -> Result<()> {
             kill(Pid::from_raw(pid), Signal::SIGKILL)?;
             std::thread::sleep(Duration::from_millis(200));
             // Its nodes' processes, cgroups and namespaces.
-            carve_e2e::cluster::sweep_stale_clusters();
+            carve_e2e::scratch::sweep_stale_clusters();
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
