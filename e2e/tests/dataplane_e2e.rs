@@ -11,13 +11,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carve_crds::NodeNetworkConfig;
 use carve_e2e::ControlPlane;
 use carve_e2e::netns::{Netns, NetnsExt};
 use carve_e2e::testkit::{metrics_addr, node, node_agent, start_controller, wait_for, wait_for_passes, workspace_bin};
+use carve_testkit::cni::{Cnitool, PluginCall};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, PostParams};
@@ -201,23 +201,12 @@ impl Cluster {
 
     /// carve-cni STATUS run directly, with node `i`'s (future) state file.
     fn cni_status(&self, i: usize) -> (i32, String) {
-        use std::io::Write;
         let n = &self.nodes[i];
         let conf = json!({
             "cniVersion": "1.1.0", "name": "carve", "type": "carve-cni", "stateFile": n.state_file(),
             "ipam": { "type": "carve-ipam", "stateFile": n.state_file() },
         });
-        let mut child = Command::new(self.source.join("carve-cni"))
-            .env("CNI_COMMAND", "STATUS")
-            .env("CNI_PATH", &self.source)
-            .env_remove("CARVE_STATE_FILE")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = PluginCall::new(&self.source.join("carve-cni"), "STATUS").output(&conf);
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -226,15 +215,9 @@ impl Cluster {
         let p = &self.pods[pod];
         let n = &self.nodes[p.node];
         let cni_path = format!("{}:{}", n.bin_dir().display(), self.cni_plugins.display());
-        let out = Command::new("ip")
-            .args(["netns", "exec", &n.ns.name])
-            .arg(&self.cnitool)
-            .args([verb, "carve"])
-            .arg(p.ns.path())
-            .env("NETCONFPATH", n.conf_dir())
-            .env("CNI_PATH", cni_path)
-            .env_remove("CARVE_STATE_FILE")
-            .output()?;
+        let conf_dir = n.conf_dir();
+        let tool = Cnitool { ns: &n.ns.name, tool: &self.cnitool, conf_dir: &conf_dir, cni_path: cni_path.as_ref() };
+        let out = tool.run(verb, "carve", &p.ns.path(), None)?;
         if !out.status.success() {
             anyhow::bail!(
                 "cnitool {verb} for {} failed: {}{}",

@@ -1,9 +1,10 @@
 //! What every carve test tier shares and needs no carve crate for, so the
 //! crates under test can depend on it without depending on each other:
-//! network namespaces ([`netns`]), temp dirs, the repository root, and the
-//! control plane binaries built at pinned versions by
-//! `e2e/scripts/control-plane-bins.sh`.
+//! network namespaces ([`netns`]), CNI plugin calls ([`cni`]), temp dirs,
+//! the repository root, and the control plane binaries built at pinned
+//! versions by `e2e/scripts/control-plane-bins.sh`.
 
+pub mod cni;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

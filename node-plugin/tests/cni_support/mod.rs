@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
 use carve_node_plugin::state::{self, NodeState};
+use carve_testkit::cni::{Cnitool, PluginCall};
 pub use carve_testkit::netns::Netns;
 use serde_json::Value;
 
@@ -80,23 +81,7 @@ pub fn spawn_plugin(
     netns: &str,
     conf: &Value,
 ) -> std::process::Child {
-    use std::io::Write;
-    let mut child = Command::new(bin)
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_IFNAME", ifname)
-        .env("CNI_NETNS", netns)
-        .env("CNI_PATH", Path::new(bin).parent().unwrap())
-        .env_remove("CARVE_STATE_FILE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let _ = stdin.write_all(conf.to_string().as_bytes());
-    drop(stdin);
-    child
+    PluginCall::new(Path::new(bin), command).attachment(container, ifname, netns).spawn(conf)
 }
 
 pub fn parse_output(out: &Output) -> (i32, Value) {
@@ -264,16 +249,9 @@ impl CniDirs {
             attachments.push(attachment);
         }
         drop(attachments);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &host.name])
-            .arg(tool)
-            .args([cmd, net, netns])
-            .env("NETCONFPATH", self.conf())
-            .env("CNI_PATH", self.bin())
-            .env("CNI_IFNAME", ifname)
-            .env_remove("CARVE_STATE_FILE")
-            .output()
-            .unwrap();
+        let (conf, bin) = (self.conf(), self.bin());
+        let tool = Cnitool { ns: &host.name, tool, conf_dir: &conf, cni_path: bin.as_os_str() };
+        let out = tool.run(cmd, net, Path::new(netns), Some(ifname)).unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

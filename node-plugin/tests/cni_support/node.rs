@@ -68,22 +68,9 @@ impl Node {
 
     /// Runs carve-cni directly (in the node namespace) with `conf` as the single plugin config.
     pub fn direct(&self, command: &str, container: &str, netns: &str, conf: &Value) -> (i32, Value) {
-        use std::io::Write;
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns.name, env!("CARGO_BIN_EXE_carve-cni")])
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_NETNS", netns)
-            .env("CNI_PATH", self.dirs.bin())
-            .env_remove("CARVE_STATE_FILE")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-        parse_output(&child.wait_with_output().unwrap())
+        let plugin = Path::new(env!("CARGO_BIN_EXE_carve-cni"));
+        let call = PluginCall::in_netns(&self.ns.name, plugin, command).attachment(container, "eth0", netns);
+        parse_output(&call.env("CNI_PATH", self.dirs.bin()).output(conf))
     }
 
     pub fn plugin_conf(&self, version: &str) -> Value {
