@@ -7,9 +7,9 @@
 use std::net::IpAddr;
 
 use carve_crds::{IpFamily, NodeBlock, PoolMode};
-use carve_node_plugin::dataplane::netlink::Netlink;
 use carve_node_plugin::dataplane::plan::{self, OverlayConfig, Peer, vtep_mac};
 use carve_node_plugin::dataplane::{self, Applied, DataplaneError};
+use carve_node_plugin::netlink::Netlink;
 use carve_node_plugin::netlink::in_netns;
 use carve_node_plugin::state::NodeState;
 use carve_testkit::netns::Netns;

@@ -12,14 +12,13 @@
 //! entries and duplicates nothing, and pods' own veths and /32 routes (not
 //! carve's route protocol) are never touched.
 
-pub mod netlink;
 pub mod nft;
 pub mod plan;
 pub mod worker;
 
 use std::collections::BTreeSet;
 
-use netlink::Netlink;
+use crate::netlink::Netlink;
 use plan::{Changes, Desired, Family, FdbEntry, Neighbour, Route};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +153,7 @@ pub fn apply(
         });
         match nl.delete_carve_route(&shown, msg) {
             Ok(()) => routes.remove.push(shown),
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.into()),
         }
     }
 
@@ -167,12 +166,12 @@ pub fn apply(
         for (key, msg) in have_fdb.into_iter().filter(|(k, _)| fdb.remove.contains(k)) {
             if let Err(e) = nl.delete_neighbour(format!("FDB entry {} dst {} on {name}", key.mac, key.destination), msg)
             {
-                errors.push(e);
+                errors.push(e.into());
             }
         }
         for entry in &fdb.add {
             if let Err(e) = nl.add_fdb(name, index, entry) {
-                errors.push(e);
+                errors.push(e.into());
             }
         }
 
@@ -181,19 +180,19 @@ pub fn apply(
         neighbours = plan::diff(&desired.neighbours, &keys);
         for (key, msg) in have_neigh.into_iter().filter(|(k, _)| neighbours.remove.contains(k)) {
             if let Err(e) = nl.delete_neighbour(format!("neighbour {} lladdr {} on {name}", key.ip, key.mac), msg) {
-                errors.push(e);
+                errors.push(e.into());
             }
         }
         for n in &neighbours.add {
             if let Err(e) = nl.add_neighbour(name, index, n) {
-                errors.push(e);
+                errors.push(e.into());
             }
         }
     }
 
     for route in &routes.add {
         if let Err(e) = nl.add_carve_route(route, vxlan.map(|(_, i)| i)) {
-            errors.push(e);
+            errors.push(e.into());
         }
     }
 

@@ -11,9 +11,9 @@ use std::sync::mpsc;
 
 use futures::channel::oneshot;
 
-use super::netlink::Netlink;
 use super::plan::Desired;
 use super::{Applied, DataplaneError};
+use crate::netlink::Netlink;
 
 enum Job {
     Apply { desired: Box<Desired>, vxlan_device: String, reply: oneshot::Sender<Result<Applied, DataplaneError>> },
@@ -64,7 +64,7 @@ impl Worker {
                             let _ = reply.send(super::apply(&mut nl, &desired, &vxlan_device, &proc_sys));
                         }
                         Job::UnderlayMtu { node_ip, reply } => {
-                            let _ = reply.send(nl.mtu_of_address(node_ip));
+                            let _ = reply.send(nl.mtu_of_address(node_ip).map_err(DataplaneError::from));
                         }
                         Job::LinkNames { reply } => {
                             let _ = reply.send(nl.link_names().map_err(DataplaneError::from));

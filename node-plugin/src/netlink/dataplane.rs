@@ -1,7 +1,8 @@
-//! The dataplane's netlink edge: reads what the kernel holds and applies the
-//! difference to [`Desired`](super::plan::Desired). Typed requests on the one
-//! synchronous socket of [`crate::netlink`] (these are more of its methods);
-//! no `ip`.
+//! The dataplane's requests: what the kernel holds of carve's VXLAN device,
+//! VTEP addresses, routes, neighbours and FDB entries, and the changes
+//! [`crate::dataplane`] applies to reach its
+//! [`Desired`](crate::dataplane::plan::Desired), typed by the plan's types.
+//! More methods of the one socket of [`super`]; no `ip`.
 //!
 //! The socket belongs to the network namespace it was opened in, so the
 //! namespace is fixed for the socket's life whichever thread uses it.
@@ -17,11 +18,10 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::DataplaneError;
-use super::plan::{FdbEntry, Mac, Neighbour, ROUTE_PROTOCOL, Route, VxlanDevice};
-use crate::netlink::{EEXIST, ENODEV, ENOENT, ESRCH, neighbour_address, neighbour_ip, route_address, route_parts};
-
-pub use crate::netlink::Netlink;
+use super::{
+    EEXIST, ENODEV, ENOENT, ESRCH, Netlink, NetlinkError, neighbour_address, neighbour_ip, route_address, route_parts,
+};
+use crate::dataplane::plan::{FdbEntry, Mac, Neighbour, ROUTE_PROTOCOL, Route, VxlanDevice};
 
 const RT_TABLE_MAIN: u32 = 254;
 
@@ -114,7 +114,7 @@ fn route_message(route: &Route, vxlan_index: Option<u32>) -> RouteMessage {
 
 impl Netlink {
     /// The link holding address `ip` (the underlay), if any link does.
-    fn link_of_address(&mut self, ip: IpAddr) -> Result<Option<LinkMessage>, DataplaneError> {
+    fn link_of_address(&mut self, ip: IpAddr) -> Result<Option<LinkMessage>, NetlinkError> {
         let Some(index) = self.address_messages()?.into_iter().find_map(|a| {
             a.attributes
                 .iter()
@@ -123,11 +123,11 @@ impl Netlink {
         }) else {
             return Ok(None);
         };
-        Ok(self.link_by_index(index)?)
+        self.link_by_index(index)
     }
 
     /// MTU of the link holding address `ip` (the underlay), if any link does.
-    pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
+    pub fn mtu_of_address(&mut self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
         Ok(self.link_of_address(ip)?.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Mtu(m) => Some(*m),
@@ -137,7 +137,7 @@ impl Netlink {
     }
 
     /// Name of the link holding address `ip`, if any link does.
-    pub fn link_name_of_address(&mut self, ip: IpAddr) -> Result<Option<String>, DataplaneError> {
+    pub fn link_name_of_address(&mut self, ip: IpAddr) -> Result<Option<String>, NetlinkError> {
         Ok(self.link_of_address(ip)?.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::IfName(n) => Some(n.clone()),
@@ -146,7 +146,7 @@ impl Netlink {
         }))
     }
 
-    fn address_messages(&mut self) -> Result<Vec<AddressMessage>, DataplaneError> {
+    fn address_messages(&mut self) -> Result<Vec<AddressMessage>, NetlinkError> {
         let replies = self.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP, || {
             "listing addresses".into()
         })?;
@@ -161,7 +161,7 @@ impl Netlink {
 
     /// Deletes the VXLAN device `name` when it exists (VNet mode, or a device
     /// that cannot be changed in place). Only VXLAN links are touched.
-    pub fn remove_vxlan(&mut self, name: &str) -> Result<bool, DataplaneError> {
+    pub fn remove_vxlan(&mut self, name: &str) -> Result<bool, NetlinkError> {
         let Some(link) = self.link_by_name(name)? else { return Ok(false) };
         if !vxlan_info(&link).is_vxlan {
             return Ok(false);
@@ -171,19 +171,19 @@ impl Netlink {
         match self.ack(RouteNetlinkMessage::DelLink(msg), 0, || format!("deleting VXLAN device {name}")) {
             Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(ENODEV) => Ok(false),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
     /// Makes the VXLAN device match `dev` (recreating it when VNI, port or local
     /// address differ, which the kernel cannot change in place) and returns its index.
-    pub fn ensure_vxlan(&mut self, dev: &VxlanDevice) -> Result<u32, DataplaneError> {
+    pub fn ensure_vxlan(&mut self, dev: &VxlanDevice) -> Result<u32, NetlinkError> {
         let name = &dev.name;
         if let Some(link) = self.link_by_name(name)? {
             let info = vxlan_info(&link);
             let index = link.header.index;
             if !info.is_vxlan {
-                return Err(DataplaneError::Conflict(format!(
+                return Err(NetlinkError::Conflict(format!(
                     "link {name} exists and is not a VXLAN device; carve will not replace it"
                 )));
             }
@@ -210,17 +210,17 @@ impl Netlink {
         match self.ack(RouteNetlinkMessage::NewLink(vxlan_link(dev)), NLM_F_CREATE | NLM_F_EXCL, what) {
             Ok(()) => {}
             Err(e) if e.errno() == Some(EEXIST) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         let link = self.link_by_name(name)?.ok_or_else(|| {
-            DataplaneError::Conflict(format!("VXLAN device {name} vanished right after it was created"))
+            NetlinkError::Conflict(format!("VXLAN device {name} vanished right after it was created"))
         })?;
         Ok(link.header.index)
     }
 
     /// Makes the global addresses of link `index` exactly `want` (the VTEP
     /// addresses); link-local ones are left alone.
-    pub fn ensure_addresses(&mut self, dev: &VxlanDevice, index: u32) -> Result<(), DataplaneError> {
+    pub fn ensure_addresses(&mut self, dev: &VxlanDevice, index: u32) -> Result<(), NetlinkError> {
         let mut present = Vec::new();
         for msg in self.address_messages()?.into_iter().filter(|m| m.header.index == index) {
             if msg.header.scope == AddressScope::Link {
@@ -253,7 +253,7 @@ impl Netlink {
     pub fn carve_routes(
         &mut self,
         vxlan: Option<(&str, u32)>,
-    ) -> Result<Vec<(Option<Route>, RouteMessage)>, DataplaneError> {
+    ) -> Result<Vec<(Option<Route>, RouteMessage)>, NetlinkError> {
         let mut out = Vec::new();
         for v4 in [true, false] {
             for msg in self.routes(v4)? {
@@ -284,18 +284,18 @@ impl Netlink {
         Ok(out)
     }
 
-    pub fn delete_carve_route(&mut self, route: &Route, msg: RouteMessage) -> Result<(), DataplaneError> {
+    pub fn delete_carve_route(&mut self, route: &Route, msg: RouteMessage) -> Result<(), NetlinkError> {
         match self.ack(RouteNetlinkMessage::DelRoute(msg), 0, || format!("removing route {route}")) {
             Err(e) if matches!(e.errno(), Some(ESRCH) | Some(ENOENT)) => Ok(()),
-            r => Ok(r?),
+            r => r,
         }
     }
 
-    pub fn add_carve_route(&mut self, route: &Route, vxlan_index: Option<u32>) -> Result<(), DataplaneError> {
+    pub fn add_carve_route(&mut self, route: &Route, vxlan_index: Option<u32>) -> Result<(), NetlinkError> {
         let index = match (&route.onlink_device, vxlan_index) {
             (Some(_), Some(i)) => Some(i),
             (Some(_), None) => {
-                return Err(DataplaneError::Conflict(format!("adding route {route}: the VXLAN device is missing")));
+                return Err(NetlinkError::Conflict(format!("adding route {route}: the VXLAN device is missing")));
             }
             (None, _) => None,
         };
@@ -305,7 +305,7 @@ impl Netlink {
                 tracing::warn!(route = %route, "a route to this destination that carve does not own exists; left alone");
                 Ok(())
             }
-            r => Ok(r?),
+            r => r,
         }
     }
 
@@ -314,7 +314,7 @@ impl Netlink {
         family: AddressFamily,
         index: u32,
         what: &str,
-    ) -> Result<Vec<NeighbourMessage>, DataplaneError> {
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
         let mut filter = NeighbourMessage::default();
         filter.header.family = family;
         let replies =
@@ -335,7 +335,7 @@ impl Netlink {
         family: AddressFamily,
         index: u32,
         what: &str,
-    ) -> Result<Vec<(IpAddr, Mac, NeighbourMessage)>, DataplaneError> {
+    ) -> Result<Vec<(IpAddr, Mac, NeighbourMessage)>, NetlinkError> {
         let mut out = Vec::new();
         for msg in self.neighbours_of(family, index, what)? {
             let ip = msg.attributes.iter().find_map(|a| match a {
@@ -354,7 +354,7 @@ impl Netlink {
     }
 
     /// Permanent neighbour entries on link `index`.
-    pub fn neighbour_entries(&mut self, index: u32) -> Result<Vec<(Neighbour, NeighbourMessage)>, DataplaneError> {
+    pub fn neighbour_entries(&mut self, index: u32) -> Result<Vec<(Neighbour, NeighbourMessage)>, NetlinkError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             for (ip, mac, msg) in self.entries(family, index, "neighbour entries")? {
@@ -365,7 +365,7 @@ impl Netlink {
     }
 
     /// Permanent FDB entries with a remote destination on link `index`.
-    pub fn fdb(&mut self, index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>, DataplaneError> {
+    pub fn fdb(&mut self, index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>, NetlinkError> {
         Ok(self
             .entries(AddressFamily::Bridge, index, "FDB entries")?
             .into_iter()
@@ -373,14 +373,16 @@ impl Netlink {
             .collect())
     }
 
-    pub fn add_neighbour(&mut self, dev: &str, index: u32, n: &Neighbour) -> Result<(), DataplaneError> {
-        self.set_neighbour(index, n.ip, n.mac).map_err(|mut e| {
-            e.action = format!("adding neighbour {} lladdr {} on {dev}", n.ip, n.mac);
-            e.into()
+    pub fn add_neighbour(&mut self, dev: &str, index: u32, n: &Neighbour) -> Result<(), NetlinkError> {
+        self.set_neighbour(index, n.ip, n.mac).map_err(|e| match e {
+            NetlinkError::Io { source, .. } => {
+                NetlinkError::Io { action: format!("adding neighbour {} lladdr {} on {dev}", n.ip, n.mac), source }
+            }
+            conflict => conflict,
         })
     }
 
-    pub fn add_fdb(&mut self, dev: &str, index: u32, f: &FdbEntry) -> Result<(), DataplaneError> {
+    pub fn add_fdb(&mut self, dev: &str, index: u32, f: &FdbEntry) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Bridge;
         msg.header.ifindex = index;
@@ -395,10 +397,10 @@ impl Netlink {
     }
 
     /// Deletes a neighbour or FDB entry; already gone is fine.
-    pub fn delete_neighbour(&mut self, what: String, msg: NeighbourMessage) -> Result<(), DataplaneError> {
+    pub fn delete_neighbour(&mut self, what: String, msg: NeighbourMessage) -> Result<(), NetlinkError> {
         match self.ack(RouteNetlinkMessage::DelNeighbour(msg), 0, || format!("removing {what}")) {
             Err(e) if e.errno() == Some(ENOENT) => Ok(()),
-            r => Ok(r?),
+            r => r,
         }
     }
 }

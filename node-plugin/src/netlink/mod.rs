@@ -6,6 +6,12 @@
 //! opens one in the host namespace and one inside the pod's ([`Netlink::open_in`]
 //! enters it only for the `socket()` call) and talks to both from one thread,
 //! without a runtime or a thread per namespace (netavark's shape).
+//!
+//! Every `impl Netlink` is here: links, addresses, routes and neighbours in
+//! this file, the dataplane's VXLAN device, carve routes and FDB in
+//! [`dataplane`]; one error type, [`NetlinkError`].
+
+mod dataplane;
 
 use std::fs::File;
 use std::io;
@@ -34,25 +40,35 @@ pub const EEXIST: i32 = nix::libc::EEXIST;
 pub const ENOENT: i32 = nix::libc::ENOENT;
 pub const ESRCH: i32 = nix::libc::ESRCH;
 
-/// A failed netlink exchange, named by what it was for.
+/// The one error of every netlink request carve makes.
 #[derive(Debug, thiserror::Error)]
-#[error("{action}: {source}")]
-pub struct NetlinkError {
-    pub action: String,
-    #[source]
-    pub source: io::Error,
+pub enum NetlinkError {
+    /// A failed exchange, named by what it was for.
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel holds something carve will not take over or change
+    /// (a non-VXLAN link under carve's device name, a device gone missing).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl NetlinkError {
     /// The kernel's errno, when the kernel refused the request.
     pub fn errno(&self) -> Option<i32> {
-        self.source.raw_os_error()
+        match self {
+            NetlinkError::Io { source, .. } => source.raw_os_error(),
+            NetlinkError::Conflict(_) => None,
+        }
     }
 }
 
 fn failed(action: impl Into<String>) -> impl FnOnce(io::Error) -> NetlinkError {
     let action = action.into();
-    move |source| NetlinkError { action, source }
+    move |source| NetlinkError::Io { action, source }
 }
 
 /// Runs `f` with the calling thread in the network namespace `ns`, then puts
