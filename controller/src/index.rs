@@ -28,72 +28,73 @@ use crate::selector::Selector;
 
 /// A PodCIDR as the index needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolView {
-    pub name: String,
+pub(crate) struct PoolView {
+    pub(crate) name: String,
     /// Creation time (RFC 3339): when two pools overlap, the later one is invalid.
-    pub created: String,
-    pub mode: PoolMode,
-    pub cidrs: Vec<String>,
-    pub block_v4: Option<i32>,
-    pub block_v6: Option<i32>,
-    pub exclusions: Vec<String>,
-    pub disabled: bool,
-    pub selector: Result<Selector, String>,
-    pub allocation: BlockAllocation,
+    pub(crate) created: String,
+    pub(crate) mode: PoolMode,
+    pub(crate) cidrs: Vec<String>,
+    pub(crate) block_v4: Option<i32>,
+    pub(crate) block_v6: Option<i32>,
+    pub(crate) exclusions: Vec<String>,
+    pub(crate) disabled: bool,
+    pub(crate) selector: Result<Selector, String>,
+    pub(crate) allocation: BlockAllocation,
 }
 
 /// A Node as the index needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NodeView {
-    pub name: String,
-    pub uid: String,
-    pub labels: BTreeMap<String, String>,
+pub(crate) struct NodeView {
+    pub(crate) name: String,
+    pub(crate) uid: String,
+    pub(crate) labels: BTreeMap<String, String>,
     /// `spec.podCIDRs` (or `spec.podCIDR`), as written by whoever set them.
-    pub pod_cidrs: Vec<String>,
+    pub(crate) pod_cidrs: Vec<String>,
     /// InternalIP addresses: never a pod's.
-    pub internal_ips: Vec<IpAddr>,
+    pub(crate) internal_ips: Vec<IpAddr>,
     /// `status.capacity.pods`.
-    pub max_pods: Option<u32>,
+    pub(crate) max_pods: Option<u32>,
 }
 
 /// A block granted to a node, with the ID of that grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub block: IpNet,
-    pub id: String,
+pub(crate) struct Grant {
+    pub(crate) block: IpNet,
+    pub(crate) id: String,
 }
 
 /// A block given back, held until `until` (Unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Quarantine {
-    pub block: IpNet,
-    pub id: String,
-    pub until: i64,
+pub(crate) struct Quarantine {
+    pub(crate) block: IpNet,
+    pub(crate) id: String,
+    pub(crate) until: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holding {
+pub(crate) struct Holding {
     /// UID of the Node incarnation the blocks belong to.
-    pub uid: String,
-    pub pool: String,
+    pub(crate) uid: String,
+    pub(crate) pool: String,
     /// Per family in grant order (oldest first), IPv4 first.
-    pub grants: Vec<Grant>,
-    pub quarantined: Vec<Quarantine>,
+    pub(crate) grants: Vec<Grant>,
+    pub(crate) quarantined: Vec<Quarantine>,
 }
 
+#[cfg(test)]
 impl Holding {
-    pub fn blocks(&self) -> Vec<IpNet> {
+    pub(crate) fn blocks(&self) -> Vec<IpNet> {
         self.grants.iter().map(|g| g.block).collect()
     }
 }
 
 /// What a node asks for in its NNC spec.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     /// `spec.requestedIPs` per family (dynamic pools).
-    pub ips: BTreeMap<IpFamily, u64>,
+    pub(crate) ips: BTreeMap<IpFamily, u64>,
     /// `spec.releases`: (CIDR, allocation ID).
-    pub releases: Vec<(String, String)>,
+    pub(crate) releases: Vec<(String, String)>,
 }
 
 struct Pool {
@@ -110,7 +111,7 @@ struct Pool {
 
 /// Something wrong with a recorded block or a podCIDR; it is reported, never used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BlockProblem {
+pub(crate) enum BlockProblem {
     #[error("block {0:?} is not a CIDR; it was dropped")]
     Malformed(String),
     #[error("block {0} lies in no pool; it was dropped")]
@@ -131,7 +132,7 @@ pub enum BlockProblem {
 
 /// Why a node has fewer blocks than its pool's families.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AssignProblem {
+pub(crate) enum AssignProblem {
     #[error("no enabled PodCIDR selects this node; create one or adjust spec.nodeSelector")]
     NoMatchingPool,
     #[error("PodCIDRs {0:?} select this node equally specifically; make one nodeSelector more specific")]
@@ -146,7 +147,7 @@ pub enum AssignProblem {
 
 impl AssignProblem {
     /// The condition reason a user sees on the NodeNetworkConfig.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             AssignProblem::NoMatchingPool => "NoMatchingPool",
             AssignProblem::AmbiguousPool(_) => "AmbiguousPool",
@@ -159,7 +160,7 @@ impl AssignProblem {
 
 /// Why a node holding blocks still has fewer addresses than it needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Unmet {
+pub(crate) enum Unmet {
     #[error(
         "{field} asks for {wanted} {family} addresses but pool {pool} allows at most {max} blocks per node \
          ({usable} usable addresses); raise spec.allocation.maxBlocksPerNode of PodCIDR {pool} or run fewer pods here"
@@ -173,7 +174,7 @@ pub enum Unmet {
 }
 
 impl Unmet {
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Unmet::AboveMaximum { .. } => "AboveMaximum",
             Unmet::Exhausted { .. } => "PoolExhausted",
@@ -183,7 +184,7 @@ impl Unmet {
 
 /// A release in the NNC spec that is refused (nothing changes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReleaseProblem {
+pub(crate) enum ReleaseProblem {
     #[error("spec.releases names {cidr:?}, which is not a CIDR; remove the entry")]
     Malformed { cidr: String },
     #[error("spec.releases names {cidr}, which this node does not hold; remove the entry")]
@@ -197,60 +198,60 @@ pub enum ReleaseProblem {
 
 /// A Node's address that lies in another node's block.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeignAddress {
-    pub ip: IpAddr,
-    pub node: String,
+pub(crate) struct ForeignAddress {
+    pub(crate) ip: IpAddr,
+    pub(crate) node: String,
 }
 
 /// The outcome of `assign` for one node: the status to write. Nothing of
 /// `released` or `expired` has changed in the index yet: `commit` does that
 /// once the status is written.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Assignment {
-    pub pool: Option<String>,
-    pub mode: Option<PoolMode>,
-    pub allocation: Option<BlockAllocation>,
+pub(crate) struct Assignment {
+    pub(crate) pool: Option<String>,
+    pub(crate) mode: Option<PoolMode>,
+    pub(crate) allocation: Option<BlockAllocation>,
     /// Every grant the node keeps, IPv4 first, oldest first.
-    pub grants: Vec<Grant>,
+    pub(crate) grants: Vec<Grant>,
     /// The blocks carved by this call.
-    pub carved: Vec<IpNet>,
+    pub(crate) carved: Vec<IpNet>,
     /// Grants the node gave back (spec.releases), to be quarantined.
-    pub released: Vec<Grant>,
+    pub(crate) released: Vec<Grant>,
     /// The quarantine to record: still running and newly released.
-    pub quarantined: Vec<Quarantine>,
+    pub(crate) quarantined: Vec<Quarantine>,
     /// Quarantined blocks whose time is up: back to the pool once written.
-    pub expired: Vec<IpNet>,
+    pub(crate) expired: Vec<IpNet>,
     /// Addresses inside the grants that pods must not get.
-    pub reserved: Vec<IpAddr>,
+    pub(crate) reserved: Vec<IpAddr>,
     /// Other Nodes' addresses inside this node's grants.
-    pub foreign: Vec<ForeignAddress>,
+    pub(crate) foreign: Vec<ForeignAddress>,
     /// Nodes whose grants hold one of this node's addresses (to reconcile).
-    pub holders_of_my_ips: Vec<String>,
-    pub problem: Option<AssignProblem>,
-    pub unmet: Vec<Unmet>,
-    pub release_problems: Vec<ReleaseProblem>,
+    pub(crate) holders_of_my_ips: Vec<String>,
+    pub(crate) problem: Option<AssignProblem>,
+    pub(crate) unmet: Vec<Unmet>,
+    pub(crate) release_problems: Vec<ReleaseProblem>,
 }
 
 impl Assignment {
-    pub fn blocks(&self) -> Vec<IpNet> {
+    pub(crate) fn blocks(&self) -> Vec<IpNet> {
         self.grants.iter().map(|g| g.block).collect()
     }
 }
 
 /// A pool's health and usage for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolReport {
-    pub usage: Vec<(IpFamily, u8, Usage)>,
+pub(crate) struct PoolReport {
+    pub(crate) usage: Vec<(IpFamily, u8, Usage)>,
     /// Quarantined blocks per family.
-    pub quarantined: BTreeMap<IpFamily, u64>,
-    pub invalid: Option<String>,
-    pub exhausted: Vec<IpFamily>,
-    pub retired: Vec<IpNet>,
-    pub unmet: u64,
+    pub(crate) quarantined: BTreeMap<IpFamily, u64>,
+    pub(crate) invalid: Option<String>,
+    pub(crate) exhausted: Vec<IpFamily>,
+    pub(crate) retired: Vec<IpNet>,
+    pub(crate) unmet: u64,
 }
 
 #[derive(Default)]
-pub struct Index {
+pub(crate) struct Index {
     pools: BTreeMap<String, Pool>,
     holdings: BTreeMap<String, Holding>,
     owners: HashMap<IpNet, String>,
@@ -260,7 +261,7 @@ pub struct Index {
 }
 
 /// A fresh allocation ID: random, so no restart or counter can repeat one.
-pub fn new_allocation_id() -> String {
+pub(crate) fn new_allocation_id() -> String {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the kernel's random source");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -298,7 +299,7 @@ impl Index {
     /// Rebuilds every pool from `views`, keeping every block already held;
     /// returns the held blocks a pool's new spec refuses (now reserved, or of
     /// another size).
-    pub fn set_pools(&mut self, mut views: Vec<PoolView>) -> Vec<BlockProblem> {
+    pub(crate) fn set_pools(&mut self, mut views: Vec<PoolView>) -> Vec<BlockProblem> {
         views.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
         let previous = std::mem::take(&mut self.pools);
         let mut accepted: Vec<(String, IpNet)> = Vec::new();
@@ -388,16 +389,16 @@ impl Index {
         problems
     }
 
-    pub fn holding(&self, node: &str) -> Option<&Holding> {
+    pub(crate) fn holding(&self, node: &str) -> Option<&Holding> {
         self.holdings.get(node)
     }
 
-    pub fn holdings(&self) -> impl Iterator<Item = (&String, &Holding)> {
+    pub(crate) fn holdings(&self) -> impl Iterator<Item = (&String, &Holding)> {
         self.holdings.iter()
     }
 
     /// Records `node`'s InternalIPs (replacing what was known).
-    pub fn set_node_ips(&mut self, node: &str, ips: &[IpAddr]) {
+    pub(crate) fn set_node_ips(&mut self, node: &str, ips: &[IpAddr]) {
         if self.ips_of.get(node).map(Vec::as_slice) == Some(ips) {
             return;
         }
@@ -419,7 +420,7 @@ impl Index {
     /// already holds keeps its state here (the index is ahead of a lagging
     /// cache); one that is malformed, outside every pool or held by another
     /// node is reported and not recorded. A block without an ID gets one.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         node: &str,
         uid: &str,
@@ -486,7 +487,7 @@ impl Index {
 
     /// Takes over a node's existing podCIDRs that lie in a pool (migration from
     /// kube-controller-manager or kubenet without re-IP).
-    pub fn adopt(&mut self, node: &NodeView) -> Vec<BlockProblem> {
+    pub(crate) fn adopt(&mut self, node: &NodeView) -> Vec<BlockProblem> {
         let mut problems = Vec::new();
         for raw in &node.pod_cidrs {
             let Ok(cidr) = raw.parse::<IpNet>() else { continue };
@@ -572,7 +573,7 @@ impl Index {
     /// (or static size) covered: adopts podCIDRs first, never takes a block
     /// the node did not give back. Carved blocks are the node's at once;
     /// releases and expired quarantine wait for `commit`.
-    pub fn assign(&mut self, node: &NodeView, request: &Request, now: i64) -> (Assignment, Vec<BlockProblem>) {
+    pub(crate) fn assign(&mut self, node: &NodeView, request: &Request, now: i64) -> (Assignment, Vec<BlockProblem>) {
         self.set_node_ips(&node.name, &node.internal_ips);
         let problems = self.adopt(node);
         let mut a =
@@ -785,7 +786,7 @@ impl Index {
 
     /// After the assignment's status was written: released grants enter
     /// quarantine, expired quarantine returns to the pool.
-    pub fn commit(&mut self, node: &str, a: &Assignment) {
+    pub(crate) fn commit(&mut self, node: &str, a: &Assignment) {
         let Some(holding) = self.holdings.get_mut(node) else { return };
         for grant in &a.released {
             if let Some(i) = holding.grants.iter().position(|g| g == grant) {
@@ -823,7 +824,7 @@ impl Index {
     }
 
     /// Returns every block of `node` to its pool; the blocks released.
-    pub fn release(&mut self, node: &str) -> Vec<IpNet> {
+    pub(crate) fn release(&mut self, node: &str) -> Vec<IpNet> {
         self.set_node_ips(node, &[]);
         for pool in self.pools.values_mut() {
             pool.unmet.remove(node);
@@ -836,7 +837,7 @@ impl Index {
         blocks
     }
 
-    pub fn report(&self, pool: &str) -> Option<PoolReport> {
+    pub(crate) fn report(&self, pool: &str) -> Option<PoolReport> {
         let p = self.pools.get(pool)?;
         let usage = p
             .blocks

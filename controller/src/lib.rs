@@ -17,7 +17,7 @@
 pub mod allocator;
 pub mod check;
 pub mod connectivity;
-pub mod index;
+pub(crate) mod index;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requirement {
+pub(crate) enum Requirement {
     In(String, Vec<String>),
     NotIn(String, Vec<String>),
     Exists(String),
@@ -13,16 +13,16 @@ pub enum Requirement {
 
 /// A label selector; the empty selector matches every node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selector {
-    pub requirements: Vec<Requirement>,
+pub(crate) struct Selector {
+    pub(crate) requirements: Vec<Requirement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown operator {0:?} in nodeSelector.matchExpressions; use In, NotIn, Exists or DoesNotExist")]
-pub struct BadOperator(pub String);
+pub(crate) struct BadOperator(pub String);
 
 impl Selector {
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         match_labels: &BTreeMap<String, String>,
         match_expressions: &[(String, String, Vec<String>)],
     ) -> Result<Self, BadOperator> {
@@ -40,7 +40,7 @@ impl Selector {
         Ok(Selector { requirements })
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| match r {
             Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
             Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
@@ -50,7 +50,7 @@ impl Selector {
     }
 
     /// More requirements = more specific; the empty selector is the least specific.
-    pub fn specificity(&self) -> usize {
+    pub(crate) fn specificity(&self) -> usize {
         self.requirements.len()
     }
 }

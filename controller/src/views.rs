@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::index::{Grant, NodeView, PoolView, Quarantine, Request};
 use crate::selector::Selector;
 
-pub fn pool_view(pool: &PodCidr) -> PoolView {
+pub(crate) fn pool_view(pool: &PodCidr) -> PoolView {
     let selector = match &pool.spec.node_selector {
         None => Ok(Selector::default()),
         Some(sel) => {
@@ -83,7 +83,14 @@ pub struct PodCapacity {
     pub pods: Option<Quantity>,
 }
 
-pub fn node_view(node: &PartialNode) -> NodeView {
+/// The node as `carvectl check` compares it: name, podCIDRs, InternalIPs.
+pub fn node_info(node: &PartialNode) -> crate::check::NodeInfo {
+    let view = node_view(node);
+    let ips = view.internal_ips.iter().map(|ip| ip.to_string()).collect();
+    crate::check::NodeInfo { name: view.name, pod_cidrs: view.pod_cidrs, ips }
+}
+
+pub(crate) fn node_view(node: &PartialNode) -> NodeView {
     let spec = node.spec.as_ref();
     let mut pod_cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if pod_cidrs.is_empty()
@@ -110,7 +117,7 @@ fn internal_ips(node: &PartialNode) -> impl Iterator<Item = &str> {
 }
 
 /// `status.capacity.pods`: how many pods kubelet runs here (static pools size by it).
-pub fn max_pods(node: &PartialNode) -> Option<u32> {
+pub(crate) fn max_pods(node: &PartialNode) -> Option<u32> {
     node.status.as_ref()?.capacity.as_ref()?.pods.as_ref()?.0.parse().ok()
 }
 
@@ -118,7 +125,7 @@ pub fn max_pods(node: &PartialNode) -> Option<u32> {
 /// addresses, podCIDR(s), capacity.pods and whether it is being deleted. The controller's
 /// Node trigger drops updates that change none of them (kubelet's status
 /// reports, carve-agent's own condition writes).
-pub fn node_fields(node: &PartialNode) -> Option<u64> {
+pub(crate) fn node_fields(node: &PartialNode) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let view = node_view(node);
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -134,7 +141,7 @@ pub fn internal_ip(node: &PartialNode) -> Option<String> {
 }
 
 /// UID of the Node that controls this NNC, if any.
-pub fn owner_uid(nnc: &NodeNetworkConfig) -> Option<String> {
+pub(crate) fn owner_uid(nnc: &NodeNetworkConfig) -> Option<String> {
     nnc.owner_references().iter().find(|o| o.kind == "Node" && o.controller == Some(true)).map(|o| o.uid.clone())
 }
 
@@ -151,7 +158,7 @@ pub fn recorded_blocks(nnc: &NodeNetworkConfig) -> Vec<(String, Option<String>, 
 }
 
 /// What the node asks for in its NNC spec.
-pub fn request(nnc: Option<&NodeNetworkConfig>) -> Request {
+pub(crate) fn request(nnc: Option<&NodeNetworkConfig>) -> Request {
     let Some(spec) = nnc.map(|n| &n.spec) else { return Request::default() };
     let mut ips = std::collections::BTreeMap::new();
     if let Some(r) = &spec.requested_ips {
@@ -165,7 +172,7 @@ pub fn request(nnc: Option<&NodeNetworkConfig>) -> Request {
 /// NNC status blocks. Overlay blocks name their first address as gateway
 /// (carve-ipam keeps it for the node); VNet blocks have none: pods route via
 /// a link-local next hop and every address but reservedIPs is a pod's.
-pub fn node_blocks(grants: &[Grant], mode: Option<PoolMode>) -> Vec<NodeBlock> {
+pub(crate) fn node_blocks(grants: &[Grant], mode: Option<PoolMode>) -> Vec<NodeBlock> {
     grants
         .iter()
         .map(|g| NodeBlock {
@@ -177,7 +184,7 @@ pub fn node_blocks(grants: &[Grant], mode: Option<PoolMode>) -> Vec<NodeBlock> {
         .collect()
 }
 
-pub fn quarantined_blocks(quarantine: &[Quarantine]) -> Vec<QuarantinedBlock> {
+pub(crate) fn quarantined_blocks(quarantine: &[Quarantine]) -> Vec<QuarantinedBlock> {
     quarantine
         .iter()
         .map(|q| QuarantinedBlock {
@@ -189,7 +196,7 @@ pub fn quarantined_blocks(quarantine: &[Quarantine]) -> Vec<QuarantinedBlock> {
         .collect()
 }
 
-pub fn addresses(ips: &[IpAddr]) -> Vec<String> {
+pub(crate) fn addresses(ips: &[IpAddr]) -> Vec<String> {
     ips.iter().map(|ip| ip.to_string()).collect()
 }
 

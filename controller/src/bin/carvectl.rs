@@ -610,15 +610,7 @@ async fn run_check(args: &ClusterArgs) -> Result<ExitCode> {
             reserved: n.status.as_ref().map(|s| s.reserved_ips.clone()).unwrap_or_default(),
         })
         .collect();
-    let nodes: Vec<NodeInfo> = snap
-        .nodes
-        .iter()
-        .map(|n| {
-            let view = views::node_view(n);
-            let ips = view.internal_ips.iter().map(|ip| ip.to_string()).collect();
-            NodeInfo { name: view.name, pod_cidrs: view.pod_cidrs, ips }
-        })
-        .collect();
+    let nodes: Vec<NodeInfo> = snap.nodes.iter().map(views::node_info).collect();
     let findings = check::findings(&pools, &nncs, &nodes);
     let checked = format!("{} PodCIDRs, {} NodeNetworkConfigs, {} Nodes", pools.len(), nncs.len(), nodes.len());
     match args.output {
