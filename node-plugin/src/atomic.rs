@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// What must survive once `write` returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Durability {
+pub(crate) enum Durability {
     /// The new content, even through a crash of the machine: the file and
     /// the directory are synced (state files, the conflist).
     Synced,
@@ -18,7 +18,7 @@ pub enum Durability {
 }
 
 /// The temporary file `write` uses for `path`: `.<name>.tmp` beside it.
-pub fn temp_path(path: &Path) -> PathBuf {
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
     let mut name = std::ffi::OsString::from(".");
     name.push(path.file_name().unwrap_or_default());
     name.push(".tmp");
@@ -26,7 +26,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Replaces `path` with `body` (permissions `mode` when given), creating its directory.
-pub fn write(path: &Path, body: &[u8], mode: Option<u32>, durability: Durability) -> io::Result<()> {
+pub(crate) fn write(path: &Path, body: &[u8], mode: Option<u32>, durability: Durability) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = temp_path(path);

@@ -10,7 +10,7 @@
 #![warn(unreachable_pub)]
 
 pub mod agent;
-pub mod atomic;
+pub(crate) mod atomic;
 pub mod cni;
 pub mod dataplane;
 pub mod ipam;
