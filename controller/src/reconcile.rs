@@ -568,3 +568,7 @@ mod tests {
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 }
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod mock_api;
