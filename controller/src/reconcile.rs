@@ -370,12 +370,23 @@ async fn create_nnc(ctx: &Ctx, node: &PartialNode) -> Result<Arc<NodeNetworkConf
         controller: Some(true),
         block_owner_deletion: None,
     }]);
-    let created =
-        match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &nnc).await {
-            Ok(created) => created,
-            Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await?,
-            Err(e) => return Err(e.into()),
-        };
+    let post = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let created = match api.create(&post, &nnc).await {
+        Ok(created) => created,
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let found = api.get(&name).await?;
+            if views::owner_uid(&found) == node.uid() {
+                found
+            } else {
+                // Left by an earlier Node of the same name that the cache has
+                // not shown yet: the same replacement as current_nnc's.
+                delete_nnc(ctx, &found).await?;
+                info!(node = %name, "replaced a NodeNetworkConfig left by an earlier node of the same name");
+                api.create(&post, &nnc).await?
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let created = Arc::new(created);
     ctx.state().created.insert(name, created.clone());
     Ok(created)
