@@ -117,6 +117,7 @@ agent:
   noAddressTaint: false
   leakCheckPeriod: 30s
   logLevel: debug
+  role: ipam-only
 prometheus: {serviceMonitor: {enabled: true, labels: {release: kube-prometheus}}}
 prometheusRule: {enabled: true}
 dashboards: {enabled: true, namespace: monitoring}
@@ -148,11 +149,13 @@ dashboards: {enabled: true, namespace: monitoring}
         ("CARVE_NO_ADDRESS_TAINT", "false"),
         ("CARVE_LEAK_CHECK_PERIOD", "30s"),
         ("CARVE_LOG_LEVEL", "debug"),
+        ("CARVE_ROLE", "ipam-only"),
     ] {
         assert_eq!(env(agent, name), Some(value), "{name}");
     }
     let init = &object(&objects, "DaemonSet", "carve-agent")["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(env(init, "CARVE_CNI_VERSION"), Some("1.0.0"), "install-cni picks portmap for the pinned version");
+    assert_eq!(env(init, "CARVE_ROLE"), Some("ipam-only"), "install-cni installs nothing under another dataplane");
 
     for component in ["carve-controller", "carve-agent"] {
         let sm = object(&objects, "ServiceMonitor", component);
@@ -184,6 +187,7 @@ fn bad_values_are_refused_naming_the_field() {
         ("pools[0].name=overlay", "missing property 'spec'"),
         ("agent.nonMasqueradeCIDRs={10.0.0.0}", "/agent/nonMasqueradeCIDRs/0"),
         ("agent.leakGrace=soon", "/agent/leakGrace"),
+        ("agent.role=cilium", "/agent/role"),
     ] {
         let err = template(&["--set", set]).expect_err(set);
         assert!(err.contains(says), "--set {set}: helm said {err:?}, not {says:?}");

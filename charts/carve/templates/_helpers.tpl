@@ -17,3 +17,11 @@ envFrom:
       name: carve-api-endpoint
       optional: true
 {{- end }}
+
+{{/* CARVE_ROLE, only when it is not the default (dataplane). */}}
+{{- define "carve.agentRole" -}}
+{{- if ne .Values.agent.role "dataplane" }}
+- name: CARVE_ROLE
+  value: {{ .Values.agent.role | quote }}
+{{- end }}
+{{- end }}

@@ -332,6 +332,15 @@ pub fn write_conflist(
 }
 
 /// Removes the conflist (the node has no blocks any more); gone already is fine.
+/// The file names in the CNI config dir (none when it does not exist yet).
+pub fn config_files(conf_dir: &Path) -> Result<Vec<String>, FileError> {
+    match fs::read_dir(conf_dir) {
+        Ok(entries) => Ok(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(err("listing", conf_dir)(e)),
+    }
+}
+
 pub fn remove_conflist(conf_dir: &Path, file_name: &str) -> Result<bool, FileError> {
     let path = conf_dir.join(file_name);
     match fs::remove_file(&path) {

@@ -20,6 +20,7 @@ pub mod cni;
 pub mod cni_calls;
 pub mod leaks;
 pub mod metrics;
+pub mod role;
 mod run;
 pub mod scaler;
 
@@ -76,6 +77,8 @@ pub struct Settings {
     pub mtu: Option<u32>,
     /// Taint the Node while no pod address is free and none can be had ([`capacity`]).
     pub no_address_taint: bool,
+    /// carve's own dataplane, or blocks only under another one ([`role`]).
+    pub role: role::Role,
 }
 
 impl Settings {
@@ -318,7 +321,7 @@ impl Agent {
     }
 
     /// This agent's Node, as its Events name it (`uid` when the caller read the Node).
-    fn node_reference(&self, uid: Option<String>) -> k8s_openapi::api::core::v1::ObjectReference {
+    pub(crate) fn node_reference(&self, uid: Option<String>) -> k8s_openapi::api::core::v1::ObjectReference {
         k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
@@ -507,6 +510,9 @@ impl Agent {
             self.metrics.reconcile_error(stage);
             Readiness::not(reason, e.to_string())
         };
+        if s.role == role::Role::IpamOnly {
+            return self.reconcile_ipam_only(own).await;
+        }
         let underlay = self.underlay_mtu(own).await;
         let status = own.and_then(|o| o.status.as_ref());
         let spec = own.map(|o| o.spec.clone()).unwrap_or_default();
@@ -592,7 +598,53 @@ impl Agent {
             }
             Err(e) => return failed(stage::CONFLIST, "CNIInstallFailed", &e),
         }
+        match self.foreign().await {
+            Ok(Some(f)) => return failed(stage::CONFLIST, f.reason, &f.message),
+            Ok(None) => {}
+            Err(e) => return failed(stage::DATAPLANE, "DataplaneFailed", &e),
+        }
         Readiness::Ready
+    }
+
+    /// Another dataplane's device, or a network config the runtime picks
+    /// before carve's ([`role::foreign`]).
+    async fn foreign(&self) -> anyhow::Result<Option<role::Foreign>> {
+        let s = &self.settings;
+        let files = cni::config_files(&s.cni_conf_dir)?;
+        let links = self.worker.link_names().await?;
+        Ok(role::foreign(&s.cni_conf_dir.display().to_string(), &files, &s.conflist_name, &links))
+    }
+
+    /// [`role::Role::IpamOnly`]: nothing of carve's on the node (its conflist,
+    /// VXLAN device, routes and SNAT tables go, as after a switch from its own
+    /// dataplane); ready once the NNC has blocks for the other dataplane.
+    async fn reconcile_ipam_only(&self, own: Option<&NodeNetworkConfig>) -> Readiness {
+        let s = &self.settings;
+        match cni::remove_conflist(&s.cni_conf_dir, &s.conflist_name) {
+            Ok(true) => info!(conflist = %s.conflist_name, "removed carve's CNI conflist: ipam-only"),
+            Ok(false) => {}
+            Err(e) => {
+                self.metrics.reconcile_error(stage::CONFLIST);
+                return Readiness::not("CNIInstallFailed", e.to_string());
+            }
+        }
+        match self.worker.apply(plan::Desired::default(), &s.vxlan_device).await {
+            Ok(applied) if !applied.is_noop() => info!(
+                routes_removed = applied.routes.remove.len(),
+                vxlan_removed = applied.vxlan_removed,
+                "removed carve's dataplane: ipam-only"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.reconcile_error(stage::DATAPLANE);
+                return Readiness::not("DataplaneFailed", e.to_string());
+            }
+        }
+        match own.and_then(|o| o.status.as_ref()) {
+            Some(status) if !status.blocks.is_empty() => Readiness::Ready,
+            Some(_) => Readiness::not("WaitingForBlocks", format!("NodeNetworkConfig {} has no blocks yet", s.node)),
+            None => Readiness::not("NoNodeNetworkConfig", format!("no NodeNetworkConfig {} yet", s.node)),
+        }
     }
 }
 
@@ -630,6 +682,7 @@ mod tests {
             vxlan_port: 4789,
             mtu: None,
             no_address_taint: true,
+            role: role::Role::Dataplane,
         }
     }
 

@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use carve_crds::{NodeNetworkConfig, PodCidr};
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::metrics::stage;
+use super::role::Role;
 use super::{Agent, Readiness, set_network_unavailable};
 
 /// How often the agent re-reads its Node's NetworkUnavailable condition
@@ -49,6 +50,22 @@ where
             }
         });
     (store, changes)
+}
+
+/// A Warning Event on the Node: what keeps carve's dataplane from being its
+/// network ([`super::role::foreign`]), once per change.
+async fn warn_node(nodes: &Api<Node>, recorder: &Recorder, agent: &Agent, reason: &str, message: &str) {
+    let uid = nodes.get(&agent.settings.node).await.ok().and_then(|n| n.metadata.uid);
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(message.into()),
+        action: "CheckDataplane".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &agent.node_reference(uid)).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
 }
 
 async fn shutdown() {
@@ -125,12 +142,20 @@ pub async fn run(client: Client, agent: Agent, resync: Duration) -> Result<()> {
             if last.as_ref() != Some(&readiness) {
                 match &readiness {
                     Readiness::Ready => info!("node network ready"),
-                    Readiness::NotReady { reason, message } => warn!(%reason, %message, "node network not ready"),
+                    Readiness::NotReady { reason, message } => {
+                        warn!(%reason, %message, "node network not ready");
+                        if reason.starts_with("Foreign") {
+                            warn_node(&nodes, &recorder, &agent, reason, message).await;
+                        }
+                    }
                 }
             }
-            // Peer NNC events come often and rarely change this node's
-            // readiness: read and write the Node only on a change.
-            if last.as_ref() != Some(&readiness) || checked.elapsed() >= CONDITION_RECHECK {
+            if agent.settings.role == Role::IpamOnly {
+                // The other dataplane owns the Node's NetworkUnavailable condition.
+                last = Some(readiness);
+            } else if last.as_ref() != Some(&readiness) || checked.elapsed() >= CONDITION_RECHECK {
+                // Peer NNC events come often and rarely change this node's
+                // readiness: read and write the Node only on a change.
                 checked = Instant::now();
                 match set_network_unavailable(&nodes, &node, &readiness).await {
                     Ok(_) => last = Some(readiness),

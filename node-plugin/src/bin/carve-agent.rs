@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use carve_cli::{LogFormat, init_tracing, kube_client, parse_duration};
+use carve_node_plugin::agent::role::Role;
 use carve_node_plugin::agent::{self, Agent, Settings, cni, leaks, metrics};
 use carve_node_plugin::cni::report::socket_path;
 use carve_node_plugin::dataplane::plan::{DEFAULT_VNI, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT};
@@ -104,6 +105,12 @@ struct Args {
     /// address is free and none can be had; false: never (and remove it).
     #[arg(long, env = "CARVE_NO_ADDRESS_TAINT", default_value_t = true, action = clap::ArgAction::Set)]
     no_address_taint: bool,
+    /// `dataplane`: carve wires the pods (carve-cni, VXLAN or routes, SNAT).
+    /// `ipam-only`: another dataplane (Cilium with `ipam: kubernetes`, …) wires
+    /// them on carve's podCIDRs; the agent programs nothing and removes what
+    /// carve programmed.
+    #[arg(long, global = true, env = "CARVE_ROLE", default_value = "dataplane")]
+    role: Role,
     #[arg(long, env = "CARVE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     /// tracing filter, e.g. info or carve_node_plugin=debug.
@@ -170,6 +177,7 @@ fn settings(args: &Args) -> Result<Settings> {
         vxlan_port: args.vxlan_port,
         mtu: args.mtu,
         no_address_taint: args.no_address_taint,
+        role: args.role,
     })
 }
 
@@ -187,6 +195,10 @@ fn cni_source_dir(args: &Args) -> Result<PathBuf> {
 /// The init step: the runtime must find every plugin of the conflist before
 /// the agent writes it.
 fn install_cni(args: &Args, portmap_source: &std::path::Path) -> Result<()> {
+    if args.role == Role::IpamOnly {
+        info!("ipam-only: the node's dataplane brings its own plugins; nothing to install");
+        return Ok(());
+    }
     let source = cni_source_dir(args)?;
     let installed = cni::install_binaries(&source, &args.cni_bin_dir)
         .with_context(|| format!("installing carve-cni and carve-ipam into {}", args.cni_bin_dir.display()))?;
