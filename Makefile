@@ -91,8 +91,10 @@ NODES ?= 0
 RUNTIMES ?=
 # POLICY=npm: a NetworkPolicy engine (Azure NPM) on the nodes (README, NetworkPolicy).
 POLICY ?=
+# DATAPLANE=cilium: Cilium on carve's podCIDRs, no kube-proxy (README, Cilium).
+DATAPLANE ?=
 cluster-up: $(CLUSTER) $(if $(filter-out 0,$(NODES)),image)
-	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) $(if $(POLICY),--policy $(POLICY)) up
+	@$(CLUSTER) --kubeconfig $(KUBECONFIG_OUT) --nodes $(NODES) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) $(if $(POLICY),--policy $(POLICY)) $(if $(DATAPLANE),--dataplane $(DATAPLANE)) up
 
 cluster-down: $(CLUSTER)
 	@if [ -f target/e2e/controller.pid ]; then kill $$(cat target/e2e/controller.pid) 2>/dev/null || true; rm -f target/e2e/controller.pid; fi

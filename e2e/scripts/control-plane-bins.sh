@@ -44,15 +44,21 @@ FLANNEL="$CACHE/flannel-$FLANNEL_VERSION"
 # (--network-policy azure): --policy. v1.7.0 is the release the proxy serves.
 AZURE_NPM_VERSION="${CARVE_AZURE_NPM_VERSION:-v1.7.0}"
 AZURE_NPM="$CACHE/azure-npm-$AZURE_NPM_VERSION"
+# Cilium's agent, CNI plugin, CLI and generic operator, its BPF sources and
+# Helm chart, for DATAPLANE=cilium: --cilium. v1.18.3: v1.18.4+ replace
+# k8s.io/apimachinery with a fork the proxy refuses.
+CILIUM_VERSION="${CARVE_CILIUM_VERSION:-v1.18.3}"
+CILIUM="$CACHE/cilium-$CILIUM_VERSION"
 # CoreDNS as kubeadm v1.35 deploys it.
 COREDNS_VERSION="${CARVE_COREDNS_VERSION:-v1.13.1}"
-CONFORMANCE=0 WITH_FLANNEL=0 WITH_POLICY=0
+CONFORMANCE=0 WITH_FLANNEL=0 WITH_POLICY=0 WITH_CILIUM=0
 for arg in "$@"; do
   case $arg in
     --conformance) CONFORMANCE=1 ;;
     --flannel) WITH_FLANNEL=1 ;;
     --policy) WITH_POLICY=1 ;;
-    *) echo "control-plane-bins: unknown option $arg (--conformance, --flannel, --policy)" >&2; exit 2 ;;
+    --cilium) WITH_CILIUM=1 ;;
+    *) echo "control-plane-bins: unknown option $arg (--conformance, --flannel, --policy, --cilium)" >&2; exit 2 ;;
   esac
 done
 
@@ -249,6 +255,37 @@ build_azure_npm() {
   ln -sfn "$AZURE_NPM" "$BIN/azure-npm"
 }
 
+# Cilium from its module source as the main module (its go.mod replaces
+# gobgp and controller-tools with Cilium's forks, so `go install` refuses it):
+# the four binaries the chart's pods run, and beside them the bpf/ tree the
+# agent compiles at run time, the chart and the image's two scripts.
+build_cilium() {
+  if [[ ! -x $CILIUM/bin/cilium-operator-generic ]]; then
+    local src="$work/cilium-$CILIUM_VERSION" dir v="${CILIUM_VERSION#v}"
+    dir="$(go mod download -json "github.com/cilium/cilium@$CILIUM_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+    rm -rf "$src" "$CILIUM"
+    cp -r "$dir" "$src"
+    chmod -R u+w "$src"
+    mkdir -p "$CILIUM/bin" "$CILIUM/scripts"
+    # cilium-dbg status shows the version's three words (version, tag, date).
+    local ldflags="-s -w -X 'github.com/cilium/cilium/pkg/version.ciliumVersion=$v $CILIUM_VERSION 2025-10-27T00:00:00+00:00'"
+    local b
+    for b in "cilium-agent ./daemon osusergo" "cilium-cni ./plugins/cilium-cni osusergo" \
+      "cilium-dbg ./cilium-dbg osusergo" "cilium-operator-generic ./operator osusergo,ipam_provider_operator"; do
+      set -- $b
+      log "building $1 $CILIUM_VERSION (the agent takes minutes cold)"
+      (cd "$src" && go build -mod=mod -trimpath -tags "$3" -ldflags "$ldflags" -o "$CILIUM/bin/$1.tmp" "$2")
+      mv "$CILIUM/bin/$1.tmp" "$CILIUM/bin/$1"
+    done
+    cp -r "$src/bpf" "$CILIUM/bpf"
+    cp -r "$src/install/kubernetes/cilium" "$CILIUM/chart"
+    cp "$src/images/cilium/init-container.sh" "$src/plugins/cilium-cni/install-plugin.sh" \
+      "$src/plugins/cilium-cni/cni-uninstall.sh" "$CILIUM/scripts/"
+    rm -rf "$src"
+  fi
+  ln -sfn "$CILIUM" "$BIN/cilium"
+}
+
 # The Prometheus Operator's CRDs (no operator: the API server only has to
 # accept the chart's ServiceMonitors and PrometheusRule).
 fetch_monitoring_crds() {
@@ -370,4 +407,5 @@ fetch_monitoring_crds
 ((CONFORMANCE)) && build_conformance
 ((WITH_FLANNEL)) && build_flannel
 ((WITH_POLICY)) && build_azure_npm
+((WITH_CILIUM)) && build_cilium
 echo "$BIN"

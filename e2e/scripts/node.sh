@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One real node of the local cluster, as the harness (e2e/src/cluster.rs) runs it.
 #
-#   node.sh init DIR CGROUP      run inside a fresh mount namespace and the node's
+#   node.sh init DIR CGROUP [cilium]
+#                                run inside a fresh mount namespace and the node's
 #                                network namespace: give the node its own /sys,
 #                                /etc (an overlay of the host's), /opt, /run,
 #                                /var/lib and /var/log, join its cgroup, then hold
-#                                the namespaces open until killed.
+#                                the namespaces open until killed. With `cilium`
+#                                also what Cilium's agent needs of a node (below).
 #   node.sh exec CGROUP CMD...   join the node's cgroup and exec CMD (the harness
 #                                runs containerd, kubelet and kube-proxy this way,
 #                                entered into the holder's namespaces with nsenter).
@@ -47,6 +49,28 @@ init)
   # hostPath volumes with HostToContainer propagation need shared mounts.
   for m in /opt /var/lib /var/log /run; do mount --make-rshared "$m"; done
   mkdir -p /etc/cni/net.d /opt/cni/bin /run/netns
+  if [[ ${4:-} == cilium ]]; then
+    # A BPF filesystem of the node's own (its pinned maps), a cgroup2 subtree
+    # of its own at /run/cilium/cgroupv2 (every node shares this machine's
+    # hierarchy), and the two machine-wide sysctls the agent sets
+    # (kernel.unprivileged_bpf_disabled, kernel.timer_migration) on files of
+    # the node's, so the host keeps its values.
+    mount -t bpf bpf /sys/fs/bpf
+    # The chart's /var/run/netns (a symlink into /run here) and its other
+    # HostToContainer volumes need the mounts they sit on shared: within this
+    # mount namespace only (it was made private from the host's).
+    mount --make-rshared /
+    # The chart mounts /lib/modules; a machine without loadable modules may
+    # have none (an empty directory is what such a node would show).
+    mkdir -p /lib/modules
+    mount --make-shared /sys/fs/bpf
+    mkdir -p "/sys/fs/cgroup/unified/$cg" /run/cilium/cgroupv2 "$dir/sysctl"
+    mount --bind "/sys/fs/cgroup/unified/$cg" /run/cilium/cgroupv2
+    for k in unprivileged_bpf_disabled timer_migration; do
+      cat "/proc/sys/kernel/$k" > "$dir/sysctl/$k"
+      mount --bind "$dir/sysctl/$k" "/proc/sys/kernel/$k"
+    done
+  fi
   join_cgroup "$cg"
   touch "$dir/ready"
   exec sleep infinity
@@ -57,7 +81,7 @@ exec)
   exec "$@"
   ;;
 *)
-  echo "usage: node.sh init DIR CGROUP | node.sh exec CGROUP CMD..." >&2
+  echo "usage: node.sh init DIR CGROUP [cilium] | node.sh exec CGROUP CMD..." >&2
   exit 2
   ;;
 esac

@@ -17,10 +17,11 @@ set -uo pipefail
 # binutils (strip); nsenter/unshare (util-linux) and mount; for the upstream
 # e2e images (agnhost, jessie-dnsutils) bash, dig, OpenBSD nc and ss; promtool
 # (Debian's prometheus package) for the chart's alert rules; iperf3 and sockperf
-# for the data path benchmark; iptables, ipset and grep for Azure NPM's image.
+# for the data path benchmark; iptables, ipset and grep for Azure NPM's image;
+# clang-19 for Cilium's agent (it compiles its BPF programs at run time).
 PACKAGES=(iproute2 iputils-ping nftables containernetworking-plugins procps curl shellcheck
   containerd runc busybox-static gcc libc6-dev binutils util-linux mount
-  bash bind9-dnsutils netcat-openbsd prometheus iperf3 sockperf iptables ipset grep)
+  bash bind9-dnsutils netcat-openbsd prometheus iperf3 sockperf iptables ipset grep clang-19)
 read -r -a extra <<<"${CARVE_PREREQS_EXTRA:-}"
 PACKAGES+=("${extra[@]}")
 # The Go toolchain the control plane's modules need (k8s.io/kubernetes v1.35's go.mod).

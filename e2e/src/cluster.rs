@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::cilium::Dataplane;
 use crate::controlplane::{self, ControlPlane, NETNS_API_PORT, Options};
 use crate::netns::Netns;
 use crate::policy::PolicyEngine;
@@ -67,6 +68,9 @@ pub struct ClusterOptions {
     /// A NetworkPolicy engine installed once the nodes have registered (its
     /// image is built and imported with the others).
     pub policy: Option<PolicyEngine>,
+    /// Which dataplane wires the pods: carve's (and kube-proxy), or Cilium on
+    /// carve's podCIDRs with no kube-proxy ([`Cluster::deploy_carve_under_cilium`]).
+    pub dataplane: Dataplane,
 }
 
 /// A node's container runtime; runc (Debian's) under either.
@@ -125,6 +129,8 @@ pub struct RealNode {
     pub name: String,
     pub ip: String,
     pub runtime: Runtime,
+    /// Whether kube-proxy runs here (not under Cilium's kube-proxy replacement).
+    pub kube_proxy: bool,
     /// The `ctr` that matches the node's containerd.
     ctr: PathBuf,
     dir: PathBuf,
@@ -270,12 +276,15 @@ impl Cluster {
 
         for i in 0..opts.nodes {
             let runtime = opts.runtimes.get(i).copied().unwrap_or_default();
-            let node = cluster.create_node(i, &bins, runtime)?;
+            let node = cluster.create_node(i, &bins, runtime, opts.dataplane)?;
             cluster.nodes.push(node);
         }
         let mut images = opts.images.clone();
         if let Some(engine) = opts.policy {
             images.extend(engine.images(&cluster.dir.join("images"))?);
+        }
+        if opts.dataplane == Dataplane::Cilium {
+            images.extend(crate::cilium::images(&cluster.dir.join("images"))?);
         }
         // Nodes boot in parallel: containerd and the image imports take the time.
         let images = &images;
@@ -309,7 +318,7 @@ impl Cluster {
     }
 
     /// Network, cgroups and config files of node `i`; nothing runs yet.
-    fn create_node(&mut self, i: usize, bins: &Path, runtime: Runtime) -> Result<RealNode> {
+    fn create_node(&mut self, i: usize, bins: &Path, runtime: Runtime, dataplane: Dataplane) -> Result<RealNode> {
         let name = format!("node-{}", i + 1);
         let ip = node_ip(i);
         let dir = self.dir.join(&name);
@@ -361,9 +370,13 @@ impl Cluster {
             .arg("init")
             .arg(&dir)
             .arg(&cgroup);
+        if dataplane == Dataplane::Cilium {
+            holder.arg("cilium");
+        }
         let holder = keeper.spawn("holder", holder, dir.join("logs/holder.log"))?;
         let ctr = runtime.binary(bins, "ctr");
-        Ok(RealNode { name, ip, runtime, ctr, dir, cgroup, netns: Some(netns), keeper, holder })
+        let kube_proxy = dataplane == Dataplane::Carve;
+        Ok(RealNode { name, ip, runtime, kube_proxy, ctr, dir, cgroup, netns: Some(netns), keeper, holder })
     }
 
     async fn wait_nodes_registered(&self) -> Result<()> {
@@ -447,6 +460,39 @@ impl Cluster {
         }
         let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
         ensure!(out.status.success(), "kubectl apply of the pool: {}", String::from_utf8_lossy(&out.stderr));
+        self.wait_network_ready().await
+    }
+
+    /// The seeds' recommended shape on this cluster (started with
+    /// [`Dataplane::Cilium`]): carve with its agents `ipam-only` and the API
+    /// server named directly (there is no kube-proxy for the `kubernetes`
+    /// Service), `pool` applied, every Node given its podCIDR by carve's
+    /// controller, then Cilium from its chart ([`crate::cilium`]) until every
+    /// node is Ready.
+    pub async fn deploy_carve_under_cilium(&self, pool: &str) -> Result<()> {
+        let cp = self.cp();
+        cp.install_crds()?;
+        let endpoint = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: carve-api-endpoint, namespace: carve-system}}\n\
+             data: {{KUBERNETES_SERVICE_HOST: \"{CONTROL_PLANE_IP}\", KUBERNETES_SERVICE_PORT: \"{NETNS_API_PORT}\"}}\n"
+        );
+        cp.kubectl_ok(&["apply", "-f", "manifests/00-namespace.yaml"])?;
+        let out = cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint)?;
+        ensure!(out.status.success(), "the carve-api-endpoint ConfigMap: {}", String::from_utf8_lossy(&out.stderr));
+        cp.kubectl_ok(&["apply", "-f", "manifests/"])?;
+        cp.kubectl_ok(&["-n", "carve-system", "set", "env", "daemonset/carve-agent", "CARVE_ROLE=ipam-only"])?;
+        let out = cp.kubectl_stdin(&["apply", "-f", "-"], pool)?;
+        ensure!(out.status.success(), "kubectl apply of the pool: {}", String::from_utf8_lossy(&out.stderr));
+        crate::wait::poll("every Node's podCIDR from carve", Duration::from_secs(120), || async {
+            let cidrs = cp.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"]).unwrap_or_default();
+            if cidrs.split_whitespace().count() == self.nodes.len() {
+                Ok(())
+            } else {
+                Err(format!("podCIDRs: {cidrs:?}"))
+            }
+        })
+        .await?;
+        crate::cilium::install(cp, CONTROL_PLANE_IP, NETNS_API_PORT)?;
         self.wait_network_ready().await
     }
 
@@ -569,9 +615,11 @@ fn boot_node(node: &RealNode, bins: &Path, images: &[PathBuf]) -> Result<()> {
             .with_context(|| format!("import {} on {}", image.display(), node.name))?;
     }
     node.start_kubelet(bins)?;
-    let mut proxy = node.daemon(&bins.join("kube-proxy"));
-    proxy.arg(format!("--config={}", node.dir.join("kube-proxy.yaml").display()));
-    node.keeper.spawn("kube-proxy", proxy, node.dir.join("logs/kube-proxy.log"))?;
+    if node.kube_proxy {
+        let mut proxy = node.daemon(&bins.join("kube-proxy"));
+        proxy.arg(format!("--config={}", node.dir.join("kube-proxy.yaml").display()));
+        node.keeper.spawn("kube-proxy", proxy, node.dir.join("logs/kube-proxy.log"))?;
+    }
     Ok(())
 }
 

@@ -34,7 +34,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Service range of the local cluster; pod pools in tests stay clear of it.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
-pub use carve_testkit::{conformance_bins, control_plane_bins, policy_bins, repo_root};
+pub use carve_testkit::{cilium_bins, conformance_bins, control_plane_bins, policy_bins, repo_root};
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

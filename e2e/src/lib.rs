@@ -14,10 +14,12 @@
 //! - [`image`]: the nodes' images as OCI archives, built from files.
 //! - [`conformance`]: the upstream sig-network suites on real nodes.
 //! - [`policy`]: NetworkPolicy engines beside carve (Azure NPM).
+//! - [`cilium`]: Cilium as the nodes' dataplane on carve's podCIDRs.
 //! - [`bench`]: what the benchmark binaries share (figures from /proc and
 //!   /metrics, pod starts, the Node benchmark, data path tools).
 
 pub mod bench;
+pub mod cilium;
 pub mod cluster;
 pub mod conformance;
 pub mod controlplane;

@@ -7,13 +7,12 @@
 
 use std::time::Duration;
 
-use carve_e2e::cluster::{Cluster, ClusterOptions, RealNode};
+use carve_e2e::cluster::{Cluster, ClusterOptions};
 use carve_e2e::testkit::{node_images, wait_for};
 
 mod real_nodes_support;
-use real_nodes_support::{HOSTNAME_PORT, condition, deploy_carve, example, exec, kubectl_json, run_workload};
+use real_nodes_support::{HOSTNAME_PORT, carve_on, condition, deploy_carve, example, exec, kubectl_json, run_workload};
 
-const CONFLIST: &str = "/etc/cni/net.d/10-carve.conflist";
 const WAIT: Duration = Duration::from_secs(90);
 
 /// The Node's NetworkUnavailable condition as (status, reason, message).
@@ -27,18 +26,6 @@ fn network_unavailable(cluster: &Cluster, node: &str) -> (String, String, String
 /// An agent pass now (a watched NNC changed) rather than at the next resync.
 fn nudge(cluster: &Cluster, node: &str, n: usize) {
     cluster.cp().kubectl_ok(&["annotate", "nnc", node, &format!("carve.dev/test-nudge={n}"), "--overwrite"]).unwrap();
-}
-
-/// What carve programs on a node: its conflist, VXLAN device, routes
-/// (protocol 202) and nft table, as (what, present).
-fn carve_on(node: &RealNode) -> Vec<(&'static str, bool)> {
-    let ok = |program: &str, args: &[&str]| node.run(program, args).is_ok_and(|out| !out.trim().is_empty());
-    vec![
-        ("conflist", node.run("cat", &[CONFLIST]).is_ok()),
-        ("vxlan device", node.run("ip", &["link", "show", "carve.vxlan"]).is_ok()),
-        ("routes", ok("ip", &["route", "show", "proto", "202"])),
-        ("nft table", node.run("nft", &["list", "table", "ip", "carve"]).is_ok()),
-    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,13 @@ pub fn policy_bins() -> Result<PathBuf> {
     BINS.get_or_init(|| bins_script(&["--policy"])).clone().map_err(|e| anyhow!(e))
 }
 
+/// [`control_plane_bins`] plus Cilium (`control-plane-bins.sh --cilium`):
+/// its binaries, bpf/ sources and chart under `cilium/` in the same folder.
+pub fn cilium_bins() -> Result<PathBuf> {
+    static BINS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BINS.get_or_init(|| bins_script(&["--cilium"])).clone().map_err(|e| anyhow!(e))
+}
+
 fn bins_script(args: &[&str]) -> std::result::Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("CARVE_CONTROL_PLANE_BIN") {
         return Ok(PathBuf::from(dir));

@@ -9,7 +9,10 @@
 //! isolated underlay (see `carve_e2e::cluster`), importing the OCI archives
 //! in `--images` (what `make image` writes) into every node. `--runtimes`
 //! picks each node's containerd (Debian's 1.6 by default, or 2); `--policy
-//! npm` installs a NetworkPolicy engine (see `carve_e2e::policy`).
+//! npm` installs a NetworkPolicy engine (see `carve_e2e::policy`);
+//! `--dataplane cilium` runs the nodes without kube-proxy and brings them up
+//! with carve (ipam-only, `examples/overlay.yaml`) under Cilium (see
+//! `carve_e2e::cilium`).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use carve_e2e::ControlPlane;
+use carve_e2e::cilium::Dataplane;
 use carve_e2e::cluster::{Cluster, ClusterOptions, Runtime};
 use carve_e2e::policy::PolicyEngine;
 use clap::{Parser, Subcommand};
@@ -44,6 +48,9 @@ struct Cli {
     /// A NetworkPolicy engine on the nodes: `npm` (Azure Network Policy Manager).
     #[arg(long, global = true)]
     policy: Option<PolicyEngine>,
+    /// The nodes' dataplane: `carve` (with kube-proxy) or `cilium` (on carve's podCIDRs, no kube-proxy).
+    #[arg(long, global = true, default_value = "carve")]
+    dataplane: Dataplane,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -63,6 +70,7 @@ enum Cmd {
 struct NodeSpec {
     runtimes: Vec<Runtime>,
     policy: Option<PolicyEngine>,
+    dataplane: Dataplane,
 }
 
 impl NodeSpec {
@@ -75,6 +83,7 @@ impl NodeSpec {
         if let Some(engine) = self.policy {
             args.extend(["--policy".into(), engine.to_string()]);
         }
+        args.extend(["--dataplane".into(), self.dataplane.to_string()]);
         args
     }
 }
@@ -112,8 +121,19 @@ async fn start(nodes: usize, images: &Path, spec: &NodeSpec) -> Result<Running> 
         return Ok(Running::ControlPlane(ControlPlane::start().await?));
     }
     let images = carve_e2e::image::archives_in(images)?;
-    let opts = ClusterOptions { nodes, images, runtimes: spec.runtimes.clone(), policy: spec.policy };
-    Ok(Running::Cluster(Cluster::start(opts).await?))
+    let opts = ClusterOptions {
+        nodes,
+        images,
+        runtimes: spec.runtimes.clone(),
+        policy: spec.policy,
+        dataplane: spec.dataplane,
+    };
+    let cluster = Cluster::start(opts).await?;
+    if spec.dataplane == Dataplane::Cilium {
+        let pool = std::fs::read_to_string(carve_e2e::repo_root().join("examples/overlay.yaml"))?;
+        cluster.deploy_carve_under_cilium(&pool).await?;
+    }
+    Ok(Running::Cluster(cluster))
 }
 
 async fn run(kubeconfig: &Path, nodes: usize, images: &Path, spec: &NodeSpec) -> Result<()> {
@@ -223,7 +243,7 @@ fn down(kubeconfig: &Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let spec = NodeSpec { runtimes: cli.runtimes, policy: cli.policy };
+    let spec = NodeSpec { runtimes: cli.runtimes, policy: cli.policy, dataplane: cli.dataplane };
     match cli.cmd {
         Cmd::Up => up(&cli.kubeconfig, cli.nodes, &cli.images, &spec),
         Cmd::Down => down(&cli.kubeconfig),

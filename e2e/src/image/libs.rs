@@ -56,6 +56,19 @@ pub fn shared_libraries(elf: &Path) -> Result<Vec<SharedLibrary>> {
         .collect()
 }
 
+/// `/a/b/../c` as `/a/c` (no symlinks followed).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            parts.pop();
+        } else {
+            parts.push(part);
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// `(path in the image, path on the host)` for each object of an ldd listing:
 ///
 /// ```text
@@ -63,6 +76,7 @@ pub fn shared_libraries(elf: &Path) -> Result<Vec<SharedLibrary>> {
 /// libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)     found by the loader's search
 /// /lib64/ld-linux-x86-64.so.2 (0x…)                      the interpreter, by its path
 /// /lib64/ld-linux-x86-64.so.2 => /usr/lib64/ld-… (0x…)   the same, as some ldd print it
+/// libLLVM.so.19.1 => /usr/lib/llvm-19/bin/../lib/libLLVM.so.19.1   by $ORIGIN: kept there
 /// libfoo.so.1 => not found                               an error
 /// ```
 fn parse_ldd(listing: &str) -> Result<Vec<(String, String)>> {
@@ -84,8 +98,13 @@ fn parse_ldd(listing: &str) -> Result<Vec<(String, String)>> {
                 if found.is_empty() {
                     continue; // `linux-vdso.so.1 =>  (0x…)`, older ldd
                 }
+                // `$ORIGIN/../lib` in the executable's RUNPATH (LLVM's tools):
+                // the loader finds it the same way in an image that keeps the
+                // executable at its host path.
+                let found = if found.contains("/../") { normalize(&found) } else { found };
+                let by_origin = line.contains("/../");
                 let image_path = if name.starts_with('/') { name.to_string() } else { found.clone() };
-                if !name.starts_with('/') && !in_default_lib_dir(Path::new(&found)) {
+                if !name.starts_with('/') && !by_origin && !in_default_lib_dir(Path::new(&found)) {
                     bail!(
                         "{name} resolves to {found}, outside the loader's default directories; \
                          the image has no ld.so.cache to find it there"
@@ -135,5 +154,11 @@ mod tests {
         let err = parse_ldd("\tlibx.so => /opt/x/lib/libx.so (0x1)\n").unwrap_err().to_string();
         assert!(err.contains("ld.so.cache"), "{err}");
         assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
+        // Found through RUNPATH $ORIGIN/../lib: kept where the loader found it.
+        let origin = "\tlibLLVM.so.19.1 => /usr/lib/llvm-19/bin/../lib/libLLVM.so.19.1 (0x1)\n";
+        assert_eq!(
+            parse_ldd(origin).unwrap(),
+            vec![("/usr/lib/llvm-19/lib/libLLVM.so.19.1".into(), "/usr/lib/llvm-19/lib/libLLVM.so.19.1".into())]
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! The images carve's nodes and the upstream e2e suites run: carve's own,
 //! pause, busybox, and agnhost, jessie-dnsutils and CoreDNS for conformance;
-//! Azure NPM for the policy engine tests.
+//! Azure NPM for the policy engine tests; Cilium's agent and operator.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -210,6 +211,10 @@ pub const E2E_NGINX_IMAGE: &str = "registry.k8s.io/e2e-test-images/nginx:1.14-4"
 /// Azure NPM under the name Microsoft publishes it by (its manifest's
 /// `image:`); here built from the module proxy ([`azure_npm_image`]).
 pub const AZURE_NPM_IMAGE: &str = "mcr.microsoft.com/containernetworking/azure-npm:v1.7.0";
+/// Cilium's images under the names its chart (v1.18.3, `useDigest: false`)
+/// asks for; here built from the module proxy ([`cilium_image`]).
+pub const CILIUM_IMAGE: &str = "quay.io/cilium/cilium:v1.18.3";
+pub const CILIUM_OPERATOR_IMAGE: &str = "quay.io/cilium/operator-generic:v1.18.3";
 /// CoreDNS as kubeadm v1.35 deploys it.
 pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.13.1";
 
@@ -331,26 +336,15 @@ pub fn build_conformance(out_dir: &Path, bins: &Path) -> Result<Vec<BuiltImage>>
     specs.iter().map(|(file, spec)| write_archive(spec, &out_dir.join(format!("{file}.tar")))).collect()
 }
 
-/// Azure NPM's image as its Dockerfile (npm/linux.Dockerfile) lays it out:
-/// `bins/azure-npm/azure-npm` at /usr/bin/azure-npm, entrypoint
-/// `azure-npm start`, with the userland it runs: iptables (nft and legacy,
-/// under the names NPM calls: `iptables-nft*` and `iptables*` for legacy),
-/// every xtables match and target module (loaded at run time, so `ldd`
-/// cannot see them), ipset, and the grep and bash its pipelines use.
-pub fn azure_npm_image(bins: &Path) -> Result<ImageSpec> {
+/// iptables (nft and legacy, under the names engines call: `iptables-nft*`,
+/// `iptables-legacy*`, and plain `iptables*` for legacy as Azure NPM
+/// expects), every xtables match and target module (loaded at run time, so
+/// `ldd` cannot see them) and ipset, in /usr/sbin.
+fn add_iptables(layer: &mut Layer) -> Result<()> {
     const XTABLES_MODULES: &str = "/usr/lib/x86_64-linux-gnu/xtables";
     for tool in ["/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi", "/usr/sbin/ipset"] {
         ensure!(Path::new(tool).is_file(), "{tool} is missing: install Debian's iptables and ipset");
-    }
-    let mut layer = base_layer()?;
-    layer.executable(&bins.join("azure-npm/azure-npm"), "/usr/bin/azure-npm")?;
-    layer.executable(Path::new("/usr/bin/bash"), "/usr/bin/bash")?;
-    layer.symlink("/bin", "usr/bin")?;
-    layer.symlink("/usr/bin/sh", "bash")?;
-    layer.executable(Path::new("/usr/bin/grep"), "/usr/bin/grep")?;
-    layer.executable(Path::new("/usr/sbin/ipset"), "/usr/sbin/ipset")?;
-    for multi in ["xtables-nft-multi", "xtables-legacy-multi"] {
-        layer.executable(&Path::new("/usr/sbin").join(multi), &format!("/usr/sbin/{multi}"))?;
+        layer.executable(Path::new(tool), tool)?;
     }
     for family in ["iptables", "ip6tables"] {
         for suffix in ["", "-save", "-restore"] {
@@ -370,6 +364,41 @@ pub fn azure_npm_image(bins: &Path) -> Result<ImageSpec> {
         let name = module.file_name().expect("read_dir names files").to_string_lossy().into_owned();
         layer.executable(&module, &format!("{XTABLES_MODULES}/{name}"))?;
     }
+    Ok(())
+}
+
+/// Every file under the host directory `from` at the same place under
+/// `to`, modes kept.
+fn add_tree(layer: &mut Layer, from: &Path, to: &str) -> Result<()> {
+    layer.dir(to, 0o755)?;
+    let mut entries: Vec<_> =
+        std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let name = format!("{to}/{}", e.file_name().to_string_lossy());
+        if e.file_type()?.is_dir() {
+            add_tree(layer, &path, &name)?;
+        } else {
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            layer.file(&path, &name, mode)?;
+        }
+    }
+    Ok(())
+}
+
+/// Azure NPM's image as its Dockerfile (npm/linux.Dockerfile) lays it out:
+/// `bins/azure-npm/azure-npm` at /usr/bin/azure-npm, entrypoint
+/// `azure-npm start`, with the userland it runs: [`add_iptables`], and the
+/// grep and bash its pipelines use.
+pub fn azure_npm_image(bins: &Path) -> Result<ImageSpec> {
+    let mut layer = base_layer()?;
+    layer.executable(&bins.join("azure-npm/azure-npm"), "/usr/bin/azure-npm")?;
+    layer.executable(Path::new("/usr/bin/bash"), "/usr/bin/bash")?;
+    layer.symlink("/bin", "usr/bin")?;
+    layer.symlink("/usr/bin/sh", "bash")?;
+    layer.executable(Path::new("/usr/bin/grep"), "/usr/bin/grep")?;
+    add_iptables(&mut layer)?;
     for d in ["/var/log", "/run", "/etc/azure-npm"] {
         layer.dir(d, 0o755)?;
     }
@@ -377,6 +406,63 @@ pub fn azure_npm_image(bins: &Path) -> Result<ImageSpec> {
     let mut spec = ImageSpec::new(AZURE_NPM_IMAGE, layer);
     spec.entrypoint = Some(vec!["/usr/bin/azure-npm".into(), "start".into()]);
     Ok(spec)
+}
+
+/// The clang Cilium's agent compiles its BPF programs with (Debian's
+/// clang-19: the agent needs LLVM >= 18.1, bookworm's default is 14).
+pub const CILIUM_CLANG: &str = "/usr/lib/llvm-19/bin/clang";
+
+/// Cilium's agent image under the name its chart asks for: from `cilium`
+/// (`control-plane-bins.sh --cilium`'s folder) cilium-agent and cilium-dbg
+/// in /usr/bin, cilium-cni in /opt/cni/bin and the reference loopback in
+/// /cni (what the chart's install-plugin.sh copies to the node), the
+/// image's scripts at /, the bpf/ sources at /var/lib/cilium/bpf; clang
+/// ([`CILIUM_CLANG`]), iproute2's ip and tc, [`add_iptables`], bash and
+/// busybox for the scripts.
+pub fn cilium_image(cilium: &Path, loopback: &Path) -> Result<ImageSpec> {
+    ensure!(Path::new(CILIUM_CLANG).is_file(), "{CILIUM_CLANG} is missing: install Debian's clang-19 and llvm-19");
+    let mut layer = base_layer()?;
+    add_busybox(&mut layer, &BTreeSet::from(["ip", "tc", "bash"]))?;
+    // install-plugin.sh and cni-uninstall.sh are bash scripts.
+    layer.executable(Path::new("/usr/bin/bash"), "/bin/bash")?;
+    for bin in ["cilium-agent", "cilium-dbg"] {
+        layer.executable(&cilium.join("bin").join(bin), &format!("/usr/bin/{bin}"))?;
+    }
+    layer.executable(&cilium.join("bin/cilium-cni"), "/opt/cni/bin/cilium-cni")?;
+    layer.executable(loopback, "/cni/loopback")?;
+    for script in ["init-container.sh", "install-plugin.sh", "cni-uninstall.sh"] {
+        layer.file(cilium.join("scripts").join(script), &format!("/{script}"), 0o755)?;
+    }
+    add_tree(&mut layer, &cilium.join("bpf"), "/var/lib/cilium/bpf")?;
+    // At its host path: its libraries are found through RUNPATH $ORIGIN/../lib.
+    layer.executable(Path::new(CILIUM_CLANG), CILIUM_CLANG)?;
+    layer.symlink("/usr/bin/clang", CILIUM_CLANG)?;
+    layer.executable(Path::new("/usr/bin/ip"), "/usr/sbin/ip")?;
+    layer.executable(Path::new("/usr/sbin/tc"), "/usr/sbin/tc")?;
+    add_iptables(&mut layer)?;
+    for d in ["/var/run", "/run", "/var/lib/cilium/clustermesh"] {
+        layer.dir(d, 0o755)?;
+    }
+    add_users(&mut layer, &[("root", 0, "/root", "/bin/sh")])?;
+    Ok(ImageSpec::new(CILIUM_IMAGE, layer))
+}
+
+/// Cilium's generic operator (identities' garbage collection, CRDs).
+pub fn cilium_operator_image(cilium: &Path) -> Result<ImageSpec> {
+    let mut layer = base_layer()?;
+    layer.executable(&cilium.join("bin/cilium-operator-generic"), "/usr/bin/cilium-operator-generic")?;
+    add_users(&mut layer, &[("root", 0, "/root", "/usr/sbin/nologin")])?;
+    Ok(ImageSpec::new(CILIUM_OPERATOR_IMAGE, layer))
+}
+
+/// Cilium's two images, as `out_dir/cilium{,-operator}.tar`; `bins` is the
+/// control plane's bin dir after `control-plane-bins.sh --cilium`.
+pub fn build_cilium(out_dir: &Path, bins: &Path) -> Result<Vec<BuiltImage>> {
+    let cilium = bins.join("cilium");
+    Ok(vec![
+        write_archive(&cilium_image(&cilium, &bins.join("cni-plugins/loopback"))?, &out_dir.join("cilium.tar"))?,
+        write_archive(&cilium_operator_image(&cilium)?, &out_dir.join("cilium-operator.tar"))?,
+    ])
 }
 
 /// The policy engines' images, as `out_dir/<engine>.tar`; `bins` is the

@@ -334,3 +334,15 @@ impl<'a> NodeIpam<'a> {
         assert_eq!(code, 0, "DEL {container} on {}: {answer}", self.node.name);
     }
 }
+
+/// What carve programs on a node: its conflist, VXLAN device, routes
+/// (protocol 202) and nft table, as (what, present).
+pub fn carve_on(node: &RealNode) -> Vec<(&'static str, bool)> {
+    let ok = |program: &str, args: &[&str]| node.run(program, args).is_ok_and(|out| !out.trim().is_empty());
+    vec![
+        ("conflist", node.run("cat", &["/etc/cni/net.d/10-carve.conflist"]).is_ok()),
+        ("vxlan device", node.run("ip", &["link", "show", "carve.vxlan"]).is_ok()),
+        ("routes", ok("ip", &["route", "show", "proto", "202"])),
+        ("nft table", node.run("nft", &["list", "table", "ip", "carve"]).is_ok()),
+    ]
+}
