@@ -106,7 +106,7 @@ cluster-down: $(CLUSTER)
 # running afterwards.
 demo: prereqs
 	@$(MAKE) --no-print-directory cluster-up NODES=3
-	@e2e/scripts/demo.sh $(BINS)/kubectl $(KUBECONFIG_OUT)
+	@e2e/scripts/demo.sh $(BINS)/kubectl $(KUBECONFIG_OUT) $(DATAPLANE)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -269,13 +269,13 @@ build_cilium() {
     mkdir -p "$CILIUM/bin" "$CILIUM/scripts"
     # cilium-dbg status shows the version's three words (version, tag, date).
     local ldflags="-s -w -X 'github.com/cilium/cilium/pkg/version.ciliumVersion=$v $CILIUM_VERSION 2025-10-27T00:00:00+00:00'"
-    local b
+    local b name pkg tags
     for b in "cilium-agent ./daemon osusergo" "cilium-cni ./plugins/cilium-cni osusergo" \
       "cilium-dbg ./cilium-dbg osusergo" "cilium-operator-generic ./operator osusergo,ipam_provider_operator"; do
-      set -- $b
-      log "building $1 $CILIUM_VERSION (the agent takes minutes cold)"
-      (cd "$src" && go build -mod=mod -trimpath -tags "$3" -ldflags "$ldflags" -o "$CILIUM/bin/$1.tmp" "$2")
-      mv "$CILIUM/bin/$1.tmp" "$CILIUM/bin/$1"
+      read -r name pkg tags <<<"$b"
+      log "building $name $CILIUM_VERSION (the agent takes minutes cold)"
+      (cd "$src" && go build -mod=mod -trimpath -tags "$tags" -ldflags "$ldflags" -o "$CILIUM/bin/$name.tmp" "$pkg")
+      mv "$CILIUM/bin/$name.tmp" "$CILIUM/bin/$name"
     done
     cp -r "$src/bpf" "$CILIUM/bpf"
     cp -r "$src/install/kubernetes/cilium" "$CILIUM/chart"

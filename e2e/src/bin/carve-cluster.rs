@@ -178,6 +178,12 @@ fn up(kubeconfig: &Path, nodes: usize, images: &Path, spec: &NodeSpec) -> Result
     let _ = std::fs::remove_file(kubeconfig);
     // Build (or find) the binaries in the foreground so their progress is visible.
     carve_e2e::control_plane_bins()?;
+    if spec.policy.is_some() {
+        carve_e2e::controlplane::policy_bins()?;
+    }
+    if spec.dataplane == Dataplane::Cilium {
+        carve_e2e::controlplane::cilium_bins()?;
+    }
     let log = std::fs::File::create(log_file(kubeconfig))?;
     let child = Command::new(std::env::current_exe()?)
         .arg("--kubeconfig")
