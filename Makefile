@@ -118,7 +118,7 @@ unit:
 # The last line sums every test binary's result, so the run ends on one total.
 # The upstream e2e binaries too: the conformance tests' share runs here.
 test: prereqs lint bins
-	@e2e/scripts/control-plane-bins.sh --conformance --policy >/dev/null
+	@e2e/scripts/control-plane-bins.sh --conformance --policy --cilium >/dev/null
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6; i += $$8 } END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
