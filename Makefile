@@ -9,20 +9,20 @@ KUBECTL = $(BINS)/kubectl --kubeconfig $(KUBECONFIG_OUT)
 .PHONY: help prereqs build release crds manifests bins cluster-up cluster-down demo test lint unit bench bench-cni bench-datapath clean dist image conformance
 
 help:
-	@echo "make demo          start the local control plane, install carve, show the result"
+	@echo "make demo          start the local control plane, install carve, show the result; DATAPLANE=cilium: carve under Cilium, no kube-proxy"
 	@echo "make test          every test (lint, unit, real API server)"
 	@echo "make bench         benchmarks; prints figures (nodes, CNI, pod start, Pod Subnet bursts)"
 	@echo "make bench-cni     the CNI plugins' figures alone (ADD/DEL vs bridge + host-local, pod start)"
 	@echo "make bench-datapath  pod traffic: throughput, latency, CPU per Gbit on every path, against node-to-node"
 	@echo "make prereqs       check root, Go, Rust, kernel and cgroups; install the Debian packages the tests use (demo and test run it first)"
-	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd; POLICY=npm adds a NetworkPolicy engine"
+	@echo "make cluster-up    local control plane in the background ($(KUBECONFIG_OUT)); NODES=N adds N real nodes; RUNTIMES=containerd2,... picks their containerd; POLICY=npm adds a NetworkPolicy engine; DATAPLANE=cilium runs Cilium on carve's podCIDRs"
 	@echo "make cluster-down  stop it"
 	@echo "make crds          regenerate crds/*.yaml and charts/carve/crds/ from the Rust types"
 	@echo "make manifests     regenerate manifests/ from charts/carve (default values)"
 	@echo "make release       release binaries in target/release/"
 	@echo "make dist          the kubectl plugin (target/dist/kubectl-carve-linux-<arch>-v<version>.tgz) and the CNI plugin tarball for VMs (target/dist/carve-cni-plugins-linux-<arch>-v<version>.tgz)"
 	@echo "make image         carve, pause and busybox images as OCI archives (target/images/*.tar)"
-	@echo "make conformance   Kubernetes' sig-network conformance tests on carve (3 real nodes); PROCS=N ginkgo processes"
+	@echo "make conformance   Kubernetes' sig-network conformance tests on carve (3 real nodes); PROCS=N ginkgo processes; POLICY=npm adds the NetworkPolicy suite"
 
 # Seconds, before any long build: one line naming the cause and the fix when
 # the machine cannot run the tiers; installs the Debian packages they use.
