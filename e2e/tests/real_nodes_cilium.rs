@@ -1,7 +1,8 @@
 //! The seeds' recommended cluster on real nodes: Cilium's eBPF dataplane
 //! (VXLAN tunnel, kube-proxy replacement, `ipam: kubernetes`) on the blocks
 //! carve's controller hands out, carve-agent `ipam-only`, no kube-proxy on
-//! any node. Needs root (CI has it) and builds Cilium (minutes, cold).
+//! any node; a Cilium and a carve-agent restart under running pods. Needs
+//! root (CI has it) and builds Cilium (minutes, cold).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -82,4 +83,27 @@ async fn cilium_wires_pods_on_carves_blocks_and_serves_services_without_kube_pro
         if out.trim() == solo.name { Ok(()) } else { Err(format!("{cluster_ip}:80 answered {out:?}")) }
     })
     .await;
+
+    // A Cilium agent restart, then a carve-agent restart: the running pods
+    // keep their addresses and stay connected across nodes.
+    for (namespace, workload, selector) in [
+        ("kube-system", "daemonset/cilium", "k8s-app=cilium"),
+        ("carve-system", "daemonset/carve-agent", "app.kubernetes.io/name=carve-agent"),
+    ] {
+        cp.kubectl_ok(&["-n", namespace, "delete", "pods", "-l", selector, "--wait=false"]).unwrap();
+        cp.kubectl_ok(&["-n", namespace, "rollout", "status", workload, "--timeout=180s"]).unwrap();
+        wait_for(
+            &format!("{} reaches {} after {workload} restarted", a.name, other.name),
+            Duration::from_secs(60),
+            || async { reaches(&cluster, a, &other.ip.to_string(), other) },
+        )
+        .await;
+        let now = real_nodes_support::running_pods(&cluster, "app=web");
+        let now_ips: BTreeSet<_> = now.iter().map(|p| p.ip).collect();
+        assert_eq!(now_ips, ips, "the web pods kept their addresses across the {workload} restart");
+    }
+    for node in cluster.nodes() {
+        let left: Vec<_> = carve_on(node).into_iter().filter(|(_, on)| *on).collect();
+        assert!(left.is_empty(), "still nothing of carve's on {} after its agent restarted: {left:?}", node.name);
+    }
 }
